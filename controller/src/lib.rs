@@ -1,0 +1,1 @@
+//! Kanali controller.

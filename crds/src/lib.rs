@@ -1,0 +1,1 @@
+//! kanali.io/v2 types.
