@@ -344,7 +344,7 @@ mod tests {
         let status = &route["properties"]["status"];
         assert_eq!(
             (status["minimum"].as_f64(), status["maximum"].as_f64()),
-            (Some(100.0), Some(599.0))
+            (Some(200.0), Some(599.0))
         );
         assert_eq!(
             route["properties"]["methods"]["items"]["enum"],
