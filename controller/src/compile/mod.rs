@@ -1,0 +1,299 @@
+//! The pure compiler: objects in, a routing [`Snapshot`](pb::Snapshot) and one
+//! [`Diagnostic`] per object out. No I/O, no clock, no client — the same inputs always give a
+//! byte-identical snapshot, so its version is a content hash and every controller replica
+//! serves the same version.
+//!
+//! Compile never fails as a whole: an invalid object is left out with `Accepted=False`, a
+//! dangling reference compiles into a route that answers the contract's error code with
+//! `ResolvedRefs=False`, and one bad object never affects another.
+
+mod api_key;
+mod api_proxy;
+pub mod diagnostics;
+mod mock_target;
+pub mod paths;
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
+use kanali_proto::v1 as pb;
+use kube::ResourceExt as _;
+use prost::Message as _;
+use sha2::{Digest as _, Sha256};
+
+pub use diagnostics::{Condition, Diagnostic, Kind, ObjectRef, condition};
+
+/// Everything compile reads. Namespaced objects without a namespace are in `default`.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// ApiProxies.
+    pub api_proxies: Vec<ApiProxy>,
+    /// MockTargets.
+    pub mock_targets: Vec<MockTarget>,
+    /// ApiKeys (cluster-scoped).
+    pub api_keys: Vec<ApiKey>,
+    /// ApiKeyBindings.
+    pub api_key_bindings: Vec<ApiKeyBinding>,
+    /// Secrets that may be used for upstream TLS.
+    pub secrets: Vec<Secret>,
+    /// Services that may be used as backends.
+    pub services: Vec<Service>,
+}
+
+/// The result of one compile.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// The routing snapshot, `version` filled in.
+    pub snapshot: pb::Snapshot,
+    /// One entry per ApiProxy, MockTarget, ApiKey and ApiKeyBinding, sorted by object.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// MockTargets by (namespace, name): the compiled responses, or the fact that it is invalid.
+type MockIndex = HashMap<(String, String), Result<pb::Mock, ()>>;
+
+fn namespace_of<K: kube::Resource>(obj: &K) -> String {
+    obj.meta()
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+fn object_ref<K: kube::Resource>(kind: Kind, obj: &K) -> ObjectRef {
+    let namespace = (kind != Kind::ApiKey).then(|| namespace_of(obj));
+    ObjectRef {
+        kind,
+        namespace,
+        name: obj.meta().name.clone().unwrap_or_default(),
+    }
+}
+
+fn resource_ref(object: &ObjectRef, generation: Option<i64>) -> pb::ResourceRef {
+    pb::ResourceRef {
+        kind: object.kind.as_str().to_owned(),
+        namespace: object.namespace.clone().unwrap_or_default(),
+        name: object.name.clone(),
+        generation: generation.unwrap_or(0),
+    }
+}
+
+fn accepted(errors: Vec<String>, what: &str) -> Condition {
+    if errors.is_empty() {
+        Condition::ok(condition::ACCEPTED, "Accepted", format!("{what} is valid"))
+    } else {
+        Condition::failed(condition::ACCEPTED, "Invalid", errors.join("; "))
+    }
+}
+
+/// Compiles the objects into a snapshot and per-object diagnostics.
+pub fn compile(objects: &Objects) -> Compiled {
+    let mut diagnostics = Vec::new();
+
+    // MockTargets first: ApiProxies embed the ones they reference.
+    let mut mocks: MockIndex = HashMap::new();
+    for mt in &objects.mock_targets {
+        let object = object_ref(Kind::MockTarget, mt);
+        let generation = mt.metadata.generation;
+        let result = mock_target::compile_mock_target(mt);
+        let condition = match &result {
+            Ok(_) => accepted(Vec::new(), "MockTarget"),
+            Err(errors) => accepted(errors.clone(), "MockTarget"),
+        };
+        let key = (namespace_of(mt), mt.name_any());
+        let compiled = result
+            .map(|responses| pb::Mock {
+                mock_target: Some(resource_ref(&object, generation)),
+                responses,
+            })
+            .map_err(|_| ());
+        mocks.insert(key, compiled);
+        diagnostics.push(Diagnostic {
+            object,
+            generation,
+            conditions: vec![
+                condition,
+                Condition::ok(
+                    condition::RESOLVED_REFS,
+                    "ResolvedRefs",
+                    "MockTargets have no references",
+                ),
+            ],
+            backend: None,
+        });
+    }
+
+    let mut routes = Vec::new();
+    compile_api_proxies(objects, &mocks, &mut diagnostics, &mut routes);
+
+    for key in &objects.api_keys {
+        diagnostics.push(Diagnostic {
+            object: object_ref(Kind::ApiKey, key),
+            generation: key.metadata.generation,
+            conditions: vec![
+                accepted(api_key::validate_api_key(key), "ApiKey"),
+                Condition::ok(
+                    condition::RESOLVED_REFS,
+                    "ResolvedRefs",
+                    "ApiKeys have no references",
+                ),
+            ],
+            backend: None,
+        });
+    }
+
+    for binding in &objects.api_key_bindings {
+        let missing: Vec<&str> = binding
+            .spec
+            .keys
+            .iter()
+            .map(|k| k.name.as_str())
+            .filter(|name| {
+                !objects
+                    .api_keys
+                    .iter()
+                    .any(|k| k.metadata.name.as_deref() == Some(*name))
+            })
+            .collect();
+        let refs = if missing.is_empty() {
+            Condition::ok(
+                condition::RESOLVED_REFS,
+                "ResolvedRefs",
+                "every listed ApiKey exists",
+            )
+        } else {
+            Condition::failed(
+                condition::RESOLVED_REFS,
+                "ApiKeyNotFound",
+                format!(
+                    "ApiKey {} does not exist; requests with it get error 13",
+                    missing.join(", ")
+                ),
+            )
+        };
+        diagnostics.push(Diagnostic {
+            object: object_ref(Kind::ApiKeyBinding, binding),
+            generation: binding.metadata.generation,
+            conditions: vec![
+                accepted(api_key::validate_binding(binding), "ApiKeyBinding"),
+                refs,
+            ],
+            backend: None,
+        });
+    }
+
+    diagnostics.sort_by(|a, b| a.object.cmp(&b.object));
+    let snapshot = seal(routes);
+    Compiled {
+        snapshot,
+        diagnostics,
+    }
+}
+
+/// Compiles ApiProxies into routes. Two proxies claiming the same path and host: the older
+/// one (creation time, then namespace/name) wins, both are told.
+fn compile_api_proxies(
+    objects: &Objects,
+    mocks: &MockIndex,
+    diagnostics: &mut Vec<Diagnostic>,
+    routes: &mut Vec<pb::Route>,
+) {
+    let mut order: Vec<&ApiProxy> = objects.api_proxies.iter().collect();
+    order.sort_by(|a, b| {
+        let key = |p: &ApiProxy| {
+            (
+                p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                namespace_of(p),
+                p.name_any(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+
+    // (path, host) -> index into `claims`
+    let mut owners: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut claims: Vec<(ObjectRef, Diagnostic, Option<pb::Route>)> = Vec::new();
+    for ap in order {
+        let object = object_ref(Kind::ApiProxy, ap);
+        let generation = ap.metadata.generation;
+        let namespace = namespace_of(ap);
+        let valid = match api_proxy::validate(ap) {
+            Ok(v) => v,
+            Err(errors) => {
+                let d = Diagnostic {
+                    object: object.clone(),
+                    generation,
+                    conditions: vec![accepted(errors, "ApiProxy")],
+                    backend: None,
+                };
+                claims.push((object, d, None));
+                continue;
+            }
+        };
+        let resolved = api_proxy::resolve(&valid, &namespace, objects, mocks);
+        let key = (
+            valid.path.clone(),
+            valid.virtual_host.clone().unwrap_or_default(),
+        );
+        let host_text = valid.virtual_host.as_deref().unwrap_or("every host");
+        if let Some(&winner) = owners.get(&key) {
+            let winner_ref = claims[winner].0.clone();
+            let d = Diagnostic {
+                object: object.clone(),
+                generation,
+                conditions: vec![Condition::failed(
+                    condition::ACCEPTED,
+                    "PathConflict",
+                    format!(
+                        "path {} on {host_text} is already served by {winner_ref}, which wins (created earlier, or first by namespace/name); this ApiProxy is not routed",
+                        valid.path
+                    ),
+                )],
+                backend: Some(resolved.summary),
+            };
+            let note = format!(
+                "; note: {object} also claims path {} on {host_text} and was rejected",
+                valid.path
+            );
+            if let Some(c) = claims[winner].1.conditions.first_mut() {
+                c.message.push_str(&note);
+            }
+            claims.push((object, d, None));
+            continue;
+        }
+        let route = pb::Route {
+            source: Some(resource_ref(&object, generation)),
+            path: valid.path.clone(),
+            virtual_host: valid.virtual_host.clone().unwrap_or_default(),
+            target_path: valid.target_path.clone(),
+            backend: Some(resolved.backend),
+        };
+        let d = Diagnostic {
+            object: object.clone(),
+            generation,
+            conditions: vec![accepted(Vec::new(), "ApiProxy"), resolved.condition],
+            backend: Some(resolved.summary),
+        };
+        owners.insert(key, claims.len());
+        claims.push((object, d, Some(route)));
+    }
+    for (_, d, route) in claims {
+        diagnostics.push(d);
+        routes.extend(route);
+    }
+}
+
+/// Sorts the routes and fills in the content-hash version.
+fn seal(mut routes: Vec<pb::Route>) -> pb::Snapshot {
+    routes.sort_by(|a, b| (&a.path, &a.virtual_host).cmp(&(&b.path, &b.virtual_host)));
+    let mut snapshot = pb::Snapshot {
+        version: String::new(),
+        routes,
+    };
+    let digest = Sha256::digest(snapshot.encode_to_vec());
+    snapshot.version = digest.iter().map(|b| format!("{b:02x}")).collect();
+    snapshot
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,390 @@
+//! Standalone mode's source: a directory of YAML manifests, as `kubectl apply -f DIR` would read
+//! it. Every `*.yaml`/`*.yml` file (multi-document, `kind: List` too) is parsed; a file that does
+//! not parse is reported with its name, line and reason, and the objects it last held stay in
+//! effect, so a half-saved edit never takes routes down.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::compile::Objects;
+
+/// A file that could not be used, with where and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FileError {
+    /// The file, as found in the manifests directory.
+    pub file: String,
+    /// 1-based line of the problem (or of the document holding it), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// One object read from a file.
+#[derive(Clone, Debug)]
+pub enum AnyObject {
+    /// kanali.io/v2 ApiProxy.
+    ApiProxy(Box<ApiProxy>),
+    /// kanali.io/v2 MockTarget.
+    MockTarget(Box<MockTarget>),
+    /// kanali.io/v2 ApiKey.
+    ApiKey(Box<ApiKey>),
+    /// kanali.io/v2 ApiKeyBinding.
+    ApiKeyBinding(Box<ApiKeyBinding>),
+    /// v1 Secret.
+    Secret(Box<Secret>),
+    /// v1 Service.
+    Service(Box<Service>),
+}
+
+impl AnyObject {
+    fn key(&self) -> (&'static str, String, String) {
+        fn k<K: kube::Resource>(kind: &'static str, o: &K) -> (&'static str, String, String) {
+            let m = o.meta();
+            (
+                kind,
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        }
+        match self {
+            AnyObject::ApiProxy(o) => k("ApiProxy", o.as_ref()),
+            AnyObject::MockTarget(o) => k("MockTarget", o.as_ref()),
+            AnyObject::ApiKey(o) => k("ApiKey", o.as_ref()),
+            AnyObject::ApiKeyBinding(o) => k("ApiKeyBinding", o.as_ref()),
+            AnyObject::Secret(o) => k("Secret", o.as_ref()),
+            AnyObject::Service(o) => k("Service", o.as_ref()),
+        }
+    }
+}
+
+/// A parsed file: its objects, plus documents that were skipped on purpose (unknown kinds).
+#[derive(Clone, Debug, Default)]
+pub struct ParsedFile {
+    /// Objects of the kinds Kanali reads.
+    pub objects: Vec<AnyObject>,
+    /// One line per skipped document, e.g. `line 12: apps/v1 Deployment is not read by Kanali`.
+    pub ignored: Vec<String>,
+}
+
+/// Parses one manifest file. Any problem fails the whole file, like `kubectl apply` would, so
+/// that the caller can keep the file's last good objects.
+pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, FileError> {
+    let err = |line: Option<u64>, message: String| FileError {
+        file: file.to_owned(),
+        line,
+        message,
+    };
+    let docs: Vec<serde_saphyr::Spanned<serde_json::Value>> = serde_saphyr::from_multiple(text)
+        .map_err(|e| {
+            let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
+            err(
+                line,
+                format!("not valid YAML: {}", first_line(&e.to_string())),
+            )
+        })?;
+    let mut parsed = ParsedFile::default();
+    for doc in docs {
+        let line = Some(doc.referenced.line()).filter(|l| *l > 0);
+        decode_document(doc.value, &mut parsed).map_err(|m| err(line, m))?;
+    }
+    Ok(parsed)
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+fn decode_document(value: serde_json::Value, out: &mut ParsedFile) -> Result<(), String> {
+    if value.is_null() {
+        return Ok(()); // empty document, e.g. a trailing `---`
+    }
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    if api_version.is_empty() || kind.is_empty() {
+        return Err("document has no apiVersion or kind".to_owned());
+    }
+    let obj = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = match value.get("items") {
+                Some(serde_json::Value::Array(items)) => items.clone(),
+                _ => return Err("v1 List has no items array".to_owned()),
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                decode_document(item, out).map_err(|e| format!("items[{i}]: {e}"))?;
+            }
+            return Ok(());
+        }
+        ("kanali.io/v2", "ApiProxy") => {
+            AnyObject::ApiProxy(Box::new(namespaced(decode(value, &kind)?)))
+        }
+        ("kanali.io/v2", "MockTarget") => {
+            AnyObject::MockTarget(Box::new(namespaced(decode(value, &kind)?)))
+        }
+        ("kanali.io/v2", "ApiKeyBinding") => {
+            AnyObject::ApiKeyBinding(Box::new(namespaced(decode(value, &kind)?)))
+        }
+        ("kanali.io/v2", "ApiKey") => {
+            let mut key: ApiKey = decode(value, &kind)?;
+            key.metadata.namespace = None; // cluster-scoped
+            AnyObject::ApiKey(Box::new(key))
+        }
+        ("v1", "Secret") => AnyObject::Secret(Box::new(merge_string_data(namespaced(decode(
+            value, &kind,
+        )?)))),
+        ("v1", "Service") => AnyObject::Service(Box::new(namespaced(decode(value, &kind)?))),
+        (_, "ApiProxy" | "MockTarget" | "ApiKey" | "ApiKeyBinding")
+            if api_version.starts_with("kanali.io/") =>
+        {
+            return Err(format!(
+                "{api_version} is not supported; Kanali reads kanali.io/v2 {kind}"
+            ));
+        }
+        _ => {
+            out.ignored
+                .push(format!("{api_version} {kind} is not read by Kanali"));
+            return Ok(());
+        }
+    };
+    let (_, _, name) = obj.key();
+    if name.is_empty() {
+        return Err(format!("{kind} has no metadata.name"));
+    }
+    out.objects.push(obj);
+    Ok(())
+}
+
+/// Decodes with the failing field's path in the message (`spec.target.backend.service.port: ...`).
+fn decode<T: DeserializeOwned>(value: serde_json::Value, kind: &str) -> Result<T, String> {
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("{kind} {name}: {inner}")
+        } else {
+            format!("{kind} {name}: {path}: {inner}")
+        }
+    })
+}
+
+fn namespaced<K: kube::Resource>(mut obj: K) -> K {
+    let ns = &mut obj.meta_mut().namespace;
+    if ns.as_deref().is_none_or(str::is_empty) {
+        *ns = Some("default".to_owned());
+    }
+    obj
+}
+
+/// The API server folds `stringData` into `data`; do the same so both sources look alike.
+fn merge_string_data(mut secret: Secret) -> Secret {
+    if let Some(strings) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        for (k, v) in strings {
+            data.insert(k, ByteString(v.into_bytes()));
+        }
+    }
+    secret
+}
+
+/// What a scan of the directory found.
+#[derive(Clone, Debug, Default)]
+pub struct Scan {
+    /// The objects in effect (last good version of every file).
+    pub objects: Objects,
+    /// Files (or documents) that could not be used.
+    pub errors: Vec<FileError>,
+    /// Documents skipped on purpose, `file: reason`.
+    pub ignored: Vec<String>,
+}
+
+struct FileState {
+    /// The content last parsed; `None` when the last read failed (nothing to compare with).
+    text: Option<String>,
+    parsed: Option<ParsedFile>,
+    error: Option<FileError>,
+}
+
+/// Reads a manifests directory and remembers, per file, the last version that parsed.
+pub struct FileSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl FileSource {
+    /// A source over `dir` (not read until [`FileSource::scan`]).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FileSource {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// The directory being read.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads the directory, parsing only files whose content changed.
+    pub fn scan(&mut self) -> Result<Scan, std::io::Error> {
+        let mut present = BTreeSet::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+            if !is_yaml || !path.is_file() {
+                continue;
+            }
+            let display = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            present.insert(path.clone());
+            let text = match std::fs::read(&path) {
+                Ok(bytes) => match String::from_utf8(bytes) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        self.record_error(
+                            &path,
+                            FileError {
+                                file: display,
+                                line: None,
+                                message: "not UTF-8 text".to_owned(),
+                            },
+                        );
+                        continue;
+                    }
+                },
+                // Vanished between listing and reading: the next scan sees the delete.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    self.record_error(
+                        &path,
+                        FileError {
+                            file: display,
+                            line: None,
+                            message: format!("cannot read: {e}"),
+                        },
+                    );
+                    continue;
+                }
+            };
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|s| s.text.as_deref() == Some(text.as_str()))
+            {
+                continue;
+            }
+            match parse_file(&display, &text) {
+                Ok(parsed) => {
+                    self.files.insert(
+                        path,
+                        FileState {
+                            text: Some(text),
+                            parsed: Some(parsed),
+                            error: None,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "manifest file not applied; keeping its last good objects");
+                    let parsed = self.files.remove(&path).and_then(|s| s.parsed);
+                    self.files.insert(
+                        path,
+                        FileState {
+                            text: Some(text),
+                            parsed,
+                            error: Some(error),
+                        },
+                    );
+                }
+            }
+        }
+        self.files.retain(|path, _| present.contains(path));
+        Ok(self.collect())
+    }
+
+    fn record_error(&mut self, path: &Path, error: FileError) {
+        tracing::warn!(%error, "manifest file not applied; keeping its last good objects");
+        let state = self.files.entry(path.to_owned()).or_insert(FileState {
+            text: None,
+            parsed: None,
+            error: None,
+        });
+        state.text = None;
+        state.error = Some(error);
+    }
+
+    fn collect(&self) -> Scan {
+        let mut scan = Scan::default();
+        let mut seen: BTreeMap<(&'static str, String, String), String> = BTreeMap::new();
+        for (path, state) in &self.files {
+            let display = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            scan.errors.extend(state.error.clone());
+            let Some(parsed) = &state.parsed else {
+                continue;
+            };
+            scan.ignored
+                .extend(parsed.ignored.iter().map(|i| format!("{display}: {i}")));
+            for obj in &parsed.objects {
+                let key = obj.key();
+                if let Some(first) = seen.get(&key) {
+                    scan.errors.push(FileError {
+                        file: display.clone(),
+                        line: None,
+                        message: format!(
+                            "{} {}/{} is also defined in {first}; the copy in {first} is used",
+                            key.0, key.1, key.2
+                        ),
+                    });
+                    continue;
+                }
+                seen.insert(key, display.clone());
+                let o = &mut scan.objects;
+                match obj.clone() {
+                    AnyObject::ApiProxy(x) => o.api_proxies.push(*x),
+                    AnyObject::MockTarget(x) => o.mock_targets.push(*x),
+                    AnyObject::ApiKey(x) => o.api_keys.push(*x),
+                    AnyObject::ApiKeyBinding(x) => o.api_key_bindings.push(*x),
+                    AnyObject::Secret(x) => o.secrets.push(*x),
+                    AnyObject::Service(x) => o.services.push(*x),
+                }
+            }
+        }
+        scan
+    }
+}
+
+#[cfg(test)]
+#[path = "file_tests.rs"]
+mod tests;

@@ -1,0 +1,4 @@
+//! Where objects come from: a manifests directory (standalone mode) or the cluster (issue #3).
+
+pub mod file;
+pub mod watch;

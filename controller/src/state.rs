@@ -1,0 +1,140 @@
+//! What the controller knows right now: the newest snapshot (published to proxies), the
+//! diagnostics that came with it, problems with the sources, and what each proxy applied.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use kanali_proto::v1 as pb;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::compile::{Compiled, Diagnostic};
+use crate::source::file::FileError;
+
+/// One proxy's view, as reported over its stream.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProxyState {
+    /// Whether its stream is open now.
+    pub connected: bool,
+    /// Open streams with this identity (more than one means two proxies share a name).
+    pub streams: u32,
+    /// Last version it ACKed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied_version: Option<String>,
+    /// Last NACK, if the newest answer was a NACK.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Rejection>,
+    /// Seconds since the Unix epoch of the last message.
+    pub last_seen_unix: u64,
+}
+
+/// A NACKed version with the proxy's reasons.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rejection {
+    /// The version refused.
+    pub version: String,
+    /// `Kind ns/name: message` per error.
+    pub errors: Vec<String>,
+}
+
+/// Everything the admin endpoint shows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StatusView {
+    /// Version of the newest snapshot.
+    pub version: String,
+    /// Routes in it.
+    pub routes: usize,
+    /// Per-object conditions.
+    pub objects: Vec<ObjectStatus>,
+    /// Files (or other source inputs) that could not be used.
+    pub source_errors: Vec<FileError>,
+    /// Inputs skipped on purpose (unknown kinds).
+    pub ignored: Vec<String>,
+    /// Proxies by identity.
+    pub proxies: BTreeMap<String, ProxyState>,
+}
+
+/// A diagnostic plus the summary `Ready` condition.
+#[derive(Clone, Debug, Serialize)]
+pub struct ObjectStatus {
+    /// Compile's view.
+    #[serde(flatten)]
+    pub diagnostic: Diagnostic,
+    /// Whether `Ready` is True.
+    pub ready: bool,
+}
+
+/// Shared between the source loop, the gRPC server and the admin server.
+#[derive(Debug)]
+pub struct Shared {
+    snapshots: watch::Sender<Option<Arc<pb::Snapshot>>>,
+    status: Mutex<StatusView>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            snapshots: watch::Sender::new(None),
+            status: Mutex::new(StatusView::default()),
+        }
+    }
+}
+
+impl Shared {
+    /// Publishes a compile result. Proxies are only sent a snapshot when its version changed.
+    pub fn publish(&self, compiled: Compiled, source_errors: Vec<FileError>, ignored: Vec<String>) {
+        let version = compiled.snapshot.version.clone();
+        {
+            let mut status = self.status();
+            status.version = version.clone();
+            status.routes = compiled.snapshot.routes.len();
+            status.objects = compiled
+                .diagnostics
+                .into_iter()
+                .map(|diagnostic| ObjectStatus {
+                    ready: diagnostic.ready().status,
+                    diagnostic,
+                })
+                .collect();
+            status.source_errors = source_errors;
+            status.ignored = ignored;
+        }
+        let changed = self.snapshots.send_if_modified(|current| {
+            if current.as_ref().is_some_and(|s| s.version == version) {
+                return false;
+            }
+            *current = Some(Arc::new(compiled.snapshot));
+            true
+        });
+        if changed {
+            tracing::info!(%version, "new snapshot");
+        }
+    }
+
+    /// Receiver of the newest snapshot, for one proxy stream.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<pb::Snapshot>>> {
+        self.snapshots.subscribe()
+    }
+
+    /// The newest snapshot, if any was compiled yet.
+    pub fn snapshot(&self) -> Option<Arc<pb::Snapshot>> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// Locks the status view. Poisoning is ignored: the view is plain data, always consistent.
+    pub fn status(&self) -> MutexGuard<'_, StatusView> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records something a proxy said.
+    pub fn update_proxy(&self, id: &str, f: impl FnOnce(&mut ProxyState)) {
+        let mut status = self.status();
+        let proxy = status.proxies.entry(id.to_owned()).or_default();
+        proxy.last_seen_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        f(proxy);
+    }
+}
