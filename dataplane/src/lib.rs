@@ -1,1 +1,135 @@
-//! Kanali proxy.
+//! The Kanali proxy.
+//!
+//! Data flow: the [`client`] task subscribes to the controller and receives snapshots; each one
+//! is turned into an immutable [`table::RouteTable`] off the request path and swapped in
+//! atomically. The [`server`] answers every request from whatever table is current when it
+//! arrives: the [`router`] finds the route, [`path`] rewrites the upstream path, and the request
+//! is either answered by a [`mock`], proxied through the pooled [`upstream`] client, or answered
+//! with a Kanali error from [`errors`].
+
+pub mod admin;
+pub mod body;
+pub mod client;
+pub mod errors;
+pub mod headers;
+pub mod mock;
+pub mod path;
+pub mod router;
+pub mod server;
+pub mod table;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use table::RouteTable;
+
+/// Everything needed to start a proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Traffic listener (HTTP/1.1 and h2c).
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Controller subscription.
+    pub client: client::ClientConfig,
+    /// Listener limits.
+    pub server: server::ServerConfig,
+    /// Upstream pool settings.
+    pub upstream: upstream::UpstreamConfig,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+}
+
+/// A running proxy.
+pub struct RunningProxy {
+    /// Traffic address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin_addr: SocketAddr,
+    /// The table being served (None until the first snapshot).
+    pub tables: Arc<ArcSwapOption<RouteTable>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// The version being served, if any.
+    pub fn version(&self) -> Option<String> {
+        self.tables.load().as_ref().map(|t| t.version.clone())
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and ends the subscription.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Binds the listeners and starts serving; the table fills in when the controller answers.
+pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let listener = bind("traffic", config.listen).await?;
+    let admin = bind("admin", config.admin_listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        what: "traffic",
+        addr: config.listen,
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        what: "admin",
+        addr: config.admin_listen,
+        source,
+    })?;
+
+    let tables = Arc::new(ArcSwapOption::empty());
+    let client = upstream::client(&config.upstream)?;
+    let proxy = Arc::new(server::Proxy::new(tables.clone(), client, config.server));
+    let (shutdown, rx) = watch::channel(false);
+    let tasks = vec![
+        tokio::spawn(server::serve(listener, proxy, rx.clone())),
+        tokio::spawn(admin::serve(admin, tables.clone(), rx.clone())),
+        tokio::spawn(client::run(config.client, tables.clone(), rx)),
+    ];
+    tracing::info!(%addr, %admin_addr, "proxy listening");
+    Ok(RunningProxy {
+        addr,
+        admin_addr,
+        tables,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone). Returns `()` rather than the
+/// watch guard, so callers can use it in `select!` without holding a lock across awaits.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}

@@ -1,0 +1,243 @@
+//! The subscription to the controller: receive snapshots, apply them off the request path,
+//! answer ACK/NACK, and reconnect (with exponential backoff and jitter, rotating through the
+//! configured controllers) whenever the stream breaks — serving the last good table meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use kanali_proto::v1 as pb;
+use kanali_proto::v1::snapshot_service_client::SnapshotServiceClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::table::RouteTable;
+
+/// Subscription settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Controller gRPC URLs, tried in turn.
+    pub controllers: Vec<String>,
+    /// Identity sent in `Subscribe`.
+    pub proxy_id: String,
+    /// First reconnect delay; doubles per failure up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("invalid controller URL: {0}")]
+    Url(String),
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("the controller closed the stream")]
+    Closed,
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    config: ClientConfig,
+    tables: Arc<ArcSwapOption<RouteTable>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failures: u32 = 0;
+    let mut next = 0usize;
+    loop {
+        let Some(url) = config
+            .controllers
+            .get(next % config.controllers.len().max(1))
+        else {
+            tracing::error!("no controller configured");
+            return;
+        };
+        next = next.wrapping_add(1);
+        let mut received = false;
+        let result = tokio::select! {
+            r = subscribe(url, &config.proxy_id, &tables, &mut received) => r,
+            () = crate::stopped(&mut shutdown) => return,
+        };
+        if received {
+            // The stream worked: start the backoff over and stay with this controller.
+            failures = 0;
+            next = next.wrapping_sub(1);
+        }
+        let error = match result {
+            Ok(()) => StreamError::Closed,
+            Err(e) => e,
+        };
+        let delay = backoff(failures, config.min_backoff, config.max_backoff);
+        failures = failures.saturating_add(1);
+        let serving = tables
+            .load()
+            .as_ref()
+            .map(|t| t.version.clone())
+            .unwrap_or_default();
+        tracing::warn!(controller = %url, %error, retry_in = ?delay, serving = %serving,
+            "controller stream lost; serving the last applied snapshot");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = crate::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Exponential backoff with "equal jitter": uniform in [cap/2, cap] with cap = min(max,
+/// base·2^n). The jitter spreads a fleet of proxies reconnecting to a restarted controller;
+/// the floor keeps a flapping controller from being hammered.
+fn backoff(failures: u32, base: Duration, max: Duration) -> Duration {
+    let cap = base
+        .saturating_mul(2u32.saturating_pow(failures.min(20)))
+        .min(max);
+    let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(fastrand::u64(millis / 2..=millis.max(1)))
+}
+
+async fn subscribe(
+    url: &str,
+    proxy_id: &str,
+    tables: &ArcSwapOption<RouteTable>,
+    received: &mut bool,
+) -> Result<(), StreamError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| StreamError::Url(format!("{url}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        // Detects a controller that vanished without closing the connection.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect().await?;
+    let mut client =
+        SnapshotServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+
+    let (tx, rx) = mpsc::channel(4);
+    let current_version = tables
+        .load()
+        .as_ref()
+        .map(|t| t.version.clone())
+        .unwrap_or_default();
+    let subscribe = pb::proxy_message::Message::Subscribe(pb::Subscribe {
+        proxy_id: proxy_id.to_owned(),
+        current_version,
+    });
+    let _ = tx
+        .send(pb::ProxyMessage {
+            message: Some(subscribe),
+        })
+        .await;
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(controller = %url, "subscribed to controller");
+
+    while let Some(msg) = inbound.message().await? {
+        let Some(snapshot) = msg.snapshot else {
+            continue;
+        };
+        *received = true;
+        let answer = apply(&snapshot, tables);
+        if tx
+            .send(pb::ProxyMessage {
+                message: Some(answer),
+            })
+            .await
+            .is_err()
+        {
+            return Err(StreamError::Closed);
+        }
+    }
+    Ok(())
+}
+
+/// Builds the new table and swaps it in, or keeps the old one and explains why.
+pub fn apply(
+    snapshot: &pb::Snapshot,
+    tables: &ArcSwapOption<RouteTable>,
+) -> pb::proxy_message::Message {
+    use pb::proxy_message::Message;
+    let version = snapshot.version.clone();
+    if tables.load().as_ref().is_some_and(|t| t.version == version) {
+        return Message::Ack(pb::Ack { version });
+    }
+    match RouteTable::build(snapshot) {
+        Ok(table) => {
+            let routes = table.router.len();
+            tables.store(Some(Arc::new(table)));
+            tracing::info!(%version, routes, "applied snapshot");
+            Message::Ack(pb::Ack { version })
+        }
+        Err(errors) => {
+            tracing::error!(%version, ?errors, "rejected snapshot; keeping the previous one");
+            let errors = errors
+                .into_iter()
+                .map(|e| pb::ResourceError {
+                    resource: e.resource,
+                    message: e.message,
+                })
+                .collect();
+            Message::Nack(pb::Nack { version, errors })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(10);
+        for _ in 0..100 {
+            let d0 = backoff(0, base, max);
+            assert!(d0 >= Duration::from_millis(50) && d0 <= base, "{d0:?}");
+            let d3 = backoff(3, base, max);
+            assert!(
+                d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(800),
+                "{d3:?}"
+            );
+            assert!(backoff(40, base, max) <= max);
+        }
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_nacked_and_the_old_table_kept() {
+        let tables = ArcSwapOption::empty();
+        let route = |path: &str, code| pb::Route {
+            source: Some(pb::ResourceRef {
+                kind: "ApiProxy".into(),
+                namespace: "ns".into(),
+                name: path.into(),
+                generation: 1,
+            }),
+            path: path.into(),
+            virtual_host: String::new(),
+            target_path: "/".into(),
+            backend: Some(pb::route::Backend::Failure(pb::Failure { code })),
+        };
+        let good = pb::Snapshot {
+            version: "v1".into(),
+            routes: vec![route("/a", 2)],
+        };
+        assert!(matches!(
+            apply(&good, &tables),
+            pb::proxy_message::Message::Ack(_)
+        ));
+        let bad = pb::Snapshot {
+            version: "v2".into(),
+            routes: vec![route("/a", 99)],
+        };
+        match apply(&bad, &tables) {
+            pb::proxy_message::Message::Nack(n) => {
+                assert_eq!(n.version, "v2");
+                assert_eq!(n.errors[0].resource.as_ref().unwrap().name, "/a");
+                assert!(n.errors[0].message.contains("99"));
+            }
+            other => panic!("expected NACK, got {other:?}"),
+        }
+        assert_eq!(tables.load().as_ref().unwrap().version, "v1");
+    }
+}

@@ -1,0 +1,244 @@
+//! The traffic listener: HTTP/1.1 and HTTP/2 (h2c) on one port, and the per-request flow:
+//! route lookup → failure / mock / proxy pass, with the Kanali error contract for every
+//! failure and a correlation id on every response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::ProxyBody;
+use crate::errors::ErrorCode;
+use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
+use crate::path::upstream_path;
+use crate::table::{Action, RouteTable, Upstream};
+use crate::upstream::UpstreamClient;
+
+/// Listener limits.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Time a client has to send the request head (slowloris protection).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Time the upstream has to start answering.
+    pub upstream_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            upstream_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Proxy {
+    /// The current routing table; `None` until the first snapshot is applied.
+    pub tables: Arc<ArcSwapOption<RouteTable>>,
+    client: UpstreamClient,
+    config: ServerConfig,
+}
+
+impl Proxy {
+    /// A proxy serving from `tables` through `client`.
+    pub fn new(
+        tables: Arc<ArcSwapOption<RouteTable>>,
+        client: UpstreamClient,
+        config: ServerConfig,
+    ) -> Self {
+        Proxy {
+            tables,
+            client,
+            config,
+        }
+    }
+
+    /// Handles one request. Never fails: every problem becomes a Kanali error response.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let correlation_id = correlation_id();
+        let mut resp = self.route(req, peer, &correlation_id).await;
+        resp.headers_mut()
+            .insert(&X_KANALI_CORRELATION_ID, correlation_id);
+        resp
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        correlation_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        // The guard is dropped before any await: in-flight requests keep what they computed,
+        // and a snapshot swap never waits for them.
+        let (upstream, uri) = {
+            let tables = self.tables.load();
+            let Some(table) = tables.as_ref() else {
+                return ErrorCode::NoApiProxy.response();
+            };
+            let host = request_host(&req);
+            let path = req.uri().path();
+            let Some(route) = table.router.lookup(host, path) else {
+                return ErrorCode::NoApiProxy.response();
+            };
+            match &route.action {
+                Action::Fail(code) => return code.response(),
+                Action::Mock(mock) => {
+                    let target = upstream_path(&route.path, &route.target_path, path);
+                    return mock
+                        .respond(&target, req.method())
+                        .unwrap_or_else(|| ErrorCode::NoMockTarget.response());
+                }
+                Action::Proxy(upstream) => {
+                    let target = upstream_path(&route.path, &route.target_path, path);
+                    match upstream_uri(upstream, &target, req.uri().query()) {
+                        Some(uri) => (upstream.clone(), uri),
+                        None => return ErrorCode::Upstream.response(),
+                    }
+                }
+            }
+        };
+        self.proxy_pass(req, peer, upstream, uri, correlation_id)
+            .await
+    }
+
+    async fn proxy_pass(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        upstream: Upstream,
+        uri: Uri,
+        correlation_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let host = request_host_parts(&parts.uri, &parts.headers).map(str::to_owned);
+        strip_hop_by_hop(&mut parts.headers);
+        set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_deref());
+        // The upstream sees the Host the client asked for (v2 behaviour); HTTP/2 clients send
+        // it as :authority, which HTTP/1.1 upstreams need as a header.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts
+            .headers
+            .insert(&X_KANALI_CORRELATION_ID, correlation_id.clone());
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, body);
+
+        match tokio::time::timeout(self.config.upstream_timeout, self.client.request(request)).await
+        {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, ProxyBody::Upstream(body))
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, upstream = %upstream.authority, "upstream request failed");
+                ErrorCode::Upstream.response()
+            }
+            Err(_) => {
+                tracing::debug!(upstream = %upstream.authority, timeout = ?self.config.upstream_timeout, "upstream timed out");
+                ErrorCode::Upstream.response()
+            }
+        }
+    }
+}
+
+/// The authority the client addressed: the URI's (HTTP/2 `:authority`, absolute-form) or the
+/// Host header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    request_host_parts(req.uri(), req.headers())
+}
+
+fn request_host_parts<'a>(uri: &'a Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+}
+
+fn upstream_uri(upstream: &Upstream, path: &str, query: Option<&str>) -> Option<Uri> {
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .ok()
+}
+
+/// A random UUID v4. Not cryptographic (it needs to be unique, not unguessable), so a fast
+/// thread-local generator instead of a syscall per request.
+fn correlation_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = id.hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Accepts connections until `shutdown` turns true, then lets open connections finish their
+/// current requests.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.config.header_read_timeout)
+        .max_buf_size(proxy.config.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    // e.g. EMFILE: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = crate::stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 30 s; closing them");
+    }
+}
