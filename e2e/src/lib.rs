@@ -1,1 +1,129 @@
-//! End-to-end tests live in `tests/`.
+//! Test support: a real HTTP echo upstream (also the upstream of the `make run` demo).
+//!
+//! The echo server answers every request with a JSON description of what it received —
+//! method, raw path, query, headers and body — the same idea as the v2 e2e suite's `tester`
+//! image, so tests can assert on exactly what a proxy forwarded.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+
+/// A running echo upstream.
+pub struct Echo {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Requests answered so far.
+    pub hits: Arc<AtomicUsize>,
+    /// `GET /stream` sends its first chunk, then waits for this before sending the second.
+    pub release: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts an echo server (HTTP/1.1 and h2c) on `addr` (use port 0 in tests). `name` is
+/// returned in every answer, to tell several upstreams apart.
+pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let name: Arc<str> = Arc::from(name);
+    let (h, r) = (hits.clone(), release.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (hits, release, name) = (h.clone(), r.clone(), name.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                    answer(req, name.clone(), release.clone())
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(Echo {
+        addr,
+        hits,
+        release,
+        task,
+    })
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    req: Request<Incoming>,
+    name: Arc<str>,
+    release: Arc<Notify>,
+) -> Result<Response<EchoBody>, Infallible> {
+    if req.uri().path() == "/stream" {
+        // Two chunks with a wait in between: proves a proxy streams rather than buffers.
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"first\n"))))
+                .await;
+            release.notified().await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"second\n"))))
+                .await;
+        });
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        return Ok(Response::new(body.boxed()));
+    }
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut headers = BTreeMap::<String, Vec<String>>::new();
+    for (k, v) in &parts.headers {
+        headers
+            .entry(k.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let json = serde_json::json!({
+        "upstream": &*name,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(json.to_string())).boxed());
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Some(status) = parts
+        .headers
+        .get("x-echo-status")
+        .and_then(|s| s.to_str().ok()?.parse().ok())
+    {
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    }
+    Ok(resp)
+}

@@ -1,0 +1,622 @@
+//! Standalone mode end to end: a controller reading a manifests directory, two proxies
+//! subscribed to it, and real HTTP upstreams, all on 127.0.0.1 with ephemeral ports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kanali_controller::source::watch::Debounce;
+use kanali_controller::{Controller, StandaloneConfig};
+use kanali_dataplane::client::ClientConfig;
+use kanali_dataplane::{ProxyConfig, RunningProxy};
+use kanali_e2e::{Echo, start_echo};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const ANY: &str = "127.0.0.1:0";
+
+/// How long a change may take to show before a test fails. A deadline, not a measurement:
+/// the promise is ~1 s; the margin absorbs a loaded CI machine.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn debounce() -> Debounce {
+    Debounce {
+        quiet: Duration::from_millis(50),
+        max_delay: Duration::from_millis(300),
+        resync: Duration::from_secs(5),
+    }
+}
+
+async fn controller(dir: &Path, grpc: SocketAddr) -> Controller {
+    kanali_controller::start_standalone(StandaloneConfig {
+        manifests: dir.to_owned(),
+        grpc_listen: grpc,
+        admin_listen: ANY.parse().unwrap(),
+        debounce: debounce(),
+    })
+    .await
+    .unwrap()
+}
+
+async fn proxy(grpc: SocketAddr, id: &str) -> RunningProxy {
+    kanali_dataplane::start(ProxyConfig {
+        listen: ANY.parse().unwrap(),
+        admin_listen: ANY.parse().unwrap(),
+        client: ClientConfig {
+            controllers: vec![format!("http://{grpc}")],
+            proxy_id: id.to_owned(),
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+        },
+        server: Default::default(),
+        upstream: Default::default(),
+    })
+    .await
+    .unwrap()
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    echo: Echo,
+    controller: Option<Controller>,
+    grpc: SocketAddr,
+    proxies: Vec<RunningProxy>,
+}
+
+fn manifests(echo: SocketAddr, api_path: &str) -> String {
+    format!(
+        r#"apiVersion: kanali.io/v2
+kind: ApiProxy
+metadata: {{name: api, namespace: shop}}
+spec:
+  source: {{path: {api_path}}}
+  target:
+    path: /
+    backend: {{endpoint: "http://{echo}"}}
+---
+apiVersion: kanali.io/v2
+kind: ApiProxy
+metadata: {{name: v1, namespace: shop}}
+spec:
+  source: {{path: /svc/v1}}
+  target:
+    path: /internal
+    backend: {{endpoint: "http://{echo}"}}
+---
+apiVersion: kanali.io/v2
+kind: ApiProxy
+metadata: {{name: users, namespace: shop}}
+spec:
+  source: {{path: /mock}}
+  target: {{backend: {{mock: {{mockTargetName: users}}}}}}
+---
+apiVersion: kanali.io/v2
+kind: MockTarget
+metadata: {{name: users, namespace: shop}}
+spec:
+  routes:
+  - path: /users
+    status: 200
+    methods: [GET]
+    headers: {{content-type: application/json, x-mock: "yes"}}
+    body: '[{{"id":1}}]'
+---
+apiVersion: kanali.io/v2
+kind: ApiProxy
+metadata: {{name: orders, namespace: shop}}
+spec:
+  source: {{path: /orders}}
+  target: {{backend: {{mock: {{mockTargetName: missing}}}}}}
+"#
+    )
+}
+
+impl Env {
+    async fn start() -> Env {
+        let echo = start_echo(ANY.parse().unwrap(), "echo").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("routes.yaml"), manifests(echo.addr, "/api")).unwrap();
+        let controller = controller(dir.path(), ANY.parse().unwrap()).await;
+        let grpc = controller.grpc_addr;
+        let proxies = vec![proxy(grpc, "proxy-a").await, proxy(grpc, "proxy-b").await];
+        let env = Env {
+            dir,
+            echo,
+            controller: Some(controller),
+            grpc,
+            proxies,
+        };
+        let version = env.controller().shared.snapshot().unwrap().version.clone();
+        env.wait_for_version(&version).await;
+        env
+    }
+
+    fn controller(&self) -> &Controller {
+        self.controller.as_ref().unwrap()
+    }
+
+    async fn wait_for_version(&self, version: &str) {
+        eventually(|| async {
+            self.proxies
+                .iter()
+                .all(|p| p.version().as_deref() == Some(version))
+        })
+        .await;
+    }
+
+    fn write(&self, file: &str, content: &str) {
+        // Write-then-rename, like editors do, so the controller never reads a half file.
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(tmp, self.dir.path().join(file)).unwrap();
+    }
+}
+
+async fn eventually<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "condition not reached within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// Asserts this is Kanali error `code`, byte for byte as the contract says.
+    fn assert_error(&self, code: u32, status: u16, message: &str) {
+        assert_eq!(self.status.as_u16(), status);
+        assert_eq!(self.headers["content-type"], "application/json");
+        let expected = format!(
+            r#"{{"status":{status},"message":"{message}","code":{code},"details":"Visit https://kanali.io/docs/v2/errorcodes/#{code:02} for more details."}}"#
+        );
+        assert_eq!(std::str::from_utf8(&self.body).unwrap(), expected);
+    }
+}
+
+async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
+    send_with(
+        Client::builder(TokioExecutor::new()).build_http(),
+        addr,
+        req,
+    )
+    .await
+}
+
+async fn send_with(
+    client: Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    mut req: Request<Full<Bytes>>,
+) -> Answer {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = format!("http://{addr}{pq}").parse().unwrap();
+    let resp = client.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert!(
+        parts.headers.contains_key("x-kanali-correlation-id"),
+        "every response has a correlation id"
+    );
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Answer {
+    send(addr, Request::get(path).body(Full::default()).unwrap()).await
+}
+
+const NO_PROXY: &str = "No ApiProxy resource was not found that matches the request.";
+const NO_MOCK: &str = "No MockTarget resource was not found that matches the request.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_proxies_serve_endpoints_mocks_and_errors() {
+    let env = Env::start().await;
+    for p in &env.proxies {
+        // Endpoint: prefix replaced, query forwarded exactly once (v2 doubled it).
+        let a = get(p.addr, "/api/hello/world?a=1&b=2&a=3").await;
+        assert_eq!(a.status, 200);
+        let echo = a.json();
+        assert_eq!(echo["path"], "/hello/world");
+        assert_eq!(echo["query"], "a=1&b=2&a=3");
+        assert_eq!(echo["method"], "GET");
+        assert_eq!(echo["headers"]["x-forwarded-for"][0], "127.0.0.1");
+        assert_eq!(echo["headers"]["x-forwarded-proto"][0], "http");
+        assert_eq!(echo["headers"]["x-forwarded-host"][0], p.addr.to_string());
+        assert_eq!(
+            echo["headers"]["host"][0],
+            p.addr.to_string(),
+            "the client's Host is kept"
+        );
+        assert_eq!(
+            echo["headers"]["x-kanali-correlation-id"][0],
+            a.headers["x-kanali-correlation-id"].to_str().unwrap(),
+            "the correlation id is forwarded"
+        );
+
+        // Target path rewrite.
+        assert_eq!(
+            get(p.addr, "/svc/v1/items/7").await.json()["path"],
+            "/internal/items/7"
+        );
+        assert_eq!(get(p.addr, "/svc/v1").await.json()["path"], "/internal");
+
+        // Mock: answered by the proxy, no upstream call.
+        let hits = env.echo.hits.load(std::sync::atomic::Ordering::Relaxed);
+        let m = get(p.addr, "/mock/users").await;
+        assert_eq!(
+            (m.status.as_u16(), &m.body[..]),
+            (200, &br#"[{"id":1}]"#[..])
+        );
+        assert_eq!(m.headers["x-mock"], "yes");
+        assert_eq!(m.headers["content-type"], "application/json");
+        assert_eq!(
+            env.echo.hits.load(std::sync::atomic::Ordering::Relaxed),
+            hits,
+            "a mock never calls an upstream"
+        );
+        let wrong_method = send(
+            p.addr,
+            Request::post("/mock/users").body(Full::default()).unwrap(),
+        )
+        .await;
+        wrong_method.assert_error(2, 404, NO_MOCK);
+        get(p.addr, "/mock/nothing")
+            .await
+            .assert_error(2, 404, NO_MOCK);
+
+        // Dangling MockTarget reference: the route exists and answers 02.
+        get(p.addr, "/orders/1").await.assert_error(2, 404, NO_MOCK);
+        // No route.
+        get(p.addr, "/nothing").await.assert_error(0, 404, NO_PROXY);
+        get(p.addr, "/apis").await.assert_error(0, 404, NO_PROXY);
+    }
+
+    // Diagnostics on the admin port say why /orders is broken.
+    let status = admin_status(env.controller().admin_addr).await;
+    let orders = status["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["object"]["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["ready"], false);
+    assert_eq!(orders["conditions"][1]["reason"], "MockTargetNotFound");
+    for id in ["proxy-a", "proxy-b"] {
+        assert_eq!(
+            status["proxies"][id]["applied_version"], status["version"],
+            "{id} ACKed the snapshot"
+        );
+    }
+}
+
+async fn admin_status(addr: SocketAddr) -> Value {
+    let a = get_admin(addr, "/status").await;
+    serde_json::from_slice(&a).unwrap()
+}
+
+async fn get_admin(addr: SocketAddr, path: &str) -> Bytes {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .get(format!("http://{addr}{path}").parse().unwrap())
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_paths_trailing_slashes_and_bodies_are_forwarded_as_sent() {
+    let env = Env::start().await;
+    let p = env.proxies[0].addr;
+    // Spec §2.7.1: escapes preserved, not decoded (v2 e2e case).
+    assert_eq!(get(p, "/api/%47%6f%2f").await.json()["path"], "/%47%6f%2f");
+    assert_eq!(get(p, "/api/foo/").await.json()["path"], "/foo/");
+    assert_eq!(get(p, "/api").await.json()["path"], "/");
+    // (Built as an absolute URI: "//api//x" alone would parse as authority "api".)
+    let req = Request::get(format!("http://{p}//api//x?y"))
+        .body(Full::default())
+        .unwrap();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let echo = client
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let echo: Value = serde_json::from_slice(&echo).unwrap();
+    assert_eq!(
+        (echo["path"].as_str(), echo["query"].as_str()),
+        (Some("/x"), Some("y"))
+    );
+    let req = Request::put("/api/upload?x")
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from("hello body")))
+        .unwrap();
+    let echo = send(p, req).await.json();
+    assert_eq!(
+        (
+            echo["method"].as_str(),
+            echo["body"].as_str(),
+            echo["query"].as_str()
+        ),
+        (Some("PUT"), Some("hello body"), Some("x"))
+    );
+    // Upstream errors pass through untouched (no Kanali JSON for an upstream's own 503).
+    let req = Request::get("/api/x")
+        .header("x-echo-status", "503")
+        .body(Full::default())
+        .unwrap();
+    let a = send(p, req).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.json()["upstream"], "echo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let env = Env::start().await;
+    let req = Request::get("/api/h")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "trailers")
+        .header("x-public", "kept")
+        .body(Full::default())
+        .unwrap();
+    let headers = send(env.proxies[0].addr, req).await.json()["headers"].clone();
+    for gone in ["connection", "x-private", "proxy-authorization", "te"] {
+        assert!(
+            headers.get(gone).is_none(),
+            "{gone} was forwarded: {headers}"
+        );
+    }
+    assert_eq!(headers["x-public"][0], "kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_streamed_not_buffered() {
+    let env = Env::start().await;
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let uri = format!("http://{}/api/stream", env.proxies[0].addr)
+        .parse()
+        .unwrap();
+    let mut body = client.get(uri).await.unwrap().into_body();
+    // The upstream sends "second" only after we release it, so receiving "first" proves the
+    // proxy passed the first chunk on without waiting for the whole body.
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first\n");
+    env.echo.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_clients_are_served() {
+    let env = Env::start().await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let a = send_with(
+        client,
+        env.proxies[0].addr,
+        Request::get("/api/h2?q=1").body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let echo = a.json();
+    assert_eq!(
+        (echo["path"].as_str(), echo["query"].as_str()),
+        (Some("/h2"), Some("q=1"))
+    );
+    // HTTP/1.1 upstream; the client's :authority became its Host header.
+    assert_eq!(echo["version"], "HTTP/1.1");
+    assert_eq!(echo["headers"]["host"][0], env.proxies[0].addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_reaches_both_proxies_and_a_broken_file_keeps_the_last_good_routes() {
+    let env = Env::start().await;
+    let before = env.controller().shared.snapshot().unwrap().version.clone();
+
+    // Move /api to /v2.
+    env.write("routes.yaml", &manifests(env.echo.addr, "/v2"));
+    eventually(|| async { env.controller().shared.snapshot().unwrap().version != before }).await;
+    let after = env.controller().shared.snapshot().unwrap().version.clone();
+    env.wait_for_version(&after).await;
+    for p in &env.proxies {
+        assert_eq!(get(p.addr, "/v2/x").await.json()["path"], "/x");
+        get(p.addr, "/api/x").await.assert_error(0, 404, NO_PROXY);
+    }
+
+    // Break the file: the routes it held stay, and the error names file and line.
+    env.write(
+        "routes.yaml",
+        "apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {name: x\n  bad: [\n",
+    );
+    eventually(|| async {
+        !admin_status(env.controller().admin_addr).await["source_errors"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let status = admin_status(env.controller().admin_addr).await;
+    let error = &status["source_errors"][0];
+    assert_eq!(error["file"], "routes.yaml");
+    assert!(error["line"].as_u64().unwrap() >= 3, "{error}");
+    assert_eq!(
+        status["version"],
+        after.as_str(),
+        "a broken file does not change the snapshot"
+    );
+    assert_eq!(get(env.proxies[1].addr, "/v2/y").await.status, 200);
+
+    // A second file adds a route; deleting it removes the route again.
+    let extra = format!(
+        "apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {{name: extra, namespace: shop}}\nspec:\n  source: {{path: /extra}}\n  target: {{backend: {{endpoint: \"http://{}\"}}}}\n",
+        env.echo.addr
+    );
+    env.write("extra.yml", &extra);
+    eventually(|| async {
+        let mut ok = true;
+        for p in &env.proxies {
+            ok &= get(p.addr, "/extra/1").await.status == 200;
+        }
+        ok
+    })
+    .await;
+    std::fs::remove_file(env.dir.path().join("extra.yml")).unwrap();
+    eventually(|| async {
+        let mut gone = true;
+        for p in &env.proxies {
+            gone &= get(p.addr, "/extra/1").await.status == 404;
+        }
+        gone
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_keep_serving_without_the_controller_and_resubscribe_to_a_new_one() {
+    let mut env = Env::start().await;
+    let before = env.proxies[0].version().unwrap();
+    env.controller.take().unwrap().shutdown().await;
+
+    // Controller gone: both proxies keep serving the last snapshot.
+    for _ in 0..20 {
+        for p in &env.proxies {
+            assert_eq!(get(p.addr, "/api/still").await.status, 200);
+            get(p.addr, "/orders/x").await.assert_error(2, 404, NO_MOCK);
+        }
+    }
+    // Readiness stays: they have a good snapshot.
+    assert_eq!(
+        &get_admin(env.proxies[0].admin_addr, "/readyz").await[..],
+        b"ok\n"
+    );
+
+    // A new controller on the same address with changed manifests: both proxies resubscribe.
+    std::fs::write(
+        env.dir.path().join("routes.yaml"),
+        manifests(env.echo.addr, "/moved"),
+    )
+    .unwrap();
+    let controller = controller(env.dir.path(), env.grpc).await;
+    let version = controller.shared.snapshot().unwrap().version.clone();
+    assert_ne!(version, before);
+    env.controller = Some(controller);
+    env.wait_for_version(&version).await;
+    for p in &env.proxies {
+        assert_eq!(get(p.addr, "/moved/x").await.status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_is_not_ready_until_it_has_a_snapshot() {
+    // Nothing listens at this controller address (bound, then dropped).
+    let grpc = std::net::TcpListener::bind(ANY)
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = proxy(grpc, "lonely").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .get(format!("http://{}/readyz", p.admin_addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    get(p.addr, "/api").await.assert_error(0, 404, NO_PROXY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_answers_08() {
+    let env = Env::start().await;
+    let closed = std::net::TcpListener::bind(ANY)
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    env.write("down.yaml", &format!(
+        "apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {{name: down, namespace: shop}}\nspec:\n  source: {{path: /down}}\n  target: {{backend: {{endpoint: \"http://{closed}\"}}}}\n"
+    ));
+    eventually(|| async { get(env.proxies[0].addr, "/down").await.status != 404 }).await;
+    get(env.proxies[0].addr, "/down/x").await.assert_error(
+        8,
+        502,
+        "Could not get a valid or any response from the upstream server.",
+    );
+}
+
+/// Sends raw bytes and returns the status line.
+async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests_get_400_and_431() {
+    let env = Env::start().await;
+    let p = env.proxies[0].addr;
+    assert!(
+        raw(p, b"THIS IS NOT HTTP\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+    let huge = format!(
+        "GET /api/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    assert!(raw(p, huge.as_bytes()).await.starts_with("HTTP/1.1 431"));
+    // The proxy is still fine afterwards.
+    assert_eq!(get(p, "/api/ok").await.status, 200);
+}
