@@ -70,27 +70,7 @@ impl SnapshotService for SnapshotServer {
         // Capacity 1 + a watch receiver = latest wins: while a slow proxy is still receiving
         // one snapshot, newer ones overwrite each other in the watch and only the newest is sent.
         let (tx, rx) = mpsc::channel(1);
-        let mut snapshots = self.shared.subscribe();
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = snapshots.borrow_and_update().clone();
-                if let Some(snapshot) = next {
-                    let msg = pb::ControllerMessage {
-                        snapshot: Some((*snapshot).clone()),
-                    };
-                    tokio::select! {
-                        sent = tx.send(Ok(msg)) => if sent.is_err() { return },
-                        _ = shutdown.wait_for(|s| *s) => return,
-                    }
-                }
-                tokio::select! {
-                    changed = snapshots.changed() => if changed.is_err() { return },
-                    _ = shutdown.wait_for(|s| *s) => return,
-                    () = tx.closed() => return,
-                }
-            }
-        });
+        tokio::spawn(forward(self.shared.subscribe(), tx, self.shutdown.clone()));
 
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -113,6 +93,39 @@ impl SnapshotService for SnapshotServer {
 
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+
+/// Sends the newest snapshot whenever it changes, until the stream or the server goes away.
+/// With a capacity-1 channel, at most one snapshot waits for a slow proxy; every version
+/// published meanwhile only replaces the watch value, so the proxy gets the newest next.
+async fn forward(
+    mut snapshots: watch::Receiver<Option<Arc<pb::Snapshot>>>,
+    tx: Outbound,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let next = snapshots.borrow_and_update().clone();
+        if let Some(snapshot) = next {
+            let msg = pb::ControllerMessage {
+                snapshot: Some((*snapshot).clone()),
+            };
+            tokio::select! {
+                sent = tx.send(Ok(msg)) => if sent.is_err() { return },
+                () = stopped(&mut shutdown) => return,
+            }
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            () = stopped(&mut shutdown) => return,
+            () = tx.closed() => return,
+        }
+    }
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 fn record(shared: &Shared, id: &str, msg: pb::ProxyMessage) {
@@ -148,5 +161,56 @@ fn record(shared: &Shared, id: &str, msg: pb::ProxyMessage) {
         Some(Message::Subscribe(_)) | None => {
             tracing::debug!(proxy = %id, "ignoring unexpected message on an open stream");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(version: &str) -> Option<Arc<pb::Snapshot>> {
+        Some(Arc::new(pb::Snapshot {
+            version: version.to_owned(),
+            routes: Vec::new(),
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_skips_intermediate_versions() {
+        let (publish, snapshots) = watch::channel(snapshot("v0"));
+        let (_stop, shutdown) = watch::channel(false);
+        let (tx, mut rx) = mpsc::channel(1);
+        tokio::spawn(forward(snapshots, tx, shutdown));
+        tokio::task::yield_now().await;
+        for i in 1..=50 {
+            publish.send_replace(snapshot(&format!("v{i}")));
+            tokio::task::yield_now().await;
+        }
+        let mut got = Vec::new();
+        while got.last().map(String::as_str) != Some("v50") {
+            let msg = rx.recv().await.unwrap().unwrap();
+            got.push(msg.snapshot.unwrap().version);
+        }
+        // v0 (sent at once), at most one version that was waiting in the channel's slot, v50.
+        assert_eq!(got.first().map(String::as_str), Some("v0"));
+        assert!(got.len() <= 3, "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_before_the_first_compile_and_shutdown_ends_the_stream() {
+        let (publish, snapshots) = watch::channel(None);
+        let (stop, shutdown) = watch::channel(false);
+        let (tx, mut rx) = mpsc::channel(1);
+        let task = tokio::spawn(forward(snapshots, tx, shutdown));
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err());
+        publish.send_replace(snapshot("v1"));
+        assert_eq!(
+            rx.recv().await.unwrap().unwrap().snapshot.unwrap().version,
+            "v1"
+        );
+        stop.send_replace(true);
+        task.await.unwrap();
+        assert!(rx.recv().await.is_none());
     }
 }
