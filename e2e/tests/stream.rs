@@ -1,7 +1,7 @@
 //! The snapshot stream seen from a proxy's side, with a hand-driven gRPC client: a slow
 //! subscriber gets the current snapshot at once and then the latest, and NACKs are recorded with the resource named.
 
-#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
 
