@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::table::RouteTable;
+use crate::upstream::Upstreams;
 
 /// Subscription settings.
 #[derive(Clone, Debug)]
@@ -43,6 +44,7 @@ enum StreamError {
 pub async fn run(
     config: ClientConfig,
     tables: Arc<ArcSwapOption<RouteTable>>,
+    upstreams: Arc<Upstreams>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failures: u32 = 0;
@@ -58,7 +60,7 @@ pub async fn run(
         next = next.wrapping_add(1);
         let mut received = false;
         let result = tokio::select! {
-            r = subscribe(url, &config.proxy_id, &tables, &mut received) => r,
+            r = subscribe(url, &config.proxy_id, &tables, &upstreams, &mut received) => r,
             () = crate::stopped(&mut shutdown) => return,
         };
         if received {
@@ -101,6 +103,7 @@ async fn subscribe(
     url: &str,
     proxy_id: &str,
     tables: &ArcSwapOption<RouteTable>,
+    upstreams: &Upstreams,
     received: &mut bool,
 ) -> Result<(), StreamError> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
@@ -138,7 +141,7 @@ async fn subscribe(
             continue;
         };
         *received = true;
-        let answer = apply(&snapshot, tables);
+        let answer = apply(&snapshot, tables, upstreams);
         if tx
             .send(pb::ProxyMessage {
                 message: Some(answer),
@@ -156,13 +159,14 @@ async fn subscribe(
 pub fn apply(
     snapshot: &pb::Snapshot,
     tables: &ArcSwapOption<RouteTable>,
+    upstreams: &Upstreams,
 ) -> pb::proxy_message::Message {
     use pb::proxy_message::Message;
     let version = snapshot.version.clone();
     if tables.load().as_ref().is_some_and(|t| t.version == version) {
         return Message::Ack(pb::Ack { version });
     }
-    match RouteTable::build(snapshot) {
+    match RouteTable::build(snapshot, upstreams) {
         Ok(table) => {
             let routes = table.router.len();
             tables.store(Some(Arc::new(table)));
@@ -206,6 +210,7 @@ mod tests {
     #[test]
     fn a_bad_snapshot_is_nacked_and_the_old_table_kept() {
         let tables = ArcSwapOption::empty();
+        let upstreams = Upstreams::new(Default::default()).unwrap();
         let route = |path: &str, code| pb::Route {
             source: Some(pb::ResourceRef {
                 kind: "ApiProxy".into(),
@@ -223,14 +228,14 @@ mod tests {
             routes: vec![route("/a", 2)],
         };
         assert!(matches!(
-            apply(&good, &tables),
+            apply(&good, &tables, &upstreams),
             pb::proxy_message::Message::Ack(_)
         ));
         let bad = pb::Snapshot {
             version: "v2".into(),
             routes: vec![route("/a", 99)],
         };
-        match apply(&bad, &tables) {
+        match apply(&bad, &tables, &upstreams) {
             pb::proxy_message::Message::Nack(n) => {
                 assert_eq!(n.version, "v2");
                 assert_eq!(n.errors[0].resource.as_ref().unwrap().name, "/a");

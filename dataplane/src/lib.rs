@@ -110,13 +110,13 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     })?;
 
     let tables = Arc::new(ArcSwapOption::empty());
-    let client = upstream::client(&config.upstream)?;
-    let proxy = Arc::new(server::Proxy::new(tables.clone(), client, config.server));
+    let upstreams = Arc::new(upstream::Upstreams::new(config.upstream)?);
+    let proxy = Arc::new(server::Proxy::new(tables.clone(), config.server));
     let (shutdown, rx) = watch::channel(false);
     let tasks = vec![
         tokio::spawn(server::serve(listener, proxy, rx.clone())),
         tokio::spawn(admin::serve(admin, tables.clone(), rx.clone())),
-        tokio::spawn(client::run(config.client, tables.clone(), rx)),
+        tokio::spawn(client::run(config.client, tables.clone(), upstreams, rx)),
     ];
     tracing::info!(%addr, %admin_addr, "proxy listening");
     Ok(RunningProxy {

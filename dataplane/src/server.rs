@@ -20,7 +20,6 @@ use crate::errors::ErrorCode;
 use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
 use crate::path::upstream_path;
 use crate::table::{Action, RouteTable, Upstream};
-use crate::upstream::UpstreamClient;
 
 /// Listener limits.
 #[derive(Clone, Debug)]
@@ -47,22 +46,13 @@ impl Default for ServerConfig {
 pub struct Proxy {
     /// The current routing table; `None` until the first snapshot is applied.
     pub tables: Arc<ArcSwapOption<RouteTable>>,
-    client: UpstreamClient,
     config: ServerConfig,
 }
 
 impl Proxy {
-    /// A proxy serving from `tables` through `client`.
-    pub fn new(
-        tables: Arc<ArcSwapOption<RouteTable>>,
-        client: UpstreamClient,
-        config: ServerConfig,
-    ) -> Self {
-        Proxy {
-            tables,
-            client,
-            config,
-        }
+    /// A proxy serving from `tables`.
+    pub fn new(tables: Arc<ArcSwapOption<RouteTable>>, config: ServerConfig) -> Self {
+        Proxy { tables, config }
     }
 
     /// Handles one request. Never fails: every problem becomes a Kanali error response.
@@ -102,7 +92,7 @@ impl Proxy {
                 }
                 Action::Proxy(upstream) => {
                     let target = upstream_path(&route.path, &route.target_path, path);
-                    match upstream_uri(upstream, &target, req.uri().query()) {
+                    match origin_form(&target, req.uri().query()) {
                         Some(uri) => (upstream.clone(), uri),
                         None => return ErrorCode::Upstream.response(),
                     }
@@ -139,7 +129,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, body);
 
-        match tokio::time::timeout(self.config.upstream_timeout, self.client.request(request)).await
+        match tokio::time::timeout(self.config.upstream_timeout, upstream.pool.send(request)).await
         {
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
@@ -170,17 +160,19 @@ fn request_host_parts<'a>(uri: &'a Uri, headers: &'a http::HeaderMap) -> Option<
         .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
-fn upstream_uri(upstream: &Upstream, path: &str, query: Option<&str>) -> Option<Uri> {
+/// The request target sent upstream: `path[?query]`, the query exactly as the client sent it.
+fn origin_form(path: &str, query: Option<&str>) -> Option<Uri> {
     let path_and_query = match query {
-        Some(q) => format!("{path}?{q}"),
+        Some(q) => {
+            let mut pq = String::with_capacity(path.len() + q.len() + 1);
+            pq.push_str(path);
+            pq.push('?');
+            pq.push_str(q);
+            pq
+        }
         None => path.to_owned(),
     };
-    Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .ok()
+    Uri::try_from(path_and_query).ok()
 }
 
 /// A random UUID v4. Not cryptographic (it needs to be unique, not unguessable), so a fast

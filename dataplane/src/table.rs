@@ -1,12 +1,15 @@
 //! A snapshot turned into what the request path needs: an immutable routing table. Built once
 //! per snapshot, off the request path; the hot path never touches protobuf.
 
+use std::sync::Arc;
+
 use http::uri::{Authority, Scheme};
 use kanali_proto::v1 as pb;
 
 use crate::errors::ErrorCode;
 use crate::mock::MockTable;
 use crate::router::{Router, RouterBuilder};
+use crate::upstream::{HostPool, Upstreams};
 
 /// The resource a route came from, for logs and NACKs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,8 +51,10 @@ pub enum Action {
 pub struct Upstream {
     /// `http` or `https`.
     pub scheme: Scheme,
-    /// `host[:port]`.
+    /// `host[:port]` dialled (the client's Host header is what the upstream sees).
     pub authority: Authority,
+    /// Connections to it, shared with every other route and table that uses it.
+    pub pool: Arc<HostPool>,
 }
 
 /// The routing table of one snapshot.
@@ -73,7 +78,10 @@ pub struct ApplyError {
 impl RouteTable {
     /// Builds a table, or every reason it cannot be built (the proxy NACKs and keeps serving
     /// the previous one).
-    pub fn build(snapshot: &pb::Snapshot) -> Result<RouteTable, Vec<ApplyError>> {
+    pub fn build(
+        snapshot: &pb::Snapshot,
+        upstreams: &Upstreams,
+    ) -> Result<RouteTable, Vec<ApplyError>> {
         let mut builder = RouterBuilder::new();
         let mut errors = Vec::new();
         for route in &snapshot.routes {
@@ -81,7 +89,7 @@ impl RouteTable {
                 resource: route.source.clone(),
                 message,
             };
-            let action = match action(route) {
+            let action = match action(route, upstreams) {
                 Ok(a) => a,
                 Err(message) => {
                     errors.push(fail(message));
@@ -123,7 +131,7 @@ impl RouteTable {
     }
 }
 
-fn action(route: &pb::Route) -> Result<Action, String> {
+fn action(route: &pb::Route, upstreams: &Upstreams) -> Result<Action, String> {
     use pb::route::Backend;
     let upstream = |scheme: &str, authority: &str| -> Result<Action, String> {
         let scheme = match scheme {
@@ -131,10 +139,15 @@ fn action(route: &pb::Route) -> Result<Action, String> {
             "https" => Scheme::HTTPS,
             other => return Err(format!("unsupported upstream scheme {other:?}")),
         };
-        let authority = authority
+        let authority: Authority = authority
             .parse()
             .map_err(|e| format!("invalid upstream authority {authority:?}: {e}"))?;
-        Ok(Action::Proxy(Upstream { scheme, authority }))
+        let pool = upstreams.pool(&scheme, &authority);
+        Ok(Action::Proxy(Upstream {
+            scheme,
+            authority,
+            pool,
+        }))
     };
     if !route.path.starts_with('/') || !route.target_path.starts_with('/') {
         return Err(format!(

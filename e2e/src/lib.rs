@@ -24,6 +24,8 @@ pub struct Echo {
     pub addr: SocketAddr,
     /// Requests answered so far.
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted so far (to prove a proxy reuses them).
+    pub connections: Arc<AtomicUsize>,
     /// `GET /stream` sends its first chunk, then waits for this before sending the second.
     pub release: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -41,14 +43,16 @@ pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let hits = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Notify::new());
     let name: Arc<str> = Arc::from(name);
-    let (h, r) = (hits.clone(), release.clone());
+    let (h, r, c) = (hits.clone(), release.clone(), connections.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            c.fetch_add(1, Ordering::Relaxed);
             let (hits, release, name) = (h.clone(), r.clone(), name.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
@@ -64,6 +68,7 @@ pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
     Ok(Echo {
         addr,
         hits,
+        connections,
         release,
         task,
     })
@@ -118,6 +123,11 @@ async fn answer(
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    if parts.headers.contains_key("x-echo-close") {
+        // Ends the connection after this response, like a server whose keep-alive expired.
+        resp.headers_mut()
+            .insert("connection", http::HeaderValue::from_static("close"));
+    }
     if let Some(status) = parts
         .headers
         .get("x-echo-status")

@@ -620,3 +620,49 @@ async fn malformed_and_oversized_requests_get_400_and_431() {
     // The proxy is still fine afterwards.
     assert_eq!(get(p, "/api/ok").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_and_reused() {
+    let env = Env::start().await;
+    let p = env.proxies[0].addr;
+    let before = env
+        .echo
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for i in 0..30 {
+        assert_eq!(get(p, &format!("/api/seq/{i}")).await.status, 200);
+    }
+    let used = env
+        .echo
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert!(
+        used <= 1,
+        "30 sequential requests opened {used} upstream connections"
+    );
+
+    // An upstream that closes its connection after a response: the next request gets a
+    // fresh connection and still succeeds.
+    let close = Request::get("/api/bye")
+        .header("x-echo-close", "1")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(p, close).await.status, 200);
+    let closed_at = env
+        .echo
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..3 {
+        assert_eq!(get(p, "/api/after").await.status, 200);
+    }
+    let reopened = env
+        .echo
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - closed_at;
+    assert_eq!(
+        reopened, 1,
+        "one new connection after the upstream closed the old one"
+    );
+}

@@ -53,6 +53,11 @@ struct Args {
     log_json: bool,
 }
 
+// The request path allocates small, short-lived objects at a high rate (headers, futures);
+// mimalloc's thread-local free lists make that measurably cheaper than glibc malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)?;
@@ -65,11 +70,18 @@ fn main() -> anyhow::Result<()> {
         logs.init()
     }
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        anyhow::ensure!(n > 0, "--worker-threads must be at least 1");
-        runtime.worker_threads(n);
-    }
+    // One worker: a current-thread runtime, which skips the work-stealing scheduler's
+    // cross-thread bookkeeping (measurably faster when pinned to one core).
+    let mut runtime = match args.worker_threads {
+        Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all().build()?.block_on(run(args))
 }
 
