@@ -7,9 +7,11 @@
 
 pub mod admin;
 pub mod compile;
+pub mod lease;
 pub mod serve;
 pub mod source;
 pub mod state;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -94,6 +96,51 @@ fn publish(shared: &Shared, scan: Scan) {
     shared.publish(compiled, scan.errors, scan.ignored);
 }
 
+/// Binds the gRPC and admin listeners and serves them until shutdown.
+async fn serve_all(
+    shared: &Arc<Shared>,
+    grpc_listen: SocketAddr,
+    admin_listen: SocketAddr,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(SocketAddr, SocketAddr, Vec<JoinHandle<()>>), StartError> {
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let grpc = bind("gRPC", grpc_listen).await?;
+    let admin = bind("admin", admin_listen).await?;
+    let local = |l: &TcpListener, what, addr| {
+        l.local_addr()
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let grpc_addr = local(&grpc, "gRPC", grpc_listen)?;
+    let admin_addr = local(&admin, "admin", admin_listen)?;
+    let mut tasks = vec![tokio::spawn(admin::serve(
+        admin,
+        shared.clone(),
+        shutdown.clone(),
+    ))];
+    let service = serve::SnapshotServer::new(shared.clone(), shutdown.clone());
+    let mut stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(grpc);
+        let result = tonic::transport::Server::builder()
+            // Proxies hold one stream for hours: keepalives notice a vanished proxy.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+    Ok((grpc_addr, admin_addr, tasks))
+}
+
 /// Starts standalone mode: reads the manifests directory, compiles it, serves proxies, and
 /// recompiles whenever a file changes.
 pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, StartError> {
@@ -105,52 +152,21 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
     let shared = Arc::new(Shared::default());
     publish(&shared, scan);
 
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
-    };
-    let grpc = bind("gRPC", config.grpc_listen).await?;
-    let admin = bind("admin", config.admin_listen).await?;
-    let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind {
-        what: "gRPC",
-        addr: config.grpc_listen,
-        source,
-    })?;
-    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
-        what: "admin",
-        addr: config.admin_listen,
-        source,
-    })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-
-    let mut tasks = Vec::new();
+    let (grpc_addr, admin_addr, mut tasks) = serve_all(
+        &shared,
+        config.grpc_listen,
+        config.admin_listen,
+        &shutdown_rx,
+    )
+    .await?;
     let watch_shared = shared.clone();
     tasks.push(tokio::spawn(source::watch::watch_dir(
         source,
         config.debounce,
         move |scan| publish(&watch_shared, scan),
-        shutdown_rx.clone(),
+        shutdown_rx,
     )));
-    tasks.push(tokio::spawn(admin::serve(
-        admin,
-        shared.clone(),
-        shutdown_rx.clone(),
-    )));
-    let service = serve::SnapshotServer::new(shared.clone(), shutdown_rx.clone());
-    let mut stop = shutdown_rx;
-    tasks.push(tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(grpc);
-        let result = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
     tracing::info!(%grpc_addr, %admin_addr, dir = %config.manifests.display(), "controller running in standalone mode");
     Ok(Controller {
         grpc_addr,
@@ -159,4 +175,107 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         shutdown,
         tasks,
     })
+}
+
+/// Settings for cluster mode.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Only watch this namespace (ApiKeys are cluster-scoped and always watched).
+    pub namespace: Option<String>,
+    /// gRPC listen address for proxies.
+    pub grpc_listen: SocketAddr,
+    /// Admin HTTP listen address.
+    pub admin_listen: SocketAddr,
+    /// Leader election (only the leader writes status).
+    pub lease: lease::LeaseConfig,
+    /// Event debouncing: compile once events stop for `quiet`, at most `max_delay` after the
+    /// first.
+    pub debounce: Debounce,
+}
+
+/// Starts cluster mode: watches the API server, compiles on every (debounced) change, serves
+/// proxies, campaigns for the Lease and, while holding it, writes status.
+pub async fn start_cluster(
+    client: kube::Client,
+    config: ClusterConfig,
+) -> Result<Controller, StartError> {
+    let shared = Arc::new(Shared::default());
+    let cache = Arc::new(source::kube::Cache::default());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks =
+        source::kube::spawn_watchers(&client, config.namespace.as_deref(), &cache, &shutdown_rx);
+    let (grpc_addr, admin_addr, served) = serve_all(
+        &shared,
+        config.grpc_listen,
+        config.admin_listen,
+        &shutdown_rx,
+    )
+    .await?;
+    tasks.extend(served);
+    tasks.push(tokio::spawn(compile_loop(
+        cache.clone(),
+        shared.clone(),
+        config.debounce,
+        shutdown_rx.clone(),
+    )));
+    let (leader, leader_rx) = watch::channel(false);
+    tasks.push(tokio::spawn(lease::run(
+        client.clone(),
+        config.lease.clone(),
+        leader,
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(status::run_writer(
+        client,
+        cache,
+        shared.clone(),
+        leader_rx,
+        shutdown_rx,
+    )));
+    tracing::info!(%grpc_addr, %admin_addr, namespace = ?config.namespace, identity = %config.lease.identity,
+        "controller running in cluster mode");
+    Ok(Controller {
+        grpc_addr,
+        admin_addr,
+        shared,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn compile_loop(
+    cache: Arc<source::kube::Cache>,
+    shared: Arc<Shared>,
+    debounce: Debounce,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // No snapshot before every kind is listed: a half-listed cluster would look like
+    // missing MockTargets and Services, and proxies would serve errors for them.
+    while !cache.synced() {
+        tokio::select! {
+            () = cache.changed.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+    loop {
+        publish(
+            &shared,
+            Scan {
+                objects: cache.objects(),
+                ..Scan::default()
+            },
+        );
+        tokio::select! {
+            () = cache.changed.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let deadline = tokio::time::Instant::now() + debounce.max_delay;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(debounce.quiet) => break,
+                () = tokio::time::sleep_until(deadline) => break,
+                () = cache.changed.notified() => {}
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! What the controller knows right now: the newest snapshot (published to proxies), the
 //! diagnostics that came with it, problems with the sources, and what each proxy applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -9,7 +9,7 @@ use kanali_proto::v1 as pb;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::compile::{Compiled, Diagnostic};
+use crate::compile::{Compiled, Diagnostic, ObjectRef};
 use crate::source::file::FileError;
 
 /// One proxy's view, as reported over its stream.
@@ -65,11 +65,20 @@ pub struct ObjectStatus {
     pub ready: bool,
 }
 
-/// Shared between the source loop, the gRPC server and the admin server.
+/// Which generation of each object a snapshot version was compiled from.
+pub type Generations = HashMap<ObjectRef, Option<i64>>;
+
+/// How many recent versions to remember generations for: enough for proxies that lag a few
+/// snapshots behind, small enough not to matter.
+const HISTORY: usize = 32;
+
+/// Shared between the source loop, the gRPC server, the admin server and the status writer.
 #[derive(Debug)]
 pub struct Shared {
     snapshots: watch::Sender<Option<Arc<pb::Snapshot>>>,
     status: Mutex<StatusView>,
+    history: Mutex<VecDeque<(String, Arc<Generations>)>>,
+    changes: watch::Sender<u64>,
 }
 
 impl Default for Shared {
@@ -77,6 +86,8 @@ impl Default for Shared {
         Shared {
             snapshots: watch::Sender::new(None),
             status: Mutex::new(StatusView::default()),
+            history: Mutex::new(VecDeque::new()),
+            changes: watch::Sender::new(0),
         }
     }
 }
@@ -85,6 +96,21 @@ impl Shared {
     /// Publishes a compile result. Proxies are only sent a snapshot when its version changed.
     pub fn publish(&self, compiled: Compiled, source_errors: Vec<FileError>, ignored: Vec<String>) {
         let version = compiled.snapshot.version.clone();
+        let generations: Generations = compiled
+            .diagnostics
+            .iter()
+            .map(|d| (d.object.clone(), d.generation))
+            .collect();
+        {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            // The same content can be compiled from newer generations (e.g. a no-op edit):
+            // the newest generations win for that version.
+            history.retain(|(v, _)| *v != version);
+            history.push_back((version.clone(), Arc::new(generations)));
+            while history.len() > HISTORY {
+                history.pop_front();
+            }
+        }
         {
             let mut status = self.status();
             status.version = version.clone();
@@ -110,6 +136,22 @@ impl Shared {
         if changed {
             tracing::info!(%version, "new snapshot");
         }
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// The generations a version was compiled from, if it is recent enough to be remembered.
+    pub fn generations(&self, version: &str) -> Option<Arc<Generations>> {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history
+            .iter()
+            .rev()
+            .find(|(v, _)| v == version)
+            .map(|(_, g)| g.clone())
+    }
+
+    /// Ticks whenever diagnostics or a proxy's state changed (for the status writer).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Receiver of the newest snapshot, for one proxy stream.
@@ -136,5 +178,7 @@ impl Shared {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         f(proxy);
+        drop(status);
+        self.changes.send_modify(|n| *n += 1);
     }
 }

@@ -47,45 +47,86 @@ pub async fn run(
     upstreams: Arc<Upstreams>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if config.controllers.is_empty() {
+        tracing::error!("no controller configured");
+        return;
+    }
     let mut failures: u32 = 0;
-    let mut next = 0usize;
     loop {
-        let Some(url) = config
-            .controllers
-            .get(next % config.controllers.len().max(1))
-        else {
-            tracing::error!("no controller configured");
-            return;
-        };
-        next = next.wrapping_add(1);
-        let mut received = false;
-        let result = tokio::select! {
-            r = subscribe(url, &config.proxy_id, &tables, &upstreams, &mut received) => r,
-            () = crate::stopped(&mut shutdown) => return,
-        };
-        if received {
-            // The stream worked: start the backoff over and stay with this controller.
-            failures = 0;
-            next = next.wrapping_sub(1);
+        // Every round re-resolves and reshuffles the controllers, so a fleet of proxies
+        // spreads over the replicas again after one of them went away.
+        for url in candidates(&config.controllers).await {
+            let mut received = false;
+            let result = tokio::select! {
+                r = subscribe(&url, &config.proxy_id, &tables, &upstreams, &mut received) => r,
+                () = crate::stopped(&mut shutdown) => return,
+            };
+            let error = match result {
+                Ok(()) => StreamError::Closed,
+                Err(e) => e,
+            };
+            let serving = tables
+                .load()
+                .as_ref()
+                .map(|t| t.version.clone())
+                .unwrap_or_default();
+            tracing::warn!(controller = %url, %error, serving = %serving,
+                "controller stream lost or unavailable; serving the last applied snapshot");
+            if received {
+                // That stream worked: start the backoff over.
+                failures = 0;
+                break;
+            }
         }
-        let error = match result {
-            Ok(()) => StreamError::Closed,
-            Err(e) => e,
-        };
         let delay = backoff(failures, config.min_backoff, config.max_backoff);
         failures = failures.saturating_add(1);
-        let serving = tables
-            .load()
-            .as_ref()
-            .map(|t| t.version.clone())
-            .unwrap_or_default();
-        tracing::warn!(controller = %url, %error, retry_in = ?delay, serving = %serving,
-            "controller stream lost; serving the last applied snapshot");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = crate::stopped(&mut shutdown) => return,
         }
     }
+}
+
+/// The controller URLs to try, in random order: each configured URL, or, for a host name,
+/// one URL per address it resolves to (a headless Service names every replica).
+async fn candidates(urls: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for url in urls {
+        let Ok(uri) = url.parse::<http::Uri>() else {
+            out.push(url.clone());
+            continue;
+        };
+        let (Some(host), Some(scheme)) = (uri.host(), uri.scheme_str()) else {
+            out.push(url.clone());
+            continue;
+        };
+        if host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+        {
+            out.push(url.clone());
+            continue;
+        }
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        match tokio::net::lookup_host((host, port)).await {
+            Ok(addrs) => {
+                let before = out.len();
+                out.extend(addrs.map(|a| format!("{scheme}://{a}")));
+                if out.len() == before {
+                    out.push(url.clone());
+                }
+            }
+            // Let the connect attempt report it, with the URL as configured.
+            Err(_) => out.push(url.clone()),
+        }
+    }
+    out.dedup();
+    fastrand::shuffle(&mut out);
+    out
 }
 
 /// Exponential backoff with "equal jitter": uniform in [cap/2, cap] with cap = min(max,
@@ -190,6 +231,23 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn candidates_expand_host_names_and_keep_addresses() {
+        let got = candidates(&[
+            "http://127.0.0.1:9443".into(),
+            "http://localhost:9444".into(),
+        ])
+        .await;
+        assert!(got.contains(&"http://127.0.0.1:9443".to_owned()), "{got:?}");
+        assert!(
+            got.iter()
+                .any(|u| u.ends_with(":9444") && !u.contains("localhost")),
+            "{got:?}"
+        );
+        let bad = candidates(&["not a url".into()]).await;
+        assert_eq!(bad, ["not a url"]);
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {

@@ -666,3 +666,56 @@ async fn upstream_connections_are_pooled_and_reused() {
         "one new connection after the upstream closed the old one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_fails_over_between_controller_replicas() {
+    let echo = start_echo(ANY.parse().unwrap(), "echo").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.yaml"), manifests(echo.addr, "/api")).unwrap();
+    let a = controller(dir.path(), ANY.parse().unwrap()).await;
+    let b = controller(dir.path(), ANY.parse().unwrap()).await;
+    let version = a.shared.snapshot().unwrap().version.clone();
+    assert_eq!(
+        b.shared.snapshot().unwrap().version,
+        version,
+        "replicas compile the same version"
+    );
+
+    let p = kanali_dataplane::start(ProxyConfig {
+        listen: ANY.parse().unwrap(),
+        admin_listen: ANY.parse().unwrap(),
+        client: ClientConfig {
+            controllers: vec![
+                format!("http://{}", a.grpc_addr),
+                format!("http://{}", b.grpc_addr),
+            ],
+            proxy_id: "roamer".into(),
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+        },
+        server: Default::default(),
+        upstream: Default::default(),
+    })
+    .await
+    .unwrap();
+    eventually(|| async { p.version().as_deref() == Some(version.as_str()) }).await;
+    let connected = |c: &Controller| {
+        c.shared
+            .status()
+            .proxies
+            .get("roamer")
+            .is_some_and(|s| s.connected)
+    };
+    eventually(|| async { connected(&a) || connected(&b) }).await;
+    let (dead, survivor) = if connected(&a) { (a, b) } else { (b, a) };
+
+    dead.shutdown().await;
+    eventually(|| async { connected(&survivor) }).await;
+    // The survivor's edits reach the proxy.
+    std::fs::write(
+        dir.path().join("routes.yaml"),
+        manifests(echo.addr, "/after"),
+    )
+    .unwrap();
+    eventually(|| async { get(p.addr, "/after/x").await.status == 200 }).await;
+}

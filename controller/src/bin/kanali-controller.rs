@@ -5,8 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use std::time::Duration;
+
+use kanali_controller::lease::LeaseConfig;
 use kanali_controller::source::watch::Debounce;
-use kanali_controller::{StandaloneConfig, start_standalone};
+use kanali_controller::{ClusterConfig, StandaloneConfig, start_cluster, start_standalone};
 
 /// Kanali controller.
 #[derive(Debug, Parser)]
@@ -22,6 +25,19 @@ struct Args {
     /// Address of the admin server (/status, /healthz, /readyz).
     #[arg(long, env = "KANALI_ADMIN_LISTEN", default_value = "127.0.0.1:9080")]
     admin_listen: SocketAddr,
+    /// Cluster mode: only watch this namespace (default: all). ApiKeys are cluster-scoped and
+    /// always watched.
+    #[arg(long, env = "KANALI_NAMESPACE")]
+    namespace: Option<String>,
+    /// Cluster mode: identity in the leader Lease (default: $POD_NAME, else the host name).
+    #[arg(long, env = "KANALI_IDENTITY")]
+    identity: Option<String>,
+    /// Cluster mode: namespace of the leader Lease (default: $POD_NAMESPACE, else kanali-system).
+    #[arg(long, env = "KANALI_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Cluster mode: seconds a leader's Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_secs: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `kanali_controller=debug`.
     #[arg(long, env = "KANALI_LOG", default_value = "info")]
     log: String,
@@ -34,16 +50,58 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log, args.log_json)?;
-    let Some(manifests) = args.manifests else {
-        anyhow::bail!("cluster mode is not available yet: pass --manifests DIR to run standalone");
+    let controller = match args.manifests {
+        Some(manifests) => {
+            start_standalone(StandaloneConfig {
+                manifests,
+                grpc_listen: args.grpc_listen,
+                admin_listen: args.admin_listen,
+                debounce: Debounce::default(),
+            })
+            .await?
+        }
+        None => {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!("cannot reach Kubernetes ({e}); set KUBECONFIG, run in a pod, or pass --manifests DIR for standalone mode")
+            })?;
+            let identity = args
+                .identity
+                .or_else(|| std::env::var("POD_NAME").ok())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_owned())
+                })
+                .unwrap_or_else(|| format!("kanali-controller-{}", std::process::id()));
+            let lease_namespace = args
+                .lease_namespace
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "kanali-system".to_owned());
+            let duration = Duration::from_secs(args.lease_duration_secs.max(2));
+            start_cluster(
+                client,
+                ClusterConfig {
+                    namespace: args.namespace,
+                    grpc_listen: args.grpc_listen,
+                    admin_listen: args.admin_listen,
+                    lease: LeaseConfig {
+                        name: "kanali-controller".to_owned(),
+                        namespace: lease_namespace,
+                        identity,
+                        duration,
+                        renew_every: duration / 3,
+                    },
+                    debounce: Debounce {
+                        quiet: Duration::from_millis(20),
+                        max_delay: Duration::from_millis(100),
+                        resync: Duration::from_secs(300),
+                    },
+                },
+            )
+            .await?
+        }
     };
-    let controller = start_standalone(StandaloneConfig {
-        manifests,
-        grpc_listen: args.grpc_listen,
-        admin_listen: args.admin_listen,
-        debounce: Debounce::default(),
-    })
-    .await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     controller.shutdown().await;

@@ -39,6 +39,20 @@ pub struct Objects {
     pub secrets: Vec<Secret>,
     /// Services that may be used as backends.
     pub services: Vec<Service>,
+    /// Objects of the four Kanali kinds that could not even be decoded (the API server
+    /// stored something the types reject); each gets `Accepted=False`.
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// An object that failed to decode, with what is known about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undecodable {
+    /// Kind, namespace and name (from its metadata, which did decode).
+    pub object: ObjectRef,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The decode error.
+    pub error: String,
 }
 
 /// The result of one compile.
@@ -182,6 +196,21 @@ pub fn compile(objects: &Objects) -> Compiled {
         });
     }
 
+    for bad in &objects.undecodable {
+        diagnostics.push(Diagnostic {
+            object: bad.object.clone(),
+            generation: bad.generation,
+            conditions: vec![Condition::failed(
+                condition::ACCEPTED,
+                "Invalid",
+                format!(
+                    "the object does not match the kanali.io/v2 schema: {}",
+                    bad.error
+                ),
+            )],
+            backend: None,
+        });
+    }
     diagnostics.sort_by(|a, b| a.object.cmp(&b.object));
     let snapshot = seal(routes);
     Compiled {

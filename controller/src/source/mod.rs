@@ -1,4 +1,5 @@
 //! Where objects come from: a manifests directory (standalone mode) or the cluster (issue #3).
 
 pub mod file;
+pub mod kube;
 pub mod watch;

@@ -34,6 +34,7 @@ fn sample() -> Objects {
         ],
         secrets: Vec::new(),
         services: vec![mk_service("a", "svc")],
+        undecodable: Vec::new(),
     }
 }
 

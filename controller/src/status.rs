@@ -1,0 +1,354 @@
+//! Status conditions on the resources: computing them (pure) and writing them (leader only).
+//!
+//! Each object gets `Accepted` and `ResolvedRefs` from compile, `Programmed` from what the
+//! connected proxies ACKed, and `Ready` summarising them, all with `observedGeneration`. The
+//! writer patches `/status` only when something other than a timestamp changed, so its own
+//! writes (which come back as watch events) never cause another write.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::compile::{Condition, Diagnostic, Kind, ObjectRef, condition};
+use crate::source::kube::Cache;
+use crate::state::{Generations, ProxyState, Shared};
+
+/// `Programmed`: did the connected proxies apply a snapshot compiled from this generation?
+pub fn programmed(
+    d: &Diagnostic,
+    proxies: &BTreeMap<String, ProxyState>,
+    generations_of: impl Fn(&str) -> Option<Arc<Generations>>,
+) -> Condition {
+    if d.condition(condition::ACCEPTED).is_some_and(|c| !c.status) {
+        return Condition::failed(
+            condition::PROGRAMMED,
+            "NotAccepted",
+            "not accepted, so not sent to proxies",
+        );
+    }
+    let connected: Vec<(&String, &ProxyState)> =
+        proxies.iter().filter(|(_, p)| p.connected).collect();
+    if connected.is_empty() {
+        return Condition::failed(
+            condition::PROGRAMMED,
+            "NoProxies",
+            "no proxy is connected to the controller",
+        );
+    }
+    let name = |o: &ObjectRef| match &o.namespace {
+        Some(ns) => format!("{} {ns}/{}", o.kind.as_str(), o.name),
+        None => format!("{} {}", o.kind.as_str(), o.name),
+    };
+    let me = name(&d.object);
+    let mut applied = 0;
+    for (id, p) in &connected {
+        if let Some(r) = &p.rejected
+            && let Some(err) = r.errors.iter().find(|e| e.starts_with(&format!("{me}:")))
+        {
+            return Condition::failed(
+                condition::PROGRAMMED,
+                "Rejected",
+                format!("proxy {id} rejected it: {err}"),
+            );
+        }
+        let has = p
+            .applied_version
+            .as_deref()
+            .and_then(&generations_of)
+            .is_some_and(|g| g.get(&d.object) == Some(&d.generation));
+        if has {
+            applied += 1;
+        }
+    }
+    let m = connected.len();
+    let message = format!(
+        "{applied} of {m} connected proxies applied generation {}",
+        d.generation.unwrap_or(0)
+    );
+    if applied == m {
+        Condition::ok(condition::PROGRAMMED, "Programmed", message)
+    } else {
+        Condition::failed(condition::PROGRAMMED, "Pending", message)
+    }
+}
+
+/// The `status` an object should have. `current` is what the API server has, used to keep
+/// `lastTransitionTime` when a condition's status did not change; `now` is RFC 3339.
+pub fn desired(d: &Diagnostic, programmed: Condition, current: Option<&Value>, now: &str) -> Value {
+    let mut conditions: Vec<&Condition> = d.conditions.iter().collect();
+    conditions.push(&programmed);
+    let ready = {
+        let mut all = d.clone();
+        all.conditions.push(programmed.clone());
+        all.ready()
+    };
+    conditions.push(&ready);
+    let current_conditions = current
+        .and_then(|c| c.get("conditions"))
+        .and_then(Value::as_array);
+    let rendered: Vec<Value> = conditions
+        .into_iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" };
+            let since = current_conditions
+                .and_then(|cs| {
+                    cs.iter()
+                        .find(|x| x["type"] == c.type_ && x["status"] == status)
+                })
+                .and_then(|x| x["lastTransitionTime"].as_str())
+                .unwrap_or(now);
+            json!({
+                "type": c.type_,
+                "status": status,
+                "reason": c.reason,
+                "message": c.message,
+                "observedGeneration": d.generation.unwrap_or(0),
+                "lastTransitionTime": since,
+            })
+        })
+        .collect();
+    let mut status =
+        json!({ "observedGeneration": d.generation.unwrap_or(0), "conditions": rendered });
+    if let Some(backend) = &d.backend {
+        status["backend"] = json!(backend);
+    }
+    status
+}
+
+/// Whether `desired` says something `current` does not (timestamps aside).
+pub fn differs(desired: &Value, current: Option<&Value>) -> bool {
+    fn strip(v: &Value) -> Value {
+        let mut v = v.clone();
+        if let Some(cs) = v.get_mut("conditions").and_then(Value::as_array_mut) {
+            for c in cs.iter_mut() {
+                if let Some(o) = c.as_object_mut() {
+                    o.remove("lastTransitionTime");
+                }
+            }
+        }
+        v
+    }
+    match current {
+        Some(c) if !c.is_null() => strip(desired) != strip(c),
+        _ => true,
+    }
+}
+
+fn rfc3339_now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// Writes status while `leader` is true, after every change to diagnostics or proxy state.
+pub async fn run_writer(
+    client: Client,
+    cache: Arc<Cache>,
+    shared: Arc<Shared>,
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = shared.changes();
+    loop {
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = leader.changed() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        // Coalesce bursts (a compile is followed by ACKs from every proxy within ms).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        changes.borrow_and_update();
+        if !*leader.borrow_and_update() {
+            continue;
+        }
+        let (objects, proxies) = {
+            let view = shared.status();
+            (view.objects.clone(), view.proxies.clone())
+        };
+        let now = rfc3339_now();
+        for o in objects {
+            if !*leader.borrow() {
+                break;
+            }
+            let d = &o.diagnostic;
+            let current = cache.status_of(&d.object);
+            let p = programmed(d, &proxies, |v| shared.generations(v));
+            let want = desired(d, p, current.as_ref(), &now);
+            if !differs(&want, current.as_ref()) {
+                continue;
+            }
+            if let Err(error) = patch(&client, &d.object, want).await {
+                tracing::warn!(object = %d.object, %error, "status patch failed; will retry on the next change");
+            }
+        }
+    }
+}
+
+async fn patch(client: &Client, object: &ObjectRef, status: Value) -> Result<(), kube::Error> {
+    async fn one<K>(api: Api<K>, name: &str, status: Value) -> Result<(), kube::Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let patch = Patch::Merge(json!({ "status": status }));
+        match api
+            .patch_status(name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Deleted meanwhile: nothing to report on.
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    let ns = object.namespace.as_deref().unwrap_or("default");
+    let c = client.clone();
+    match object.kind {
+        Kind::ApiProxy => one(Api::<ApiProxy>::namespaced(c, ns), &object.name, status).await,
+        Kind::MockTarget => one(Api::<MockTarget>::namespaced(c, ns), &object.name, status).await,
+        Kind::ApiKeyBinding => {
+            one(
+                Api::<ApiKeyBinding>::namespaced(c, ns),
+                &object.name,
+                status,
+            )
+            .await
+        }
+        Kind::ApiKey => one(Api::<ApiKey>::all(c), &object.name, status).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Rejection;
+
+    fn diag(generation: i64, ok: bool) -> Diagnostic {
+        Diagnostic {
+            object: ObjectRef {
+                kind: Kind::ApiProxy,
+                namespace: Some("ns".into()),
+                name: "p".into(),
+            },
+            generation: Some(generation),
+            conditions: vec![
+                Condition::ok(condition::ACCEPTED, "Accepted", "ok"),
+                if ok {
+                    Condition::ok(condition::RESOLVED_REFS, "ResolvedRefs", "ok")
+                } else {
+                    Condition::failed(
+                        condition::RESOLVED_REFS,
+                        "MockTargetNotFound",
+                        "requests get error 02",
+                    )
+                },
+            ],
+            backend: Some("mock:m".into()),
+        }
+    }
+
+    fn proxy(version: Option<&str>, connected: bool) -> ProxyState {
+        ProxyState {
+            connected,
+            streams: 1,
+            applied_version: version.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    fn history(version: &str, generation: i64) -> impl Fn(&str) -> Option<Arc<Generations>> {
+        let d = diag(generation, true);
+        let mut g = Generations::new();
+        g.insert(d.object, Some(generation));
+        let version = version.to_owned();
+        let g = Arc::new(g);
+        move |v| (v == version).then(|| g.clone())
+    }
+
+    #[test]
+    fn programmed_counts_proxies_that_applied_this_generation() {
+        let mut proxies = BTreeMap::new();
+        proxies.insert("a".to_owned(), proxy(Some("v2"), true));
+        proxies.insert("b".to_owned(), proxy(Some("v1"), true));
+        proxies.insert("gone".to_owned(), proxy(Some("v1"), false));
+        let c = programmed(&diag(2, true), &proxies, history("v2", 2));
+        assert_eq!((c.status, c.reason.as_str()), (false, "Pending"));
+        assert_eq!(c.message, "1 of 2 connected proxies applied generation 2");
+        proxies.get_mut("b").unwrap().applied_version = Some("v2".into());
+        let c = programmed(&diag(2, true), &proxies, history("v2", 2));
+        assert_eq!((c.status, c.reason.as_str()), (true, "Programmed"));
+        // An older generation in the applied snapshot does not count.
+        let c = programmed(&diag(3, true), &proxies, history("v2", 2));
+        assert_eq!(c.reason, "Pending");
+    }
+
+    #[test]
+    fn programmed_reports_nacks_and_missing_proxies() {
+        let mut proxies = BTreeMap::new();
+        assert_eq!(
+            programmed(&diag(1, true), &proxies, |_| None).reason,
+            "NoProxies"
+        );
+        let mut p = proxy(None, true);
+        p.rejected = Some(Rejection {
+            version: "v1".into(),
+            errors: vec!["ApiProxy ns/p: bad header".into()],
+        });
+        proxies.insert("a".to_owned(), p);
+        let c = programmed(&diag(1, true), &proxies, |_| None);
+        assert_eq!(
+            (c.reason.as_str(), c.message.as_str()),
+            ("Rejected", "proxy a rejected it: ApiProxy ns/p: bad header")
+        );
+    }
+
+    #[test]
+    fn desired_status_keeps_transition_times_and_only_differs_on_content() {
+        let p = Condition::ok(condition::PROGRAMMED, "Programmed", "1 of 1");
+        let first = desired(&diag(4, false), p.clone(), None, "2026-01-01T00:00:00Z");
+        assert_eq!(first["observedGeneration"], 4);
+        assert_eq!(first["backend"], "mock:m");
+        let types: Vec<&str> = first["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Accepted", "ResolvedRefs", "Programmed", "Ready"]);
+        let ready = &first["conditions"][3];
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("False"), Some("MockTargetNotFound"))
+        );
+        assert_eq!(ready["observedGeneration"], 4);
+
+        // Same content later: same transition times, and no patch needed.
+        let again = desired(
+            &diag(4, false),
+            p.clone(),
+            Some(&first),
+            "2026-01-01T00:05:00Z",
+        );
+        assert_eq!(again, first);
+        assert!(!differs(&again, Some(&first)));
+
+        // ResolvedRefs flips: its time (and Ready's) moves, Accepted's stays.
+        let fixed = desired(&diag(4, true), p, Some(&first), "2026-01-01T00:09:00Z");
+        assert!(differs(&fixed, Some(&first)));
+        assert_eq!(
+            fixed["conditions"][0]["lastTransitionTime"],
+            "2026-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            fixed["conditions"][1]["lastTransitionTime"],
+            "2026-01-01T00:09:00Z"
+        );
+        assert_eq!(fixed["conditions"][3]["status"], "True");
+        assert!(differs(&fixed, None));
+    }
+}
