@@ -48,12 +48,33 @@ Regenerate: cargo run -p kanali-crds --bin kanali-crdgen";
 /// The four Kanali CustomResourceDefinitions (`apiextensions.k8s.io/v1`), in a fixed order:
 /// ApiProxy, MockTarget, ApiKey, ApiKeyBinding.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![
+    let mut crds = vec![
         ApiProxy::crd(),
         MockTarget::crd(),
         ApiKey::crd(),
         ApiKeyBinding::crd(),
-    ]
+    ];
+    for crd in &mut crds {
+        drop_status_nullable(crd);
+    }
+    crds
+}
+
+/// kube-derive marks `status` nullable. API servers before 1.22 then publish the property
+/// without its type and fields, so `kubectl explain <kind>.status` shows nothing; the
+/// controller never writes `status: null`, so the marker buys nothing.
+fn drop_status_nullable(crd: &mut CustomResourceDefinition) {
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        if let Some(status) = status {
+            status.nullable = None;
+        }
+    }
 }
 
 /// Renders one CRD as a YAML document, starting with [`GENERATED_HEADER`].
@@ -78,7 +99,7 @@ pub struct Manifest {
 }
 
 /// Everything that belongs in `manifests/crds/`: one file per CRD plus a
-/// `kustomization.yaml` that lists them.
+/// `Kustomization` file that lists them.
 pub fn manifests() -> Result<Vec<Manifest>, RenderError> {
     let mut files = Vec::new();
     for crd in crds() {
@@ -96,7 +117,9 @@ pub fn manifests() -> Result<Vec<Manifest>, RenderError> {
         kustomization.push('\n');
     }
     files.push(Manifest {
-        file_name: "kustomization.yaml".to_owned(),
+        // Not `kustomization.yaml`: `kubectl apply -f manifests/crds/` would try to apply it
+        // as an object. kustomize reads `Kustomization` as well.
+        file_name: "Kustomization".to_owned(),
         contents: kustomization,
     });
     Ok(files)
@@ -501,7 +524,7 @@ mod tests {
                 "mocktargets.kanali.io.yaml",
                 "apikeys.kanali.io.yaml",
                 "apikeybindings.kanali.io.yaml",
-                "kustomization.yaml",
+                "Kustomization",
             ]
         );
         let kustomization: Value =

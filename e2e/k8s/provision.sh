@@ -76,12 +76,12 @@ apt-get source --download-only kubernetes >"$WORK/source.log" 2>&1 \
   || { cat "$WORK/source.log" >&2; die "apt-get source kubernetes failed"; }
 # bookworm's is "1.20.5+really1.20.2" (a revert to 1.20.2, plus Debian's security patches in
 # the .debian.tar.xz, which, like the original recipe, we do not apply).
-orig=$(ls kubernetes_*"$K8S_VERSION".orig.tar.gz 2>/dev/null | head -1) \
-  || die "Debian's kubernetes source is not v$K8S_VERSION: $(ls kubernetes_* | tr '\n' ' ')"
-tar xzf "$orig"
-src=$(find . -maxdepth 1 -type d -name 'kubernetes-*' | head -1)
-[ -n "$src" ] && [ -f "$src/Makefile" ] || die "unexpected layout of $orig"
-cd "$src"
+origs=(kubernetes_*"$K8S_VERSION".orig.tar.gz)
+[ -f "${origs[0]}" ] || die "Debian's kubernetes source is not v$K8S_VERSION: $(echo kubernetes_*)"
+tar xzf "${origs[0]}"
+srcs=(kubernetes-*/)
+if [ ! -f "${srcs[0]}Makefile" ]; then die "unexpected layout of ${origs[0]}"; fi
+cd "${srcs[0]}"
 # The vendored reflect2 v1.0.1 crashes under Go >= 1.18 on the first custom-resource create;
 # Debian's reflect2 1.0.2 and json-iterator 1.1.12 fix it.
 for p in modern-go/reflect2 json-iterator/go; do
@@ -90,7 +90,7 @@ for p in modern-go/reflect2 json-iterator/go; do
 done
 # A plain `go build` wants go.mod updates (network); Kubernetes' own make in GOPATH mode works
 # offline. HOME/GOCACHE live in $WORK so nothing of the build outlives it.
-export GOPATH=$PWD/.go CGO_ENABLED=0 GOPROXY=off GOFLAGS= HOME=$WORK/home
+export GOPATH=$PWD/.go CGO_ENABLED=0 GOPROXY=off GOFLAGS='' HOME=$WORK/home
 mkdir -p .go/src/k8s.io "$HOME"; ln -sfn ../../.. .go/src/k8s.io/kubernetes
 say "building kube-apiserver and kube-controller-manager with $(go version | cut -d' ' -f3) (log: $LOG)"
 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$LOG" 2>&1 \

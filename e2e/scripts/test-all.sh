@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, the quick-start smoke test, then every unit,
-# integration and end-to-end test in the workspace. `make test` and CI (.ci/run) run this.
+# integration and end-to-end test in the workspace, including the suite against a real
+# Kubernetes API server (built once from Debian's sources and cached, then started here).
+# `make test` and CI (.ci/run) run this.
+#
+# Env: SKIP_K8S=1 runs everything but the API-server suite (its tests then skip, loudly).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 step() { printf '\n== %s\n' "$*"; }
@@ -9,8 +13,20 @@ step "rustfmt"
 cargo fmt --all -- --check
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+step "build binaries (the e2e suites run them as processes)"
+cargo build -q --bins
 step "quick start (README)"
 ./e2e/scripts/smoke-demo.sh
+
+if [ "${SKIP_K8S:-0}" != 1 ]; then
+  step "Kubernetes API server (v1.20.2; first run builds it, ~7 min)"
+  ./e2e/k8s/provision.sh
+  k8s=$(mktemp -d)
+  trap './e2e/k8s/stop.sh "$k8s" >/dev/null 2>&1 || true; rm -rf "$k8s"' EXIT
+  ./e2e/k8s/start.sh "$k8s"
+  export KANALI_E2E_KUBECONFIG=$k8s/kubeconfig REQUIRE_K8S=1
+fi
+
 step "doc tests"
 cargo test -q --workspace --doc
 step "tests"
