@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod compile;
 pub mod lease;
+pub mod peers;
 pub mod serve;
 pub mod source;
 pub mod state;
@@ -225,10 +226,22 @@ pub async fn start_cluster(
         leader,
         shutdown_rx.clone(),
     )));
+    let peers = peers::PeerConfig {
+        namespace: config.lease.namespace.clone(),
+        identity: config.lease.identity.clone(),
+        ttl: config.lease.duration,
+    };
+    tasks.push(tokio::spawn(peers::run_reporter(
+        client.clone(),
+        peers.clone(),
+        shared.clone(),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(status::run_writer(
         client,
         cache,
         shared.clone(),
+        peers,
         leader_rx,
         shutdown_rx,
     )));

@@ -13,7 +13,7 @@ use crate::compile::{Compiled, Diagnostic, ObjectRef};
 use crate::source::file::FileError;
 
 /// One proxy's view, as reported over its stream.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct ProxyState {
     /// Whether its stream is open now.
     pub connected: bool,
@@ -30,7 +30,7 @@ pub struct ProxyState {
 }
 
 /// A NACKed version with the proxy's reasons.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Rejection {
     /// The version refused.
     pub version: String,
@@ -65,19 +65,57 @@ pub struct ObjectStatus {
     pub ready: bool,
 }
 
-/// Which generation of each object a snapshot version was compiled from.
-pub type Generations = HashMap<ObjectRef, Option<i64>>;
+/// What each object compiled to in one snapshot version, as a fingerprint: its generation,
+/// its diagnostic and (for an ApiProxy) its route. A change to something an object references
+/// (a MockTarget's responses, a Service) changes the referencing object's fingerprint even
+/// though its own generation stays the same.
+pub type Fingerprints = HashMap<ObjectRef, u64>;
 
 /// How many recent versions to remember generations for: enough for proxies that lag a few
 /// snapshots behind, small enough not to matter.
 const HISTORY: usize = 32;
+
+fn fingerprints(compiled: &Compiled) -> Fingerprints {
+    use prost::Message as _;
+    use std::hash::{Hash as _, Hasher as _};
+    let routes: HashMap<(&str, &str), &pb::Route> = compiled
+        .snapshot
+        .routes
+        .iter()
+        .filter_map(|r| {
+            r.source
+                .as_ref()
+                .map(|s| ((s.namespace.as_str(), s.name.as_str()), r))
+        })
+        .collect();
+    compiled
+        .diagnostics
+        .iter()
+        .map(|d| {
+            // DefaultHasher::new() has fixed keys: equal inputs hash equally within a process,
+            // which is all the history needs.
+            let mut h = std::hash::DefaultHasher::new();
+            serde_json::to_string(d).unwrap_or_default().hash(&mut h);
+            if d.object.kind == crate::compile::Kind::ApiProxy {
+                let key = (
+                    d.object.namespace.as_deref().unwrap_or_default(),
+                    d.object.name.as_str(),
+                );
+                if let Some(route) = routes.get(&key) {
+                    route.encode_to_vec().hash(&mut h);
+                }
+            }
+            (d.object.clone(), h.finish())
+        })
+        .collect()
+}
 
 /// Shared between the source loop, the gRPC server, the admin server and the status writer.
 #[derive(Debug)]
 pub struct Shared {
     snapshots: watch::Sender<Option<Arc<pb::Snapshot>>>,
     status: Mutex<StatusView>,
-    history: Mutex<VecDeque<(String, Arc<Generations>)>>,
+    history: Mutex<VecDeque<(String, Arc<Fingerprints>)>>,
     changes: watch::Sender<u64>,
 }
 
@@ -96,17 +134,13 @@ impl Shared {
     /// Publishes a compile result. Proxies are only sent a snapshot when its version changed.
     pub fn publish(&self, compiled: Compiled, source_errors: Vec<FileError>, ignored: Vec<String>) {
         let version = compiled.snapshot.version.clone();
-        let generations: Generations = compiled
-            .diagnostics
-            .iter()
-            .map(|d| (d.object.clone(), d.generation))
-            .collect();
+        let fingerprints = fingerprints(&compiled);
         {
             let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
             // The same content can be compiled from newer generations (e.g. a no-op edit):
             // the newest generations win for that version.
             history.retain(|(v, _)| *v != version);
-            history.push_back((version.clone(), Arc::new(generations)));
+            history.push_back((version.clone(), Arc::new(fingerprints)));
             while history.len() > HISTORY {
                 history.pop_front();
             }
@@ -139,8 +173,8 @@ impl Shared {
         self.changes.send_modify(|n| *n += 1);
     }
 
-    /// The generations a version was compiled from, if it is recent enough to be remembered.
-    pub fn generations(&self, version: &str) -> Option<Arc<Generations>> {
+    /// What each object compiled to in `version`, if it is recent enough to be remembered.
+    pub fn fingerprints(&self, version: &str) -> Option<Arc<Fingerprints>> {
         let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         history
             .iter()

@@ -17,13 +17,15 @@ use tokio::sync::watch;
 
 use crate::compile::{Condition, Diagnostic, Kind, ObjectRef, condition};
 use crate::source::kube::Cache;
-use crate::state::{Generations, ProxyState, Shared};
+use crate::state::{Fingerprints, ProxyState, Shared};
 
-/// `Programmed`: did the connected proxies apply a snapshot compiled from this generation?
+/// `Programmed`: did the connected proxies apply a snapshot in which this object compiled to
+/// what it compiles to now (`current`, its fingerprint in the newest snapshot)?
 pub fn programmed(
     d: &Diagnostic,
+    current: Option<u64>,
     proxies: &BTreeMap<String, ProxyState>,
-    generations_of: impl Fn(&str) -> Option<Arc<Generations>>,
+    fingerprints_of: impl Fn(&str) -> Option<Arc<Fingerprints>>,
 ) -> Condition {
     if d.condition(condition::ACCEPTED).is_some_and(|c| !c.status) {
         return Condition::failed(
@@ -57,11 +59,11 @@ pub fn programmed(
                 format!("proxy {id} rejected it: {err}"),
             );
         }
-        let has = p
-            .applied_version
-            .as_deref()
-            .and_then(&generations_of)
-            .is_some_and(|g| g.get(&d.object) == Some(&d.generation));
+        let has = current.is_some()
+            && p.applied_version
+                .as_deref()
+                .and_then(&fingerprints_of)
+                .is_some_and(|f| f.get(&d.object).copied() == current);
         if has {
             applied += 1;
         }
@@ -151,14 +153,18 @@ pub async fn run_writer(
     client: Client,
     cache: Arc<Cache>,
     shared: Arc<Shared>,
+    peers: crate::peers::PeerConfig,
     mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = shared.changes();
+    // Other replicas' proxies change without telling us: look at their reports regularly.
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = changes.changed() => {}
             _ = leader.changed() => {}
+            _ = poll.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         // Coalesce bursts (a compile is followed by ACKs from every proxy within ms).
@@ -167,18 +173,31 @@ pub async fn run_writer(
         if !*leader.borrow_and_update() {
             continue;
         }
-        let (objects, proxies) = {
+        let (objects, mut proxies) = {
             let view = shared.status();
             (view.objects.clone(), view.proxies.clone())
         };
+        for (id, state) in crate::peers::peer_proxies(&client, &peers).await {
+            // A proxy that moved between replicas: its live stream wins over a stale entry.
+            let keep_ours = proxies
+                .get(&id)
+                .is_some_and(|ours| ours.connected && !state.connected);
+            if !keep_ours {
+                proxies.insert(id, state);
+            }
+        }
         let now = rfc3339_now();
+        let latest = shared
+            .snapshot()
+            .and_then(|s| shared.fingerprints(&s.version));
         for o in objects {
             if !*leader.borrow() {
                 break;
             }
             let d = &o.diagnostic;
             let current = cache.status_of(&d.object);
-            let p = programmed(d, &proxies, |v| shared.generations(v));
+            let fingerprint = latest.as_ref().and_then(|f| f.get(&d.object).copied());
+            let p = programmed(d, fingerprint, &proxies, |v| shared.fingerprints(v));
             let want = desired(d, p, current.as_ref(), &now);
             if !differs(&want, current.as_ref()) {
                 continue;
@@ -261,13 +280,13 @@ mod tests {
         }
     }
 
-    fn history(version: &str, generation: i64) -> impl Fn(&str) -> Option<Arc<Generations>> {
-        let d = diag(generation, true);
-        let mut g = Generations::new();
-        g.insert(d.object, Some(generation));
+    /// Version `version` compiled the object to fingerprint `fp`.
+    fn history(version: &str, fp: u64) -> impl Fn(&str) -> Option<Arc<Fingerprints>> {
+        let mut f = Fingerprints::new();
+        f.insert(diag(1, true).object, fp);
         let version = version.to_owned();
-        let g = Arc::new(g);
-        move |v| (v == version).then(|| g.clone())
+        let f = Arc::new(f);
+        move |v| (v == version).then(|| f.clone())
     }
 
     #[test]
@@ -276,14 +295,15 @@ mod tests {
         proxies.insert("a".to_owned(), proxy(Some("v2"), true));
         proxies.insert("b".to_owned(), proxy(Some("v1"), true));
         proxies.insert("gone".to_owned(), proxy(Some("v1"), false));
-        let c = programmed(&diag(2, true), &proxies, history("v2", 2));
+        let c = programmed(&diag(2, true), Some(7), &proxies, history("v2", 7));
         assert_eq!((c.status, c.reason.as_str()), (false, "Pending"));
         assert_eq!(c.message, "1 of 2 connected proxies applied generation 2");
         proxies.get_mut("b").unwrap().applied_version = Some("v2".into());
-        let c = programmed(&diag(2, true), &proxies, history("v2", 2));
+        let c = programmed(&diag(2, true), Some(7), &proxies, history("v2", 7));
         assert_eq!((c.status, c.reason.as_str()), (true, "Programmed"));
-        // An older generation in the applied snapshot does not count.
-        let c = programmed(&diag(3, true), &proxies, history("v2", 2));
+        // The object now compiles differently (e.g. its MockTarget changed): the snapshot the
+        // proxies applied no longer counts, whatever the generation says.
+        let c = programmed(&diag(2, true), Some(8), &proxies, history("v2", 7));
         assert_eq!(c.reason, "Pending");
     }
 
@@ -291,7 +311,7 @@ mod tests {
     fn programmed_reports_nacks_and_missing_proxies() {
         let mut proxies = BTreeMap::new();
         assert_eq!(
-            programmed(&diag(1, true), &proxies, |_| None).reason,
+            programmed(&diag(1, true), Some(1), &proxies, |_| None).reason,
             "NoProxies"
         );
         let mut p = proxy(None, true);
@@ -300,7 +320,7 @@ mod tests {
             errors: vec!["ApiProxy ns/p: bad header".into()],
         });
         proxies.insert("a".to_owned(), p);
-        let c = programmed(&diag(1, true), &proxies, |_| None);
+        let c = programmed(&diag(1, true), Some(1), &proxies, |_| None);
         assert_eq!(
             (c.reason.as_str(), c.message.as_str()),
             ("Rejected", "proxy a rejected it: ApiProxy ns/p: bad header")
