@@ -4,7 +4,8 @@
 # Kubernetes API server (built once from Debian's sources and cached, then started here).
 # `make test` and CI (.ci/run) run this.
 #
-# Env: SKIP_K8S=1 runs everything but the API-server suite (its tests then skip, loudly).
+# Env: KANALI_E2E_KUBECONFIG=path uses an API server you already run (kind, or e2e/k8s/start.sh);
+#      SKIP_K8S=1 runs everything but the API-server suite (its tests then skip, loudly).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 step() { printf '\n== %s\n' "$*"; }
@@ -18,7 +19,10 @@ cargo build -q --bins
 step "quick start (README)"
 ./e2e/scripts/smoke-demo.sh
 
-if [ "${SKIP_K8S:-0}" != 1 ]; then
+if [ -n "${KANALI_E2E_KUBECONFIG:-}" ]; then
+  step "Kubernetes API server: using $KANALI_E2E_KUBECONFIG"
+  export REQUIRE_K8S=1
+elif [ "${SKIP_K8S:-0}" != 1 ]; then
   step "Kubernetes API server (v1.20.2; first run builds it, ~7 min)"
   ./e2e/k8s/provision.sh
   k8s=$(mktemp -d)
