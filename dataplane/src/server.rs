@@ -148,6 +148,27 @@ impl Proxy {
     }
 }
 
+/// Runs a request handler; if it panics, the client still gets the contract's answer (error
+/// 01, with a correlation id) instead of a dropped connection, and the panic is logged.
+pub async fn recover(handler: impl Future<Output = Response<ProxyBody>>) -> Response<ProxyBody> {
+    use futures_util::FutureExt as _;
+    match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let mut resp = ErrorCode::Unknown.response::<ProxyBody>();
+            let id = correlation_id();
+            tracing::error!(panic = %what, correlation_id = ?id, "request handler panicked; answered error 01");
+            resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
+            resp
+        }
+    }
+}
+
 /// The authority the client addressed: the URI's (HTTP/2 `:authority`, absolute-form) or the
 /// Host header.
 fn request_host(req: &Request<Incoming>) -> Option<&str> {
@@ -215,7 +236,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
         let proxy = proxy.clone();
         let service = hyper::service::service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+            async move { Ok::<_, std::convert::Infallible>(recover(proxy.handle(req, peer)).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -232,5 +253,22 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
         .is_err()
     {
         tracing::warn!("connections still open after 30 s; closing them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_error_01() {
+        let resp = recover(async { panic!("boom") }).await;
+        assert_eq!(resp.status(), 500);
+        assert!(resp.headers().contains_key(&X_KANALI_CORRELATION_ID));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, ErrorCode::Unknown.body().as_bytes());
+        let ok = recover(async { ErrorCode::NoApiProxy.response() }).await;
+        assert_eq!(ok.status(), 404);
     }
 }
