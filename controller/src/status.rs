@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource};
@@ -190,24 +191,35 @@ pub async fn run_writer(
         let latest = shared
             .snapshot()
             .and_then(|s| shared.fingerprints(&s.version));
+        let mut todo = Vec::new();
         for o in objects {
-            if !*leader.borrow() {
-                break;
-            }
             let d = &o.diagnostic;
             let current = cache.status_of(&d.object);
             let fingerprint = latest.as_ref().and_then(|f| f.get(&d.object).copied());
             let p = programmed(d, fingerprint, &proxies, |v| shared.fingerprints(v));
             let want = desired(d, p, current.as_ref(), &now);
-            if !differs(&want, current.as_ref()) {
-                continue;
-            }
-            if let Err(error) = patch(&client, &d.object, want).await {
-                tracing::warn!(object = %d.object, %error, "status patch failed; will retry on the next change");
+            if differs(&want, current.as_ref()) {
+                todo.push((d.object.clone(), want));
             }
         }
+        // A few patches in flight at once: one at a time, a thousand objects took minutes
+        // against a real API server; unbounded would flood it after a mass apply.
+        let (client, leader) = (&client, &leader);
+        futures_util::stream::iter(todo)
+            .for_each_concurrent(PATCHES_IN_FLIGHT, |(object, want)| async move {
+                if !*leader.borrow() {
+                    return;
+                }
+                if let Err(error) = patch(client, &object, want).await {
+                    tracing::warn!(%object, %error, "status patch failed; will retry on the next change");
+                }
+            })
+            .await;
     }
 }
+
+/// Status patches sent concurrently by the leader.
+const PATCHES_IN_FLIGHT: usize = 16;
 
 async fn patch(client: &Client, object: &ObjectRef, status: Value) -> Result<(), kube::Error> {
     async fn one<K>(api: Api<K>, name: &str, status: Value) -> Result<(), kube::Error>

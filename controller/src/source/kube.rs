@@ -106,6 +106,13 @@ trait Cached:
     /// Kanali kind for status, `None` for core kinds.
     const STATUS_KIND: Option<Kind>;
     fn store(inner: &mut Inner) -> &mut BTreeMap<Key, Self>;
+    /// Whether `new` can change nothing compile reads compared with `old`: for the Kanali
+    /// kinds, the same `metadata.generation` means only status or metadata changed — in
+    /// particular our own status patches, which must not trigger a recompile each.
+    fn same_spec(old: &Self, new: &Self) -> bool {
+        let (a, b) = (old.meta().generation, new.meta().generation);
+        Self::STATUS_KIND.is_some() && a.is_some() && a == b
+    }
     /// What to keep of an object (Secrets: data only when opted in).
     fn admit(self) -> Self {
         self
@@ -168,12 +175,18 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     )
 }
 
-fn apply<K: Cached>(inner: &mut Inner, guarded: DeserializeGuard<K>) {
+/// Stores an object; returns whether compile needs to run again.
+fn apply<K: Cached>(inner: &mut Inner, guarded: DeserializeGuard<K>) -> bool {
     match guarded.0 {
         Ok(obj) => {
             let key = key_of(obj.meta());
-            inner.undecodable.remove(&(K::KIND, key.clone()));
-            K::store(inner).insert(key, obj.admit());
+            let was_undecodable = inner.undecodable.remove(&(K::KIND, key.clone())).is_some();
+            let obj = obj.admit();
+            let same = K::store(inner)
+                .get(&key)
+                .is_some_and(|old| K::same_spec(old, &obj));
+            K::store(inner).insert(key, obj);
+            was_undecodable || !same
         }
         Err(invalid) => {
             let key = key_of(&invalid.metadata);
@@ -193,6 +206,7 @@ fn apply<K: Cached>(inner: &mut Inner, guarded: DeserializeGuard<K>) {
                 };
                 inner.undecodable.insert((K::KIND, key), bad);
             }
+            true
         }
     }
 }
@@ -235,7 +249,7 @@ async fn watch_kind<K: Cached>(
             Event::Init => relist = Some(Inner::default()),
             Event::InitApply(obj) => {
                 if let Some(buffer) = relist.as_mut() {
-                    apply(buffer, obj);
+                    let _ = apply(buffer, obj);
                 }
             }
             Event::InitDone => {
@@ -257,8 +271,9 @@ async fn watch_kind<K: Cached>(
                 cache.changed.notify_one();
             }
             Event::Apply(obj) => {
-                apply(&mut cache.lock(), obj);
-                cache.changed.notify_one();
+                if apply(&mut cache.lock(), obj) {
+                    cache.changed.notify_one();
+                }
             }
             Event::Delete(obj) => {
                 remove(&mut cache.lock(), &obj);
