@@ -86,7 +86,9 @@ impl Controller {
 }
 
 fn publish(shared: &Shared, scan: Scan) {
+    let started = std::time::Instant::now();
     let compiled = compile::compile(&scan.objects);
+    tracing::debug!(elapsed = ?started.elapsed(), routes = compiled.snapshot.routes.len(), "compiled");
     for d in compiled.diagnostics.iter().filter(|d| !d.is_ok()) {
         let ready = d.ready();
         tracing::warn!(object = %d.object, reason = %ready.reason, message = %ready.message, "object not ready");

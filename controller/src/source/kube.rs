@@ -175,13 +175,24 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     )
 }
 
+/// Drops what compile never reads but every compile would copy: managed fields and
+/// `kubectl apply`'s copy of the whole previous object.
+fn trim<K: Cached>(mut obj: K) -> K {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    obj
+}
+
 /// Stores an object; returns whether compile needs to run again.
 fn apply<K: Cached>(inner: &mut Inner, guarded: DeserializeGuard<K>) -> bool {
     match guarded.0 {
         Ok(obj) => {
             let key = key_of(obj.meta());
             let was_undecodable = inner.undecodable.remove(&(K::KIND, key.clone())).is_some();
-            let obj = obj.admit();
+            let obj = trim(obj.admit());
             let same = K::store(inner)
                 .get(&key)
                 .is_some_and(|old| K::same_spec(old, &obj));
