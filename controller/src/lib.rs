@@ -206,7 +206,8 @@ pub async fn start_cluster(
     let cache = Arc::new(source::kube::Cache::default());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks =
-        source::kube::spawn_watchers(&client, config.namespace.as_deref(), &cache, &shutdown_rx);
+        source::kube::spawn_watchers(&client, config.namespace.as_deref(), &cache, &shutdown_rx)
+            .await;
     let (grpc_addr, admin_addr, served) = serve_all(
         &shared,
         config.grpc_listen,

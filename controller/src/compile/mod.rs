@@ -15,7 +15,8 @@ pub mod paths;
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
 use kanali_proto::v1 as pb;
 use kube::ResourceExt as _;
@@ -39,6 +40,11 @@ pub struct Objects {
     pub secrets: Vec<Secret>,
     /// Services that may be used as backends.
     pub services: Vec<Service>,
+    /// Ready endpoint addresses of Services (clusters with discovery.k8s.io/v1). Not compiled
+    /// into routes yet: endpoint load balancing (issue #4) reads them.
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// The same from core Endpoints, for API servers without EndpointSlice v1.
+    pub endpoints: Vec<Endpoints>,
     /// Objects of the four Kanali kinds that could not even be decoded (the API server
     /// stored something the types reject); each gets `Accepted=False`.
     pub undecodable: Vec<Undecodable>,

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,6 +51,10 @@ pub enum AnyObject {
     Secret(Box<Secret>),
     /// v1 Service.
     Service(Box<Service>),
+    /// discovery.k8s.io/v1 EndpointSlice.
+    EndpointSlice(Box<EndpointSlice>),
+    /// v1 Endpoints.
+    Endpoints(Box<Endpoints>),
 }
 
 impl AnyObject {
@@ -69,6 +74,8 @@ impl AnyObject {
             AnyObject::ApiKeyBinding(o) => k("ApiKeyBinding", o.as_ref()),
             AnyObject::Secret(o) => k("Secret", o.as_ref()),
             AnyObject::Service(o) => k("Service", o.as_ref()),
+            AnyObject::EndpointSlice(o) => k("EndpointSlice", o.as_ref()),
+            AnyObject::Endpoints(o) => k("Endpoints", o.as_ref()),
         }
     }
 }
@@ -156,6 +163,10 @@ fn decode_document(value: serde_json::Value, out: &mut ParsedFile) -> Result<(),
             value, &kind,
         )?)))),
         ("v1", "Service") => AnyObject::Service(Box::new(namespaced(decode(value, &kind)?))),
+        ("v1", "Endpoints") => AnyObject::Endpoints(Box::new(namespaced(decode(value, &kind)?))),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            AnyObject::EndpointSlice(Box::new(namespaced(decode(value, &kind)?)))
+        }
         (_, "ApiProxy" | "MockTarget" | "ApiKey" | "ApiKeyBinding")
             if api_version.starts_with("kanali.io/") =>
         {
@@ -378,6 +389,8 @@ impl FileSource {
                     AnyObject::ApiKeyBinding(x) => o.api_key_bindings.push(*x),
                     AnyObject::Secret(x) => o.secrets.push(*x),
                     AnyObject::Service(x) => o.services.push(*x),
+                    AnyObject::EndpointSlice(x) => o.endpoint_slices.push(*x),
+                    AnyObject::Endpoints(x) => o.endpoints.push(*x),
                 }
             }
         }

@@ -534,3 +534,22 @@ fn file_errors_display_with_and_without_a_line() {
     let without = FileError { line: None, ..with };
     assert_eq!(without.to_string(), "a.yaml: bad");
 }
+
+#[test]
+fn reads_endpoint_slices_and_endpoints() {
+    let text = "\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orders-abc, namespace: shop, labels: {kubernetes.io/service-name: orders}}
+addressType: IPv4
+endpoints: [{addresses: [127.0.0.1], conditions: {ready: true}}]
+ports: [{port: 8080}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: orders}
+subsets: [{addresses: [{ip: 127.0.0.1}], ports: [{port: 8080}]}]
+";
+    let parsed = parse_file("e.yaml", text).unwrap();
+    assert_eq!(names(&parsed.objects), ["EndpointSlice shop/orders-abc", "Endpoints default/orders"]);
+}

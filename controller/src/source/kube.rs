@@ -7,7 +7,8 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
 use kube::api::Api;
 use kube::core::DeserializeGuard;
@@ -33,6 +34,8 @@ struct Inner {
     api_key_bindings: BTreeMap<Key, ApiKeyBinding>,
     secrets: BTreeMap<Key, Secret>,
     services: BTreeMap<Key, Service>,
+    endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    endpoints: BTreeMap<Key, Endpoints>,
     undecodable: BTreeMap<(&'static str, Key), Undecodable>,
     synced: BTreeSet<&'static str>,
 }
@@ -47,13 +50,15 @@ pub struct Cache {
 
 /// Kinds whose initial list must have arrived before the first compile, so that a missing
 /// object is really missing and not just not listed yet.
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 7] = [
     "ApiProxy",
     "MockTarget",
     "ApiKey",
     "ApiKeyBinding",
     "Secret",
     "Service",
+    // EndpointSlices, or core Endpoints where the server has no discovery.k8s.io/v1.
+    "Endpoints",
 ];
 
 impl Cache {
@@ -77,6 +82,8 @@ impl Cache {
             api_key_bindings: inner.api_key_bindings.values().cloned().collect(),
             secrets: inner.secrets.values().cloned().collect(),
             services: inner.services.values().cloned().collect(),
+            endpoint_slices: inner.endpoint_slices.values().cloned().collect(),
+            endpoints: inner.endpoints.values().cloned().collect(),
             undecodable: inner.undecodable.values().cloned().collect(),
         }
     }
@@ -146,6 +153,9 @@ cached!(
     api_key_bindings
 );
 cached!(Service, "Service", None, services);
+// Both endpoint kinds count as "Endpoints" for the initial-sync check: one of them is watched.
+cached!(EndpointSlice, "Endpoints", None, endpoint_slices);
+cached!(Endpoints, "Endpoints", None, endpoints);
 
 impl Cached for Secret {
     const KIND: &'static str = "Secret";
@@ -296,7 +306,7 @@ async fn watch_kind<K: Cached>(
 
 /// Starts one watcher per kind; `namespace` limits the namespaced kinds (ApiKey is
 /// cluster-scoped and is always watched cluster-wide).
-pub fn spawn_watchers(
+pub async fn spawn_watchers(
     client: &Client,
     namespace: Option<&str>,
     cache: &Arc<Cache>,
@@ -312,7 +322,29 @@ pub fn spawn_watchers(
         }
     }
     let (c, s) = (cache, shutdown);
+    // EndpointSlice v1 arrived in Kubernetes 1.21; older servers get core Endpoints.
+    let slices = client
+        .list_api_group_resources("discovery.k8s.io/v1")
+        .await
+        .is_ok_and(|l| l.resources.iter().any(|r| r.name == "endpointslices"));
+    let endpoints = if slices {
+        tokio::spawn(watch_kind::<EndpointSlice>(
+            api(client, namespace),
+            c.clone(),
+            s.clone(),
+        ))
+    } else {
+        tracing::info!(
+            "no discovery.k8s.io/v1 EndpointSlices on this server; watching core Endpoints"
+        );
+        tokio::spawn(watch_kind::<Endpoints>(
+            api(client, namespace),
+            c.clone(),
+            s.clone(),
+        ))
+    };
     vec![
+        endpoints,
         tokio::spawn(watch_kind::<ApiProxy>(
             api(client, namespace),
             c.clone(),

@@ -35,6 +35,8 @@ fn sample() -> Objects {
         secrets: Vec::new(),
         services: vec![mk_service("a", "svc")],
         undecodable: Vec::new(),
+        endpoint_slices: Vec::new(),
+        endpoints: Vec::new(),
     }
 }
 
