@@ -116,11 +116,16 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_deref());
         // The upstream sees the Host the client asked for (v2 behaviour); HTTP/2 clients send
-        // it as :authority, which HTTP/1.1 upstreams need as a header.
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
-        {
-            parts.headers.insert(header::HOST, v);
+        // it as :authority, which HTTP/1.1 upstreams need as a header. A client that sent no
+        // host at all (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
+        if !parts.headers.contains_key(header::HOST) {
+            let v = host
+                .as_deref()
+                .and_then(|h| HeaderValue::from_str(h).ok())
+                .or_else(|| HeaderValue::from_str(upstream.authority.as_str()).ok());
+            if let Some(v) = v {
+                parts.headers.insert(header::HOST, v);
+            }
         }
         parts
             .headers

@@ -604,6 +604,26 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_request_without_host_reaches_the_upstream_with_one() {
+    let env = Env::start().await;
+    let mut s = tokio::net::TcpStream::connect(env.proxies[0].addr)
+        .await
+        .unwrap();
+    s.write_all(b"GET /api/old HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    let echo: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(echo["path"], "/old");
+    assert_eq!(echo["headers"]["host"][0], env.echo.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_requests_get_400_and_431() {
     let env = Env::start().await;
     let p = env.proxies[0].addr;

@@ -551,5 +551,8 @@ metadata: {name: orders}
 subsets: [{addresses: [{ip: 127.0.0.1}], ports: [{port: 8080}]}]
 ";
     let parsed = parse_file("e.yaml", text).unwrap();
-    assert_eq!(names(&parsed.objects), ["EndpointSlice shop/orders-abc", "Endpoints default/orders"]);
+    assert_eq!(
+        names(&parsed.objects),
+        ["EndpointSlice shop/orders-abc", "Endpoints default/orders"]
+    );
 }
