@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use kanali_crds::{ApiKey, ApiKeyBinding, ApiProxy, MockTarget};
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -149,6 +150,40 @@ fn rfc3339_now() -> String {
         .to_string()
 }
 
+/// Events worth telling a human about: a condition turning False (Warning, with the
+/// condition's reason and message) and `Ready` turning True (Normal). Compares the `desired`
+/// status with the `current` one, so a condition that stays False is reported once.
+pub fn transitions(desired: &Value, current: Option<&Value>) -> Vec<(EventType, String, String)> {
+    let status_of = |v: Option<&Value>, t: &str| {
+        v.and_then(|v| v.get("conditions"))
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == t))
+            .and_then(|c| c["status"].as_str().map(str::to_owned))
+    };
+    let mut out = Vec::new();
+    for c in desired["conditions"].as_array().into_iter().flatten() {
+        let (Some(t), Some(now)) = (c["type"].as_str(), c["status"].as_str()) else {
+            continue;
+        };
+        let before = status_of(current, t);
+        if before.as_deref() == Some(now) {
+            continue;
+        }
+        let reason = c["reason"].as_str().unwrap_or_default().to_owned();
+        let message = c["message"].as_str().unwrap_or_default().to_owned();
+        match (t, now) {
+            (condition::ACCEPTED | condition::RESOLVED_REFS, "False") => {
+                out.push((EventType::Warning, reason, message))
+            }
+            (condition::READY, "True") if before.is_some() => {
+                out.push((EventType::Normal, reason, message))
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Writes status while `leader` is true, after every change to diagnostics or proxy state.
 pub async fn run_writer(
     client: Client,
@@ -159,6 +194,13 @@ pub async fn run_writer(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = shared.changes();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "kanali-controller".to_owned(),
+            instance: Some(peers.identity.clone()),
+        },
+    );
     // Other replicas' proxies change without telling us: look at their reports regularly.
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -199,19 +241,28 @@ pub async fn run_writer(
             let p = programmed(d, fingerprint, &proxies, |v| shared.fingerprints(v));
             let want = desired(d, p, current.as_ref(), &now);
             if differs(&want, current.as_ref()) {
-                todo.push((d.object.clone(), want));
+                let events = transitions(&want, current.as_ref());
+                todo.push((d.object.clone(), want, events));
             }
         }
         // A few patches in flight at once: one at a time, a thousand objects took minutes
         // against a real API server; unbounded would flood it after a mass apply.
-        let (client, leader) = (&client, &leader);
+        let (client, leader, recorder, cache) = (&client, &leader, &recorder, &cache);
         futures_util::stream::iter(todo)
-            .for_each_concurrent(PATCHES_IN_FLIGHT, |(object, want)| async move {
+            .for_each_concurrent(PATCHES_IN_FLIGHT, |(object, want, events)| async move {
                 if !*leader.borrow() {
                     return;
                 }
                 if let Err(error) = patch(client, &object, want).await {
                     tracing::warn!(%object, %error, "status patch failed; will retry on the next change");
+                    return;
+                }
+                let Some(reference) = cache.reference_of(&object) else { return };
+                for (type_, reason, note) in events {
+                    let event = Event { type_, reason, note: Some(note), action: "Reconcile".to_owned(), secondary: None };
+                    if let Err(error) = recorder.publish(&event, &reference).await {
+                        tracing::debug!(%object, %error, "could not record an event");
+                    }
                 }
             })
             .await;
@@ -337,6 +388,24 @@ mod tests {
             (c.reason.as_str(), c.message.as_str()),
             ("Rejected", "proxy a rejected it: ApiProxy ns/p: bad header")
         );
+    }
+
+    #[test]
+    fn events_are_emitted_on_transitions_only() {
+        let p = Condition::ok(condition::PROGRAMMED, "Programmed", "1 of 1");
+        let broken = desired(&diag(1, false), p.clone(), None, "t0");
+        let first = transitions(&broken, None);
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(matches!(first[0].0, EventType::Warning));
+        assert_eq!(first[0].1, "MockTargetNotFound");
+        // Still broken: no new event.
+        assert!(transitions(&broken, Some(&broken)).is_empty());
+        // Fixed: Ready turned True.
+        let fixed = desired(&diag(2, true), p, Some(&broken), "t1");
+        let events = transitions(&fixed, Some(&broken));
+        assert_eq!(events.len(), 1);
+        assert!(matches!(events[0].0, EventType::Normal));
+        assert_eq!(events[0].1, "Ready");
     }
 
     #[test]

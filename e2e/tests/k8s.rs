@@ -998,6 +998,31 @@ async fn a_missing_mock_target_is_reported_until_it_is_created() {
     check_condition(&obj, "Accepted", "True", None).unwrap();
     env.eventually_everywhere("/orders/1", |a| a.check_error(2, 404, NO_MOCK))
         .await;
+    // `kubectl describe` shows a Warning event for it.
+    eventually("a MockTargetNotFound Warning event", || async {
+        let out = env
+            .kubectl(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=orders",
+                "-o",
+                "json",
+            ])
+            .await?;
+        let events: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        let found = events["items"].as_array().into_iter().flatten().any(|e| {
+            e["type"] == "Warning"
+                && e["reason"] == "MockTargetNotFound"
+                && e["involvedObject"]["kind"] == "ApiProxy"
+        });
+        if found {
+            Ok(())
+        } else {
+            Err(format!("events: {}", events["items"]))
+        }
+    })
+    .await;
 
     env.apply(
         r#"apiVersion: kanali.io/v2

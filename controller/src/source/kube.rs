@@ -88,6 +88,24 @@ impl Cache {
         }
     }
 
+    /// A reference to the object (with its uid) for Events, if it is cached.
+    pub fn reference_of(
+        &self,
+        object: &ObjectRef,
+    ) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
+        let inner = self.lock();
+        let key = (
+            object.namespace.clone().unwrap_or_default(),
+            object.name.clone(),
+        );
+        match object.kind {
+            Kind::ApiProxy => inner.api_proxies.get(&key).map(|o| o.object_ref(&())),
+            Kind::MockTarget => inner.mock_targets.get(&key).map(|o| o.object_ref(&())),
+            Kind::ApiKey => inner.api_keys.get(&key).map(|o| o.object_ref(&())),
+            Kind::ApiKeyBinding => inner.api_key_bindings.get(&key).map(|o| o.object_ref(&())),
+        }
+    }
+
     /// The object's current `status` as JSON (what is stored in the API server), if known.
     pub fn status_of(&self, object: &ObjectRef) -> Option<serde_json::Value> {
         let inner = self.lock();
