@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -102,58 +102,23 @@ fn main() -> anyhow::Result<()> {
 // The world: kubectl, the namespace, the child processes, cleaned up on drop
 // ---------------------------------------------------------------------------------------------
 
+/// The shared kubectl runner, with this binary's anyhow errors.
 #[derive(Clone)]
-struct Kubectl {
-    program: String,
-    kubeconfig: PathBuf,
-}
+struct Kubectl(kanali_e2e::kubectl::Kubectl);
 
 impl Kubectl {
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.program);
-        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
-        cmd
+        self.0.command(args)
     }
 
     /// Runs kubectl to completion: its stdout, or an error with its stderr.
     fn run(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        let mut child = self
-            .command(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot run {}", self.program))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes()).context("kubectl stdin")?;
-        }
-        let out = child.wait_with_output().context("kubectl")?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            bail!(
-                "`kubectl {}` failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-        }
+        self.0.run_sync(args, stdin).map_err(anyhow::Error::msg)
     }
 
     /// `run` off the async worker threads.
     async fn run_async(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        let this = self.clone();
-        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-        let stdin = stdin.map(str::to_owned);
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            this.run(&args, stdin.as_deref())
-        })
-        .await?
+        self.0.run(args, stdin).await.map_err(anyhow::Error::msg)
     }
 }
 
@@ -195,10 +160,10 @@ impl World {
         let logs = std::env::temp_dir().join(format!("kanali-apply-latency-{suffix}"));
         std::fs::create_dir_all(&logs)?;
         Ok(World {
-            k: Kubectl {
+            k: Kubectl(kanali_e2e::kubectl::Kubectl {
                 program: args.kubectl.clone(),
                 kubeconfig: args.kubeconfig.clone(),
-            },
+            }),
             ns: format!("kanali-bench-{suffix}"),
             ns_created: false,
             logs,

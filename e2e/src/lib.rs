@@ -18,6 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
+pub mod kubectl;
+
 /// A running echo upstream.
 pub struct Echo {
     /// Where it listens.

@@ -19,7 +19,6 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -123,66 +122,7 @@ fn random_suffix() -> String {
 // kubectl
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone)]
-struct Kubectl {
-    kubeconfig: PathBuf,
-}
-
-impl Kubectl {
-    /// Runs kubectl; `Ok(stdout)` on success, `Err` with the command, exit status and stderr.
-    fn run_sync(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        let program = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
-        let mut child = Command::new(&program)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {program}: {e}"))?;
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().unwrap();
-            pipe.write_all(input.as_bytes())
-                .map_err(|e| format!("kubectl stdin: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("kubectl: {e}"))?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            Ok(stdout)
-        } else {
-            Err(format!(
-                "`kubectl {}` failed ({}): {}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim(),
-                if stdin.is_some() {
-                    format!("\n--- stdin ---\n{}", stdin.unwrap_or_default())
-                } else {
-                    String::new()
-                }
-            ))
-        }
-    }
-
-    async fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        let this = self.clone();
-        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-        let stdin = stdin.map(str::to_owned);
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            this.run_sync(&args, stdin.as_deref())
-        })
-        .await
-        .unwrap()
-    }
-}
+use kanali_e2e::kubectl::Kubectl;
 
 /// Installs the CRDs once per test process (several processes may race: apply is retried).
 fn ensure_crds(k: &Kubectl) {
@@ -566,7 +506,7 @@ impl Env {
         // Fail early, before anything else, when the binaries were not built.
         binary("kanali-controller");
         binary("kanali-proxy");
-        let k = Kubectl { kubeconfig };
+        let k = Kubectl::new(kubeconfig);
         tokio::task::block_in_place(|| ensure_crds(&k));
         let ns = format!("kanali-e2e-{test}-{}", random_suffix());
         k.run(&["create", "namespace", &ns], None)
@@ -1407,9 +1347,7 @@ async fn the_install_kustomization_applies() {
         eprintln!("skipped: no manifests/kustomization.yaml");
         return;
     }
-    let k = Kubectl {
-        kubeconfig: kubeconfig.clone(),
-    };
+    let k = Kubectl::new(kubeconfig.clone());
     tokio::task::block_in_place(|| ensure_crds(&k));
     let ns = format!("kanali-e2e-install-{}", random_suffix());
     k.run(&["create", "namespace", &ns], None).await.unwrap();
@@ -1417,9 +1355,7 @@ async fn the_install_kustomization_applies() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("kubeconfig");
     std::fs::copy(&kubeconfig, &config).unwrap();
-    let scoped = Kubectl {
-        kubeconfig: config.clone(),
-    };
+    let scoped = Kubectl::new(config.clone());
     scoped
         .run(
             &["config", "set-context", "--current", "--namespace", &ns],
