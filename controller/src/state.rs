@@ -117,6 +117,7 @@ pub struct Shared {
     status: Mutex<StatusView>,
     history: Mutex<VecDeque<(String, Arc<Fingerprints>)>>,
     changes: watch::Sender<u64>,
+    compiles: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Shared {
@@ -126,6 +127,7 @@ impl Default for Shared {
             status: Mutex::new(StatusView::default()),
             history: Mutex::new(VecDeque::new()),
             changes: watch::Sender::new(0),
+            compiles: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -134,6 +136,8 @@ impl Shared {
     /// Publishes a compile result. Proxies are only sent a snapshot when its version changed.
     pub fn publish(&self, compiled: Compiled, source_errors: Vec<FileError>, ignored: Vec<String>) {
         let version = compiled.snapshot.version.clone();
+        self.compiles
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fingerprints = fingerprints(&compiled);
         {
             let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,6 +185,12 @@ impl Shared {
             .rev()
             .find(|(v, _)| v == version)
             .map(|(_, g)| g.clone())
+    }
+
+    /// How many compiles have been published (a source that recompiles with nothing to do
+    /// is a bug: it burns CPU and floods the status writer).
+    pub fn compiles(&self) -> u64 {
+        self.compiles.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Ticks whenever diagnostics or a proxy's state changed (for the status writer).

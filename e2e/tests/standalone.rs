@@ -739,3 +739,28 @@ async fn a_proxy_fails_over_between_controller_replicas() {
     .unwrap();
     eventually(|| async { get(p.addr, "/after/x").await.status == 200 }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_manifests_directory_is_not_recompiled() {
+    let env = Env::start().await;
+    // An edit the way editors and `sed -i` make it (write a new file, rename it over the old).
+    // Scanning then reads the new file; the watcher must not mistake those reads (access and
+    // atime events) for changes, or it rescans forever.
+    let before = env.controller().shared.compiles();
+    env.write(
+        "extra.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+    );
+    eventually(|| async { env.controller().shared.compiles() > before }).await;
+    // Then wait several debounce periods (quiet 50 ms, max 300 ms) with no change.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let settled = env.controller().shared.compiles();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = env.controller().shared.compiles();
+    assert_eq!(
+        after,
+        settled,
+        "{} compiles without any change",
+        after - settled
+    );
+}

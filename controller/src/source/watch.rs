@@ -41,7 +41,15 @@ pub async fn watch_dir(
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only content changes count: reading the files during a scan produces access (and
+        // possibly atime) events, and reacting to those would rescan forever.
+        use notify::EventKind as E;
+        use notify::event::ModifyKind;
+        let changed = event.is_ok_and(|e| match e.kind {
+            E::Modify(ModifyKind::Metadata(_)) | E::Access(_) | E::Other => false,
+            E::Create(_) | E::Modify(_) | E::Remove(_) | E::Any => true,
+        });
+        if changed {
             // A full channel already means "rescan pending".
             let _ = tx.try_send(());
         }
