@@ -19,7 +19,8 @@ use crate::body::ProxyBody;
 use crate::errors::ErrorCode;
 use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
 use crate::path::upstream_path;
-use crate::table::{Action, RouteTable, Upstream};
+use crate::table::{Action, RouteTable};
+use crate::upstream::HostPool;
 
 /// Listener limits.
 #[derive(Clone, Debug)]
@@ -107,7 +108,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        upstream: Upstream,
+        upstream: Arc<HostPool>,
         uri: Uri,
         correlation_id: &HeaderValue,
     ) -> Response<ProxyBody> {
@@ -122,7 +123,7 @@ impl Proxy {
             let v = host
                 .as_deref()
                 .and_then(|h| HeaderValue::from_str(h).ok())
-                .or_else(|| HeaderValue::from_str(upstream.authority.as_str()).ok());
+                .or_else(|| HeaderValue::from_str(upstream.authority().as_str()).ok());
             if let Some(v) = v {
                 parts.headers.insert(header::HOST, v);
             }
@@ -134,19 +135,18 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, body);
 
-        match tokio::time::timeout(self.config.upstream_timeout, upstream.pool.send(request)).await
-        {
+        match tokio::time::timeout(self.config.upstream_timeout, upstream.send(request)).await {
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, ProxyBody::Upstream(body))
             }
             Ok(Err(error)) => {
-                tracing::debug!(%error, upstream = %upstream.authority, "upstream request failed");
+                tracing::debug!(%error, upstream = %upstream.authority(), "upstream request failed");
                 ErrorCode::Upstream.response()
             }
             Err(_) => {
-                tracing::debug!(upstream = %upstream.authority, timeout = ?self.config.upstream_timeout, "upstream timed out");
+                tracing::debug!(upstream = %upstream.authority(), timeout = ?self.config.upstream_timeout, "upstream timed out");
                 ErrorCode::Upstream.response()
             }
         }

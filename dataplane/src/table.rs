@@ -38,23 +38,12 @@ pub struct Route {
 /// What a route does.
 #[derive(Debug)]
 pub enum Action {
-    /// Proxy to this upstream.
-    Proxy(Upstream),
+    /// Proxy to this upstream (its pool, shared with every route and table that sends there).
+    Proxy(Arc<HostPool>),
     /// Answer from a MockTarget.
     Mock(MockTable),
     /// Answer this error (the controller found a config problem).
     Fail(ErrorCode),
-}
-
-/// Where proxied requests go.
-#[derive(Clone, Debug)]
-pub struct Upstream {
-    /// `http` or `https`.
-    pub scheme: Scheme,
-    /// `host[:port]` dialled (the client's Host header is what the upstream sees).
-    pub authority: Authority,
-    /// Connections to it, shared with every other route and table that uses it.
-    pub pool: Arc<HostPool>,
 }
 
 /// The routing table of one snapshot.
@@ -142,12 +131,7 @@ fn action(route: &pb::Route, upstreams: &Upstreams) -> Result<Action, String> {
         let authority: Authority = authority
             .parse()
             .map_err(|e| format!("invalid upstream authority {authority:?}: {e}"))?;
-        let pool = upstreams.pool(&scheme, &authority);
-        Ok(Action::Proxy(Upstream {
-            scheme,
-            authority,
-            pool,
-        }))
+        Ok(Action::Proxy(upstreams.pool(&scheme, &authority)))
     };
     if !route.path.starts_with('/') || !route.target_path.starts_with('/') {
         return Err(format!(
