@@ -17,6 +17,7 @@ use kube::{Client, Resource};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::compile::diagnostics::summarize;
 use crate::compile::{Condition, Diagnostic, Kind, ObjectRef, condition};
 use crate::source::kube::Cache;
 use crate::state::{Fingerprints, ProxyState, Shared};
@@ -87,11 +88,7 @@ pub fn programmed(
 pub fn desired(d: &Diagnostic, programmed: Condition, current: Option<&Value>, now: &str) -> Value {
     let mut conditions: Vec<&Condition> = d.conditions.iter().collect();
     conditions.push(&programmed);
-    let ready = {
-        let mut all = d.clone();
-        all.conditions.push(programmed.clone());
-        all.ready()
-    };
+    let ready = summarize(conditions.iter().copied());
     conditions.push(&ready);
     let current_conditions = current
         .and_then(|c| c.get("conditions"))

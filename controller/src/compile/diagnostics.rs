@@ -101,6 +101,18 @@ impl Condition {
     }
 }
 
+/// The `Ready` condition for a set of conditions: the first False one decides the reason.
+pub fn summarize<'a>(conditions: impl IntoIterator<Item = &'a Condition>) -> Condition {
+    match conditions.into_iter().find(|c| !c.status) {
+        Some(bad) => Condition::failed(condition::READY, &bad.reason, bad.message.clone()),
+        None => Condition::ok(
+            condition::READY,
+            "Ready",
+            "accepted and all references resolved",
+        ),
+    }
+}
+
 /// Everything compile has to say about one object.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Diagnostic {
@@ -125,14 +137,7 @@ impl Diagnostic {
     /// The `Ready` condition summarising the others: the first False condition decides the
     /// reason, so `kubectl get` shows the most fundamental problem.
     pub fn ready(&self) -> Condition {
-        match self.conditions.iter().find(|c| !c.status) {
-            Some(bad) => Condition::failed(condition::READY, &bad.reason, bad.message.clone()),
-            None => Condition::ok(
-                condition::READY,
-                "Ready",
-                "accepted and all references resolved",
-            ),
-        }
+        summarize(&self.conditions)
     }
 
     /// The condition of the given type, if compile produced it.
