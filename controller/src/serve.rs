@@ -172,6 +172,7 @@ mod tests {
         Some(Arc::new(pb::Snapshot {
             version: version.to_owned(),
             routes: Vec::new(),
+            ..Default::default()
         }))
     }
 

@@ -109,6 +109,12 @@ pub struct Target {
     /// verified against the system's root certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl: Option<Ssl>,
+    /// How long the backend has to start answering, as a number with the unit `ms`, `s` or
+    /// `m` (e.g. `2500ms`, `30s`), from 1 ms to 1 h. When it expires the request gets error 08
+    /// (502). Omitted: the proxies' default (`--upstream-timeout-secs`, 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,7}(ms|s|m)$"))]
+    pub timeout: Option<String>,
 }
 
 /// The backend of an ApiProxy: exactly one of `endpoint`, `service` and `mock`.

@@ -280,10 +280,12 @@ mod tests {
             virtual_host: String::new(),
             target_path: "/".into(),
             backend: Some(pb::route::Backend::Failure(pb::Failure { code })),
+            timeout_ms: 0,
         };
         let good = pb::Snapshot {
             version: "v1".into(),
             routes: vec![route("/a", 2)],
+            ..Default::default()
         };
         assert!(matches!(
             apply(&good, &tables, &upstreams),
@@ -292,6 +294,7 @@ mod tests {
         let bad = pb::Snapshot {
             version: "v2".into(),
             routes: vec![route("/a", 99)],
+            ..Default::default()
         };
         match apply(&bad, &tables, &upstreams) {
             pb::proxy_message::Message::Nack(n) => {

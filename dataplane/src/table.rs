@@ -149,6 +149,9 @@ fn action(route: &pb::Route, upstreams: &Upstreams) -> Result<Action, String> {
         Some(Backend::Failure(f)) => ErrorCode::from_code(f.code)
             .map(Action::Fail)
             .ok_or_else(|| format!("unknown error code {}", f.code)),
+        Some(Backend::DynamicService(_)) => {
+            Err("dynamic service backends are not supported by this proxy".to_owned())
+        }
         None => Err("route has no backend".to_owned()),
     }
 }

@@ -275,6 +275,7 @@ pub fn resolve(
             pb::route::Backend::Endpoint(pb::Endpoint {
                 scheme: scheme.clone(),
                 authority: authority.clone(),
+                tls: String::new(),
             }),
             "endpoint backends have no references".to_owned(),
         ),
@@ -298,6 +299,7 @@ pub fn resolve(
                     name: (*name).to_owned(),
                     port: u32::from(*port),
                     scheme: scheme.to_owned(),
+                    tls: String::new(),
                 }),
                 format!("Service {namespace}/{name} found"),
             )

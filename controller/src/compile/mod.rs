@@ -302,6 +302,7 @@ fn compile_api_proxies(
             virtual_host: valid.virtual_host.clone().unwrap_or_default(),
             target_path: valid.target_path.clone(),
             backend: Some(resolved.backend),
+            timeout_ms: 0,
         };
         let d = Diagnostic {
             object: object.clone(),
@@ -324,6 +325,7 @@ fn seal(mut routes: Vec<pb::Route>) -> pb::Snapshot {
     let mut snapshot = pb::Snapshot {
         version: String::new(),
         routes,
+        ..Default::default()
     };
     let digest = Sha256::digest(snapshot.encode_to_vec());
     snapshot.version = digest.iter().map(|b| format!("{b:02x}")).collect();

@@ -35,6 +35,7 @@ fn mk_api_proxy(ns: &str, name: &str, path: &str, backend: Backend) -> ApiProxy 
                 path: None,
                 backend,
                 ssl: None,
+                timeout: None,
             },
             plugins: Vec::new(),
         },

@@ -271,6 +271,7 @@ fn endpoint_backend_keeps_the_scheme_and_lowercases_the_authority() {
             Some(pb::route::Backend::Endpoint(pb::Endpoint {
                 scheme: scheme.to_owned(),
                 authority: authority.to_owned(),
+                tls: String::new(),
             })),
             "{url}"
         );
@@ -367,6 +368,7 @@ fn found_service_routes_over_http() {
             name: "svc".to_owned(),
             port: 8080,
             scheme: "http".to_owned(),
+            tls: String::new(),
         }))
     );
     let d = &c.diagnostics[0];
