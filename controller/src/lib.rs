@@ -259,6 +259,9 @@ pub async fn start_cluster(
     })
 }
 
+/// How long the first compile waits for every kind's initial list.
+const SYNC_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn compile_loop(
     cache: Arc<source::kube::Cache>,
     shared: Arc<Shared>,
@@ -266,10 +269,18 @@ async fn compile_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     // No snapshot before every kind is listed: a half-listed cluster would look like
-    // missing MockTargets and Services, and proxies would serve errors for them.
+    // missing MockTargets and Services, and proxies would serve errors for them. A kind that
+    // cannot be listed at all (e.g. forbidden) must not hold everything else back forever:
+    // after a grace period, compile says which routes lack it (error 09 for Services).
+    let grace = tokio::time::Instant::now() + SYNC_GRACE;
     while !cache.synced() {
         tokio::select! {
             () = cache.changed.notified() => {}
+            () = tokio::time::sleep_until(grace) => {
+                tracing::error!(unsynced = ?cache.unsynced(), grace = ?SYNC_GRACE,
+                    "these kinds could not be listed; compiling without them");
+                break;
+            }
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }

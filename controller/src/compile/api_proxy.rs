@@ -6,13 +6,12 @@ use kanali_proto::v1 as pb;
 use super::Objects;
 use super::diagnostics::{Condition, condition};
 use super::paths::{normalize_host, normalize_path};
+use super::upstream::{self, ServiceKey};
 
 /// Error codes compiled into failure routes (see `reference/errorcodes.md`).
 pub mod code {
     /// Could not open or load plugin.
     pub const PLUGIN_OPEN: u32 = 3;
-    /// Could not retrieve Kubernetes secret.
-    pub const SECRET: u32 = 6;
     /// No MockTarget resource was found.
     pub const NO_MOCK_TARGET: u32 = 2;
     /// Could not retrieve Kubernetes services.
@@ -34,6 +33,8 @@ pub struct ValidProxy<'a> {
     pub target_path: String,
     /// Which backend, with its spec-level data validated.
     pub backend: ValidBackend<'a>,
+    /// `spec.target.timeout` in milliseconds; 0 when unset.
+    pub timeout_ms: u64,
 }
 
 /// A validated backend choice.
@@ -54,7 +55,12 @@ pub enum ValidBackend<'a> {
         port: u16,
     },
     /// Dynamic service selection by labels.
-    ServiceLabels,
+    ServiceLabels {
+        /// The labels, header names lowercased.
+        labels: Vec<pb::LabelMatch>,
+        /// Port to connect to.
+        port: u16,
+    },
     /// A MockTarget in the ApiProxy's namespace.
     Mock {
         /// MockTarget name.
@@ -84,6 +90,12 @@ pub fn validate(ap: &ApiProxy) -> Result<ValidProxy<'_>, Vec<String>> {
     let backend = validate_backend(&spec.target.backend)
         .map_err(|e| errors.push(e))
         .ok();
+    let timeout_ms = match spec.target.timeout.as_deref() {
+        None => 0,
+        Some(t) => parse_timeout(t)
+            .map_err(|e| errors.push(format!("spec.target.timeout: {e}")))
+            .unwrap_or_default(),
+    };
     for (i, plugin) in spec.plugins.iter().enumerate() {
         if plugin.name.trim().is_empty() {
             errors.push(format!("spec.plugins[{i}].name must not be empty"));
@@ -96,6 +108,7 @@ pub fn validate(ap: &ApiProxy) -> Result<ValidProxy<'_>, Vec<String>> {
             virtual_host,
             target_path,
             backend,
+            timeout_ms,
         }),
         _ => Err(errors),
     }
@@ -124,16 +137,8 @@ fn validate_backend(b: &Backend) -> Result<ValidBackend<'_>, String> {
             })?;
         return match (svc.name.as_deref(), svc.labels.is_empty()) {
             (Some(name), true) if !name.is_empty() => Ok(ValidBackend::Service { name, port }),
-            (None, false) => {
-                for (i, l) in svc.labels.iter().enumerate() {
-                    if l.value.is_some() == l.header.is_some() {
-                        return Err(format!(
-                            "spec.target.backend.service.labels[{i}] must set exactly one of value and header"
-                        ));
-                    }
-                }
-                Ok(ValidBackend::ServiceLabels)
-            }
+            (None, false) => validate_labels(&svc.labels)
+                .map(|labels| ValidBackend::ServiceLabels { labels, port }),
             _ => Err(
                 "spec.target.backend.service must set exactly one of name and labels".to_owned(),
             ),
@@ -145,6 +150,62 @@ fn validate_backend(b: &Backend) -> Result<ValidBackend<'_>, String> {
         }),
         _ => Err("spec.target.backend.mock.mockTargetName must not be empty".to_owned()),
     }
+}
+
+fn validate_labels(labels: &[kanali_crds::ServiceLabel]) -> Result<Vec<pb::LabelMatch>, String> {
+    use pb::label_match::Source;
+    let mut out = Vec::with_capacity(labels.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, l) in labels.iter().enumerate() {
+        let at = format!("spec.target.backend.service.labels[{i}]");
+        if !upstream::is_label_key(&l.name) {
+            return Err(format!(
+                "{at}.name {:?} is not a Kubernetes label key",
+                l.name
+            ));
+        }
+        if !seen.insert(l.name.as_str()) {
+            return Err(format!("{at}.name {:?} is listed twice", l.name));
+        }
+        let source = match (&l.value, &l.header) {
+            (Some(v), None) if upstream::is_label_value(v) => Source::Value(v.clone()),
+            (Some(v), None) => {
+                return Err(format!(
+                    "{at}.value {v:?} is not a Kubernetes label value (at most 63 letters, digits, '-', '_' and '.', alphanumeric at both ends)"
+                ));
+            }
+            (None, Some(h)) => match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => Source::Header(name.as_str().to_owned()),
+                Err(_) => return Err(format!("{at}.header {h:?} is not an HTTP header name")),
+            },
+            _ => return Err(format!("{at} must set exactly one of value and header")),
+        };
+        out.push(pb::LabelMatch {
+            name: l.name.clone(),
+            source: Some(source),
+        });
+    }
+    Ok(out)
+}
+
+/// `target.timeout`: digits and a unit (`ms`, `s`, `m`), from 1 ms to 1 h.
+fn parse_timeout(t: &str) -> Result<u64, String> {
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{t:?} is not a duration like 2500ms, 30s or 2m"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{t:?} is not a duration like 2500ms, 30s or 2m"))?;
+    if !(1..=3_600_000).contains(&ms) {
+        return Err(format!("{t:?} must be from 1ms to 60m"));
+    }
+    Ok(ms)
 }
 
 /// An endpoint is `http(s)://host[:port]`: the path comes from `target.path`, so anything else
@@ -211,6 +272,10 @@ pub struct Resolved {
     pub condition: Condition,
     /// Summary for the printer column.
     pub summary: String,
+    /// TLS material the route refers to.
+    pub tls: Option<pb::TlsMaterial>,
+    /// Service ports whose addresses the proxies need for this route.
+    pub services: Vec<ServiceKey>,
 }
 
 fn failure(code: u32, reason: &str, message: String, summary: String) -> Resolved {
@@ -218,6 +283,28 @@ fn failure(code: u32, reason: &str, message: String, summary: String) -> Resolve
         backend: pb::route::Backend::Failure(pb::Failure { code }),
         condition: Condition::failed(condition::RESOLVED_REFS, reason, message),
         summary,
+        tls: None,
+        services: Vec::new(),
+    }
+}
+
+fn summary(backend: &ValidBackend<'_>) -> String {
+    use pb::label_match::Source;
+    match backend {
+        ValidBackend::Endpoint { scheme, authority } => format!("endpoint:{scheme}://{authority}"),
+        ValidBackend::Service { name, port } => format!("service:{name}:{port}"),
+        ValidBackend::ServiceLabels { labels, port } => {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|l| match &l.source {
+                    Some(Source::Value(v)) => format!("{}={v}", l.name),
+                    Some(Source::Header(h)) => format!("{}=<{h}>", l.name),
+                    None => l.name.clone(),
+                })
+                .collect();
+            format!("service:{{{}}}:{port}", labels.join(","))
+        }
+        ValidBackend::Mock { name } => format!("mock:{name}"),
     }
 }
 
@@ -229,12 +316,7 @@ pub fn resolve(
     objects: &Objects,
     mocks: &super::MockIndex,
 ) -> Resolved {
-    let summary = match &p.backend {
-        ValidBackend::Endpoint { scheme, authority } => format!("endpoint:{scheme}://{authority}"),
-        ValidBackend::Service { name, port } => format!("service:{name}:{port}"),
-        ValidBackend::ServiceLabels => "service:<labels>".to_owned(),
-        ValidBackend::Mock { name } => format!("mock:{name}"),
-    };
+    let summary = summary(&p.backend);
     let spec = &p.object.spec;
     // Plugins are enforced by the proxy; until a plugin can run there, fail closed rather than
     // serve a route without the check its owner asked for.
@@ -251,40 +333,72 @@ pub fn resolve(
     }
     let https = match &p.backend {
         ValidBackend::Endpoint { scheme, .. } => scheme == "https",
-        ValidBackend::Service { .. } | ValidBackend::ServiceLabels => spec.target.ssl.is_some(),
+        ValidBackend::Service { .. } | ValidBackend::ServiceLabels { .. } => {
+            spec.target.ssl.is_some()
+        }
         ValidBackend::Mock { .. } => false,
     };
-    if let (true, Some(ssl)) = (https, &spec.target.ssl) {
-        return failure(
-            code::SECRET,
-            "SecretNotSupported",
-            format!(
-                "upstream TLS from Secret {namespace}/{} is not supported by this version; requests get error 06",
+    let mut notes = Vec::new();
+    let tls = match (&spec.target.ssl, https) {
+        (Some(ssl), true) => match upstream::tls_material(objects, namespace, &ssl.secret_name) {
+            Ok(material) => {
+                notes.push(format!("TLS from Secret {namespace}/{}", ssl.secret_name));
+                Some(material)
+            }
+            Err(problem) => return failure(problem.code, problem.reason, problem.message, summary),
+        },
+        (Some(ssl), false) if !matches!(p.backend, ValidBackend::Mock { .. }) => {
+            notes.push(format!(
+                "spec.target.ssl (Secret {}) is not used: the endpoint is plain http",
                 ssl.secret_name
-            ),
+            ));
+            None
+        }
+        _ => None,
+    };
+    let tls_id = tls.as_ref().map(|t| t.id.clone()).unwrap_or_default();
+    let scheme = if https { "https" } else { "http" };
+    let services_unavailable = objects.unavailable.iter().any(|k| k == "Service");
+    if services_unavailable
+        && matches!(
+            p.backend,
+            ValidBackend::Service { .. } | ValidBackend::ServiceLabels { .. }
+        )
+    {
+        return failure(
+            code::SERVICE_LOOKUP,
+            "ServicesUnavailable",
+            "the controller has no view of Services (the Service watch has not listed; see its log); requests get error 09"
+                .to_owned(),
             summary,
         );
     }
-    let resolved_ok = |backend, message: String| Resolved {
-        backend,
-        condition: Condition::ok(condition::RESOLVED_REFS, "ResolvedRefs", message),
-        summary: summary.clone(),
+    let ok = |backend, message: String, services: Vec<ServiceKey>| {
+        let mut message = message;
+        for note in &notes {
+            message.push_str("; ");
+            message.push_str(note);
+        }
+        Resolved {
+            backend,
+            condition: Condition::ok(condition::RESOLVED_REFS, "ResolvedRefs", message),
+            summary: summary.clone(),
+            tls: tls.clone(),
+            services,
+        }
     };
     match &p.backend {
-        ValidBackend::Endpoint { scheme, authority } => resolved_ok(
+        ValidBackend::Endpoint { scheme, authority } => ok(
             pb::route::Backend::Endpoint(pb::Endpoint {
                 scheme: scheme.clone(),
                 authority: authority.clone(),
-                tls: String::new(),
+                tls: tls_id,
             }),
             "endpoint backends have no references".to_owned(),
+            Vec::new(),
         ),
         ValidBackend::Service { name, port } => {
-            let found = objects.services.iter().any(|s| {
-                s.metadata.name.as_deref() == Some(*name)
-                    && s.metadata.namespace.as_deref().unwrap_or("default") == namespace
-            });
-            if !found {
+            if upstream::find_service(&objects.services, namespace, name).is_none() {
                 return failure(
                     code::NO_SERVICE,
                     "ServiceNotFound",
@@ -292,25 +406,51 @@ pub fn resolve(
                     summary.clone(),
                 );
             }
-            let scheme = if https { "https" } else { "http" };
-            resolved_ok(
+            ok(
                 pb::route::Backend::Service(pb::ServiceTarget {
                     namespace: namespace.to_owned(),
                     name: (*name).to_owned(),
                     port: u32::from(*port),
                     scheme: scheme.to_owned(),
-                    tls: String::new(),
+                    tls: tls_id,
                 }),
                 format!("Service {namespace}/{name} found"),
+                vec![(namespace.to_owned(), (*name).to_owned(), *port)],
             )
         }
-        ValidBackend::ServiceLabels => failure(
-            code::SERVICE_LOOKUP,
-            "DynamicServiceNotSupported",
-            "service selection by labels is not supported by this version; requests get error 09"
-                .to_owned(),
-            summary.clone(),
-        ),
+        ValidBackend::ServiceLabels { labels, port } => {
+            let candidates = upstream::candidates(&objects.services, namespace, labels);
+            let services = candidates
+                .iter()
+                .map(|c| (namespace.to_owned(), c.name.clone(), *port))
+                .collect();
+            let found = candidates.len();
+            let backend = pb::route::Backend::DynamicService(pb::DynamicService {
+                namespace: namespace.to_owned(),
+                port: u32::from(*port),
+                scheme: scheme.to_owned(),
+                tls: tls_id,
+                labels: labels.clone(),
+                candidates,
+            });
+            if found == 0 {
+                let mut r = failure(
+                    code::NO_SERVICE,
+                    "NoMatchingService",
+                    format!(
+                        "no Service in namespace {namespace} carries these labels; requests get error 10 until one does"
+                    ),
+                    summary.clone(),
+                );
+                r.backend = backend;
+                return r;
+            }
+            ok(
+                backend,
+                format!("{found} Service(s) in namespace {namespace} can match"),
+                services,
+            )
+        }
         ValidBackend::Mock { name } => match mocks.get(&(namespace.to_owned(), (*name).to_owned()))
         {
             None => failure(
@@ -327,9 +467,10 @@ pub fn resolve(
                 ),
                 summary.clone(),
             ),
-            Some(Ok(mock)) => resolved_ok(
+            Some(Ok(mock)) => ok(
                 pb::route::Backend::Mock(mock.clone()),
                 format!("MockTarget {namespace}/{name} found"),
+                Vec::new(),
             ),
         },
     }

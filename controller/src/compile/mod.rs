@@ -12,6 +12,7 @@ mod api_proxy;
 pub mod diagnostics;
 mod mock_target;
 pub mod paths;
+pub mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -40,11 +41,13 @@ pub struct Objects {
     pub secrets: Vec<Secret>,
     /// Services that may be used as backends.
     pub services: Vec<Service>,
-    /// Ready endpoint addresses of Services (clusters with discovery.k8s.io/v1). Not compiled
-    /// into routes yet: endpoint load balancing (issue #4) reads them.
+    /// Ready endpoint addresses of Services (clusters with discovery.k8s.io/v1).
     pub endpoint_slices: Vec<EndpointSlice>,
     /// The same from core Endpoints, for API servers without EndpointSlice v1.
     pub endpoints: Vec<Endpoints>,
+    /// Kinds the source could not list (e.g. `Service` when the watch is forbidden): compile
+    /// says so on the routes that need them instead of calling their objects missing.
+    pub unavailable: Vec<String>,
     /// Objects of the four Kanali kinds that could not even be decoded (the API server
     /// stored something the types reject); each gets `Accepted=False`.
     pub undecodable: Vec<Undecodable>,
@@ -143,7 +146,7 @@ pub fn compile(objects: &Objects) -> Compiled {
         });
     }
 
-    let mut routes = Vec::new();
+    let mut routes = Routes::default();
     compile_api_proxies(objects, &mocks, &mut diagnostics, &mut routes);
 
     for key in &objects.api_keys {
@@ -218,11 +221,20 @@ pub fn compile(objects: &Objects) -> Compiled {
         });
     }
     diagnostics.sort_by(|a, b| a.object.cmp(&b.object));
-    let snapshot = seal(routes);
+    let services = upstream::service_endpoints(objects, &routes.services);
+    let snapshot = seal(routes.routes, routes.tls.into_values().collect(), services);
     Compiled {
         snapshot,
         diagnostics,
     }
+}
+
+/// The routes of a snapshot and what they refer to.
+#[derive(Default)]
+struct Routes {
+    routes: Vec<pb::Route>,
+    tls: BTreeMap<String, pb::TlsMaterial>,
+    services: std::collections::BTreeSet<upstream::ServiceKey>,
 }
 
 /// Compiles ApiProxies into routes. Two proxies claiming the same path and host: the older
@@ -231,7 +243,7 @@ fn compile_api_proxies(
     objects: &Objects,
     mocks: &MockIndex,
     diagnostics: &mut Vec<Diagnostic>,
-    routes: &mut Vec<pb::Route>,
+    routes: &mut Routes,
 ) {
     let mut order: Vec<&ApiProxy> = objects.api_proxies.iter().collect();
     order.sort_by(|a, b| {
@@ -247,7 +259,12 @@ fn compile_api_proxies(
 
     // (path, host) -> index into `claims`
     let mut owners: BTreeMap<(String, String), usize> = BTreeMap::new();
-    let mut claims: Vec<(ObjectRef, Diagnostic, Option<pb::Route>)> = Vec::new();
+    type Claim = (
+        ObjectRef,
+        Diagnostic,
+        Option<(pb::Route, api_proxy::Resolved)>,
+    );
+    let mut claims: Vec<Claim> = Vec::new();
     for ap in order {
         let object = object_ref(Kind::ApiProxy, ap);
         let generation = ap.metadata.generation;
@@ -301,34 +318,51 @@ fn compile_api_proxies(
             path: valid.path.clone(),
             virtual_host: valid.virtual_host.clone().unwrap_or_default(),
             target_path: valid.target_path.clone(),
-            backend: Some(resolved.backend),
-            timeout_ms: 0,
+            backend: Some(resolved.backend.clone()),
+            timeout_ms: valid.timeout_ms,
         };
         let d = Diagnostic {
             object: object.clone(),
             generation,
-            conditions: vec![accepted(Vec::new(), "ApiProxy"), resolved.condition],
-            backend: Some(resolved.summary),
+            conditions: vec![accepted(Vec::new(), "ApiProxy"), resolved.condition.clone()],
+            backend: Some(resolved.summary.clone()),
         };
         owners.insert(key, claims.len());
-        claims.push((object, d, Some(route)));
+        claims.push((object, d, Some((route, resolved))));
     }
     for (_, d, route) in claims {
         diagnostics.push(d);
-        routes.extend(route);
+        if let Some((route, resolved)) = route {
+            routes.routes.push(route);
+            if let Some(tls) = resolved.tls {
+                routes.tls.insert(tls.id.clone(), tls);
+            }
+            routes.services.extend(resolved.services);
+        }
     }
 }
 
-/// Sorts the routes and fills in the content-hash version.
-fn seal(mut routes: Vec<pb::Route>) -> pb::Snapshot {
+/// Sorts the routes and fills in the content-hash versions.
+fn seal(
+    mut routes: Vec<pb::Route>,
+    tls: Vec<pb::TlsMaterial>,
+    services: Vec<pb::ServiceEndpoints>,
+) -> pb::Snapshot {
     routes.sort_by(|a, b| (&a.path, &a.virtual_host).cmp(&(&b.path, &b.virtual_host)));
+    let hex = |bytes: Vec<u8>| -> String {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
     let mut snapshot = pb::Snapshot {
-        version: String::new(),
         routes,
+        tls,
         ..Default::default()
     };
-    let digest = Sha256::digest(snapshot.encode_to_vec());
-    snapshot.version = digest.iter().map(|b| format!("{b:02x}")).collect();
+    snapshot.routes_version = hex(snapshot.encode_to_vec());
+    snapshot.services = services;
+    snapshot.version = hex(snapshot.encode_to_vec());
     snapshot
 }
 

@@ -8,6 +8,7 @@ mod api_proxy;
 mod conflicts;
 mod determinism;
 mod mock_target;
+mod upstream;
 
 use std::collections::BTreeMap;
 

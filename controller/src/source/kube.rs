@@ -18,10 +18,8 @@ use kube::{Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 
+use crate::compile::upstream::ENABLED_ANNOTATION;
 use crate::compile::{Kind, ObjectRef, Objects, Undecodable};
-
-/// Annotation a Secret needs before Kanali reads its data.
-pub const ENABLED_ANNOTATION: &str = "kanali.io/enabled";
 
 type Key = (String, String);
 
@@ -66,6 +64,16 @@ impl Cache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The kinds that have not completed their initial list.
+    pub fn unsynced(&self) -> Vec<&'static str> {
+        let inner = self.lock();
+        KINDS
+            .iter()
+            .copied()
+            .filter(|k| !inner.synced.contains(k))
+            .collect()
+    }
+
     /// Whether every kind has completed its initial list.
     pub fn synced(&self) -> bool {
         let inner = self.lock();
@@ -85,6 +93,11 @@ impl Cache {
             endpoint_slices: inner.endpoint_slices.values().cloned().collect(),
             endpoints: inner.endpoints.values().cloned().collect(),
             undecodable: inner.undecodable.values().cloned().collect(),
+            unavailable: KINDS
+                .iter()
+                .filter(|k| !inner.synced.contains(*k))
+                .map(|k| (*k).to_owned())
+                .collect(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! ApiProxy: `Accepted=False, Invalid` for specs that cannot work, `ResolvedRefs` for
 //! references, and the backend each valid proxy compiles to.
 
-use kanali_crds::{Plugin, ServiceBackend, ServiceLabel, Ssl};
+use kanali_crds::{Plugin, ServiceBackend, ServiceLabel};
 
 use super::*;
 
@@ -397,55 +397,6 @@ fn missing_service_routes_with_error_10() {
     };
     let message = assert_failure(&objects, "ServiceNotFound", 10);
     assert!(message.contains("ns/svc"), "{message}");
-}
-
-#[test]
-fn service_selected_by_labels_routes_with_error_09() {
-    let labels = Backend {
-        service: Some(ServiceBackend {
-            name: None,
-            port: 80,
-            labels: vec![ServiceLabel {
-                name: "app".to_owned(),
-                value: None,
-                header: Some("x-track".to_owned()),
-            }],
-        }),
-        ..Backend::default()
-    };
-    let objects = proxies(vec![mk_api_proxy("ns", "p", "/p", labels)]);
-    assert_failure(&objects, "DynamicServiceNotSupported", 9);
-}
-
-#[test]
-fn upstream_tls_from_a_secret_routes_with_error_06() {
-    let ssl = Some(Ssl {
-        secret_name: "tls".to_owned(),
-    });
-    let mut https = mk_api_proxy("ns", "p", "/p", endpoint("https://up"));
-    https.spec.target.ssl = ssl.clone();
-    let message = assert_failure(&proxies(vec![https]), "SecretNotSupported", 6);
-    assert!(message.contains("ns/tls"), "{message}");
-
-    // ssl makes a service https, so it is refused too (even though the Service exists).
-    let mut svc = mk_api_proxy("ns", "p", "/p", service("svc", 443));
-    svc.spec.target.ssl = ssl.clone();
-    let objects = Objects {
-        api_proxies: vec![svc],
-        services: vec![mk_service("ns", "svc")],
-        ..Objects::default()
-    };
-    assert_failure(&objects, "SecretNotSupported", 6);
-
-    // A plain http endpoint never uses the Secret: nothing to refuse.
-    let mut http = mk_api_proxy("ns", "p", "/p", endpoint("http://up"));
-    http.spec.target.ssl = ssl;
-    let c = compile(&proxies(vec![http]));
-    assert!(c.diagnostics[0].is_ok());
-    assert!(matches!(
-        only_route(&c).backend,
-        Some(pb::route::Backend::Endpoint(_))
-    ));
 }
 
 #[test]

@@ -35,8 +35,17 @@ fn sample() -> Objects {
         secrets: Vec::new(),
         services: vec![mk_service("a", "svc")],
         undecodable: Vec::new(),
-        endpoint_slices: Vec::new(),
+        endpoint_slices: vec![
+            super::upstream::mk_slice("a", "svc", &[(None, 80)], &[("10.0.0.9", None)]),
+            super::upstream::mk_slice(
+                "a",
+                "svc",
+                &[(None, 80)],
+                &[("10.0.0.1", None), ("10.0.0.5", None)],
+            ),
+        ],
         endpoints: Vec::new(),
+        unavailable: Vec::new(),
     }
 }
 
@@ -46,6 +55,10 @@ fn reversed(mut o: Objects) -> Objects {
     o.api_keys.reverse();
     o.api_key_bindings.reverse();
     o.services.reverse();
+    o.endpoint_slices.reverse();
+    for slice in &mut o.endpoint_slices {
+        slice.endpoints.reverse();
+    }
     o
 }
 
