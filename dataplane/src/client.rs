@@ -196,7 +196,8 @@ async fn subscribe(
     Ok(())
 }
 
-/// Builds the new table and swaps it in, or keeps the old one and explains why.
+/// Builds the new table (or, when only endpoints changed, updates the addresses and keeps the
+/// router) and swaps it in, or keeps the old one and explains why.
 pub fn apply(
     snapshot: &pb::Snapshot,
     tables: &ArcSwapOption<RouteTable>,
@@ -204,14 +205,18 @@ pub fn apply(
 ) -> pb::proxy_message::Message {
     use pb::proxy_message::Message;
     let version = snapshot.version.clone();
-    if tables.load().as_ref().is_some_and(|t| t.version == version) {
+    let current = tables.load_full();
+    if current.as_ref().is_some_and(|t| t.version == version) {
         return Message::Ack(pb::Ack { version });
     }
-    match RouteTable::build(snapshot, upstreams) {
+    match RouteTable::apply(snapshot, upstreams, current.as_deref()) {
         Ok(table) => {
             let routes = table.router.len();
+            let endpoints_only = current
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(&c.router, &table.router));
             tables.store(Some(Arc::new(table)));
-            tracing::info!(%version, routes, "applied snapshot");
+            tracing::info!(%version, routes, endpoints_only, "applied snapshot");
             Message::Ack(pb::Ack { version })
         }
         Err(errors) => {

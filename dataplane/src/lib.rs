@@ -5,19 +5,26 @@
 //! atomically. The [`server`] answers every request from whatever table is current when it
 //! arrives: the [`router`] finds the route, [`path`] rewrites the upstream path, and the request
 //! is either answered by a [`mock`], proxied through the pooled [`upstream`] client, or answered
-//! with a Kanali error from [`errors`].
+//! with a Kanali error from [`errors`]. The [`listener`] accepts the connections: cleartext, and
+//! optionally TLS with a certificate from [`server_tls`], reloaded when its files change.
 
 pub mod admin;
+pub mod balance;
 pub mod body;
 pub mod client;
+pub mod dynamic;
 pub mod errors;
 pub mod headers;
+pub mod listener;
 pub mod mock;
 pub mod path;
+pub mod pool;
 pub mod router;
 pub mod server;
+pub mod server_tls;
 pub mod table;
 pub mod upstream;
+pub mod upstream_tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,12 +67,17 @@ pub enum StartError {
     /// The upstream client could not be built.
     #[error(transparent)]
     Upstream(#[from] upstream::UpstreamError),
+    /// The HTTPS listener's certificate, key or client CA does not load.
+    #[error("HTTPS listener: {0}")]
+    Tls(#[from] server_tls::TlsError),
 }
 
 /// A running proxy.
 pub struct RunningProxy {
     /// Traffic address.
     pub addr: SocketAddr,
+    /// HTTPS traffic address, if the HTTPS listener is configured.
+    pub tls_addr: Option<SocketAddr>,
     /// Admin address.
     pub admin_addr: SocketAddr,
     /// The table being served (None until the first snapshot).
@@ -109,18 +121,42 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         source,
     })?;
 
+    let (shutdown, rx) = watch::channel(false);
+    // Files are loaded before anything starts, so a bad certificate fails start-up.
+    let https = match &config.server.tls {
+        None => None,
+        Some(tls) => {
+            let listener = bind("https", tls.listen).await?;
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                what: "https",
+                addr: tls.listen,
+                source,
+            })?;
+            let (server_tls, reload) = server_tls::start(tls.clone(), rx.clone())?;
+            Some((listener, addr, server_tls, reload))
+        }
+    };
+    let tls_addr = https.as_ref().map(|(_, addr, _, _)| *addr);
+
     let tables = Arc::new(ArcSwapOption::empty());
     let upstreams = Arc::new(upstream::Upstreams::new(config.upstream)?);
     let proxy = Arc::new(server::Proxy::new(tables.clone(), config.server));
-    let (shutdown, rx) = watch::channel(false);
-    let tasks = vec![
-        tokio::spawn(server::serve(listener, proxy, rx.clone())),
+    let mut https_tasks = Vec::new();
+    if let Some((listener, _, server_tls, reload)) = https {
+        let serve = server::serve(listener, Some(server_tls), proxy.clone(), rx.clone());
+        https_tasks.push(tokio::spawn(serve));
+        https_tasks.push(tokio::spawn(reload));
+    }
+    let mut tasks = vec![
+        tokio::spawn(server::serve(listener, None, proxy, rx.clone())),
         tokio::spawn(admin::serve(admin, tables.clone(), rx.clone())),
         tokio::spawn(client::run(config.client, tables.clone(), upstreams, rx)),
     ];
-    tracing::info!(%addr, %admin_addr, "proxy listening");
+    tasks.extend(https_tasks);
+    tracing::info!(%addr, ?tls_addr, %admin_addr, "proxy listening");
     Ok(RunningProxy {
         addr,
+        tls_addr,
         admin_addr,
         tables,
         shutdown,

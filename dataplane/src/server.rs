@@ -10,27 +10,37 @@ use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
+use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
 use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
 use crate::path::upstream_path;
 use crate::table::{Action, RouteTable};
-use crate::upstream::HostPool;
+use crate::upstream::Upstream;
 
-/// Listener limits.
+/// Listener limits, and the optional HTTPS listener.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Time a client has to send the request head (slowloris protection).
+    /// Time a client has to send the request head (slowloris protection); also the time a
+    /// new connection has to complete its TLS handshake, and, for HTTP/1.1, how long a
+    /// keep-alive connection may wait for its next request (hyper's timer covers that gap).
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger heads get 431.
     pub max_header_bytes: usize,
     /// Time the upstream has to start answering.
     pub upstream_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive pings on a connection that received nothing meanwhile;
+    /// None: no pings.
+    pub http2_keep_alive_interval: Option<Duration>,
+    /// A ping not acknowledged within this closes the HTTP/2 connection.
+    pub http2_keep_alive_timeout: Duration,
+    /// The HTTPS listener, if any (the cleartext one always runs).
+    pub tls: Option<crate::server_tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -39,6 +49,10 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             upstream_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            http2_keep_alive_interval: Some(Duration::from_secs(30)),
+            http2_keep_alive_timeout: Duration::from_secs(20),
+            tls: None,
         }
     }
 }
@@ -73,7 +87,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         // The guard is dropped before any await: in-flight requests keep what they computed,
         // and a snapshot swap never waits for them.
-        let (upstream, uri) = {
+        let pass = {
             let tables = self.tables.load();
             let Some(table) = tables.as_ref() else {
                 return ErrorCode::NoApiProxy.response();
@@ -83,7 +97,7 @@ impl Proxy {
             let Some(route) = table.router.lookup(host, path) else {
                 return ErrorCode::NoApiProxy.response();
             };
-            match &route.action {
+            let (upstream, cardinality) = match &route.action {
                 Action::Fail(code) => return code.response(),
                 Action::Mock(mock) => {
                     let target = upstream_path(&route.path, &route.target_path, path);
@@ -91,34 +105,58 @@ impl Proxy {
                         .respond(&target, req.method())
                         .unwrap_or_else(|| ErrorCode::NoMockTarget.response());
                 }
-                Action::Proxy(upstream) => {
-                    let target = upstream_path(&route.path, &route.target_path, path);
-                    match origin_form(&target, req.uri().query()) {
-                        Some(uri) => (upstream.clone(), uri),
-                        None => return ErrorCode::Upstream.response(),
-                    }
-                }
+                Action::Proxy(upstream) => (upstream.clone(), None),
+                Action::Dynamic(dynamic) => match dynamic.select(req.headers()) {
+                    Some(chosen) => (
+                        Upstream::Service(chosen.target.clone()),
+                        (chosen.matches > 1).then_some(chosen.matches),
+                    ),
+                    None => return ErrorCode::NoService.response(),
+                },
+            };
+            let target = upstream_path(&route.path, &route.target_path, path);
+            let Some(uri) = origin_form(&target, req.uri().query()) else {
+                return ErrorCode::Upstream.response();
+            };
+            Pass {
+                upstream,
+                uri,
+                timeout: route.timeout.unwrap_or(self.config.upstream_timeout),
+                cardinality,
             }
         };
-        self.proxy_pass(req, peer, upstream, uri, correlation_id)
-            .await
+        let cardinality = pass.cardinality;
+        let mut resp = self.proxy_pass(req, peer, pass, correlation_id).await;
+        if let Some(n) = cardinality {
+            // Said on errors too: v2 set it before proxying.
+            resp.headers_mut()
+                .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
+        }
+        resp
     }
 
     async fn proxy_pass(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        upstream: Arc<HostPool>,
-        uri: Uri,
+        pass: Pass,
         correlation_id: &HeaderValue,
     ) -> Response<ProxyBody> {
+        let Pass {
+            upstream,
+            uri,
+            timeout,
+            ..
+        } = pass;
         let (mut parts, body) = req.into_parts();
         let host = request_host_parts(&parts.uri, &parts.headers).map(str::to_owned);
         strip_hop_by_hop(&mut parts.headers);
-        set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_deref());
+        let proto = crate::listener::forwarded_proto(&parts.extensions);
+        set_forwarded(&mut parts.headers, peer.ip(), proto, host.as_deref());
         // The upstream sees the Host the client asked for (v2 behaviour); HTTP/2 clients send
-        // it as :authority, which HTTP/1.1 upstreams need as a header. A client that sent no
-        // host at all (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
+        // it as :authority, which HTTP/1.1 upstreams need as a header (an HTTP/2 upstream gets
+        // it back as :authority). A client that sent no host at all (HTTP/1.0) gets the
+        // upstream's own, since HTTP/1.1 requires one.
         if !parts.headers.contains_key(header::HOST) {
             let v = host
                 .as_deref()
@@ -135,10 +173,12 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, body);
 
-        match tokio::time::timeout(self.config.upstream_timeout, upstream.send(request)).await {
+        match tokio::time::timeout(timeout, upstream.send(request)).await {
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                // An HTTP/2 upstream's response goes back in the client's protocol.
+                parts.version = Version::HTTP_11;
                 Response::from_parts(parts, ProxyBody::Upstream(body))
             }
             Ok(Err(error)) => {
@@ -146,11 +186,20 @@ impl Proxy {
                 ErrorCode::Upstream.response()
             }
             Err(_) => {
-                tracing::debug!(upstream = %upstream.authority(), timeout = ?self.config.upstream_timeout, "upstream timed out");
+                tracing::debug!(upstream = %upstream.authority(), ?timeout, "upstream timed out");
                 ErrorCode::Upstream.response()
             }
         }
     }
+}
+
+/// Where a proxied request goes, decided while the table guard was held.
+struct Pass {
+    upstream: Upstream,
+    uri: Uri,
+    timeout: Duration,
+    /// How many Services a dynamic route matched, when more than one.
+    cardinality: Option<usize>,
 }
 
 /// Runs a request handler; if it panics, the client still gets the contract's answer (error
@@ -211,54 +260,17 @@ fn correlation_id() -> HeaderValue {
 }
 
 /// Accepts connections until `shutdown` turns true, then lets open connections finish their
-/// current requests.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(proxy.config.header_read_timeout)
-        .max_buf_size(proxy.config.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    // e.g. EMFILE: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = crate::stopped(&mut shutdown) => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(recover(proxy.handle(req, peer)).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
-            }
-        });
-    }
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 30 s; closing them");
-    }
+/// current requests. With `tls`, every connection is a TLS handshake first (with the
+/// certificate current when it was accepted), and its requests carry a
+/// [`crate::listener::TlsConnection`] extension.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<crate::server_tls::ServerTls>,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let config = proxy.config.clone();
+    crate::listener::serve(listener, tls, proxy, &config, shutdown).await;
 }
 
 #[cfg(test)]

@@ -1,15 +1,20 @@
 //! A snapshot turned into what the request path needs: an immutable routing table. Built once
 //! per snapshot, off the request path; the hot path never touches protobuf.
+//!
+//! A snapshot whose `routes_version` equals the served table's changed only endpoints: the
+//! table keeps its router (the same `Arc`) and only the Service backends' address sets move.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
 use kanali_proto::v1 as pb;
 
+use crate::balance::{ServiceBackend, ServiceKey};
+use crate::dynamic::DynamicService;
 use crate::errors::ErrorCode;
 use crate::mock::MockTable;
 use crate::router::{Router, RouterBuilder};
-use crate::upstream::{HostPool, Upstreams};
+use crate::upstream::{TlsSet, Upstream, Upstreams};
 
 /// The resource a route came from, for logs and NACKs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,13 +38,17 @@ pub struct Route {
     pub target_path: Box<str>,
     /// What to do with a matching request.
     pub action: Action,
+    /// Upstream response timeout for this route; `None`: the proxy's default.
+    pub timeout: Option<Duration>,
 }
 
 /// What a route does.
 #[derive(Debug)]
 pub enum Action {
-    /// Proxy to this upstream (its pool, shared with every route and table that sends there).
-    Proxy(Arc<HostPool>),
+    /// Proxy to this upstream (shared with every route and table that sends there).
+    Proxy(Upstream),
+    /// Proxy to the Service the request's labels choose.
+    Dynamic(DynamicService<Arc<ServiceBackend>>),
     /// Answer from a MockTarget.
     Mock(MockTable),
     /// Answer this error (the controller found a config problem).
@@ -51,8 +60,10 @@ pub enum Action {
 pub struct RouteTable {
     /// The snapshot version.
     pub version: String,
-    /// Routes by path and host.
-    pub router: Router<Route>,
+    /// The snapshot's `routes_version`: while it stays the same, so does `router`.
+    pub routes_version: String,
+    /// Routes by path and host; shared with the previous table when only endpoints changed.
+    pub router: Arc<Router<Route>>,
 }
 
 /// A part of a snapshot this proxy cannot apply.
@@ -65,20 +76,62 @@ pub struct ApplyError {
 }
 
 impl RouteTable {
-    /// Builds a table, or every reason it cannot be built (the proxy NACKs and keeps serving
-    /// the previous one).
+    /// The table for `snapshot`, given the one being served: when only endpoints changed
+    /// (same non-empty `routes_version`), the current router with the new addresses; otherwise
+    /// a new build. On error nothing changes (the proxy NACKs and keeps serving `current`).
+    pub fn apply(
+        snapshot: &pb::Snapshot,
+        upstreams: &Upstreams,
+        current: Option<&RouteTable>,
+    ) -> Result<RouteTable, Vec<ApplyError>> {
+        if let Some(current) = current
+            && !snapshot.routes_version.is_empty()
+            && current.routes_version == snapshot.routes_version
+        {
+            upstreams.refresh_services(&snapshot.services);
+            // Pods come and go while routes stay put: forget the pools of gone addresses.
+            upstreams.prune();
+            return Ok(RouteTable {
+                version: snapshot.version.clone(),
+                routes_version: current.routes_version.clone(),
+                router: current.router.clone(),
+            });
+        }
+        let tls = upstreams.tls_set(&snapshot.tls);
+        let table = Self::build_with(snapshot, upstreams, &tls)?;
+        upstreams.keep_tls(&tls);
+        // Backends the new table shares with the old one still hold the old addresses.
+        upstreams.refresh_services(&snapshot.services);
+        upstreams.prune();
+        Ok(table)
+    }
+
+    /// Builds a table from scratch, or every reason it cannot be built.
     pub fn build(
         snapshot: &pb::Snapshot,
         upstreams: &Upstreams,
     ) -> Result<RouteTable, Vec<ApplyError>> {
+        Self::build_with(snapshot, upstreams, &upstreams.tls_set(&snapshot.tls))
+    }
+
+    fn build_with(
+        snapshot: &pb::Snapshot,
+        upstreams: &Upstreams,
+        tls: &TlsSet,
+    ) -> Result<RouteTable, Vec<ApplyError>> {
         let mut builder = RouterBuilder::new();
         let mut errors = Vec::new();
+        let build = Build {
+            snapshot,
+            upstreams,
+            tls,
+        };
         for route in &snapshot.routes {
             let fail = |message: String| ApplyError {
                 resource: route.source.clone(),
                 message,
             };
-            let action = match action(route, upstreams) {
+            let action = match build.action(route) {
                 Ok(a) => a,
                 Err(message) => {
                     errors.push(fail(message));
@@ -104,6 +157,7 @@ impl RouteTable {
                 path: route.path.clone().into_boxed_str(),
                 target_path: route.target_path.clone().into_boxed_str(),
                 action,
+                timeout: (route.timeout_ms > 0).then(|| Duration::from_millis(route.timeout_ms)),
             };
             if let Err(e) = builder.insert(&route.path, host, value) {
                 errors.push(fail(e.to_string()));
@@ -112,7 +166,8 @@ impl RouteTable {
         if errors.is_empty() {
             Ok(RouteTable {
                 version: snapshot.version.clone(),
-                router: builder.build(),
+                routes_version: snapshot.routes_version.clone(),
+                router: Arc::new(builder.build()),
             })
         } else {
             Err(errors)
@@ -120,38 +175,415 @@ impl RouteTable {
     }
 }
 
-fn action(route: &pb::Route, upstreams: &Upstreams) -> Result<Action, String> {
-    use pb::route::Backend;
-    let upstream = |scheme: &str, authority: &str| -> Result<Action, String> {
-        let scheme = match scheme {
-            "http" => Scheme::HTTP,
-            "https" => Scheme::HTTPS,
-            other => return Err(format!("unsupported upstream scheme {other:?}")),
-        };
-        let authority: Authority = authority
-            .parse()
-            .map_err(|e| format!("invalid upstream authority {authority:?}: {e}"))?;
-        Ok(Action::Proxy(upstreams.pool(&scheme, &authority)))
-    };
-    if !route.path.starts_with('/') || !route.target_path.starts_with('/') {
-        return Err(format!(
-            "route paths must start with '/': {:?} -> {:?}",
-            route.path, route.target_path
-        ));
+/// What one table build needs to turn a route's backend into an [`Action`].
+struct Build<'a> {
+    snapshot: &'a pb::Snapshot,
+    upstreams: &'a Upstreams,
+    tls: &'a TlsSet,
+}
+
+fn is_https(scheme: &str) -> Result<bool, String> {
+    match scheme {
+        "http" => Ok(false),
+        "https" => Ok(true),
+        other => Err(format!("unsupported upstream scheme {other:?}")),
     }
-    match &route.backend {
-        Some(Backend::Endpoint(e)) => upstream(&e.scheme, &e.authority),
-        Some(Backend::Service(s)) => upstream(
-            &s.scheme,
-            &format!("{}.{}.svc.cluster.local:{}", s.name, s.namespace, s.port),
-        ),
-        Some(Backend::Mock(m)) => MockTable::from_proto(m).map(Action::Mock),
-        Some(Backend::Failure(f)) => ErrorCode::from_code(f.code)
-            .map(Action::Fail)
-            .ok_or_else(|| format!("unknown error code {}", f.code)),
-        Some(Backend::DynamicService(_)) => {
-            Err("dynamic service backends are not supported by this proxy".to_owned())
+}
+
+impl Build<'_> {
+    fn action(&self, route: &pb::Route) -> Result<Action, String> {
+        use pb::route::Backend;
+        if !route.path.starts_with('/') || !route.target_path.starts_with('/') {
+            return Err(format!(
+                "route paths must start with '/': {:?} -> {:?}",
+                route.path, route.target_path
+            ));
         }
-        None => Err("route has no backend".to_owned()),
+        match &route.backend {
+            Some(Backend::Endpoint(e)) => {
+                let https = is_https(&e.scheme)?;
+                let tls = if https {
+                    Some((e.tls.as_str(), self.tls.get(&e.tls)?))
+                } else {
+                    None
+                };
+                let pool = self.upstreams.endpoint(https, &e.authority, tls)?;
+                Ok(Action::Proxy(Upstream::Host(pool)))
+            }
+            Some(Backend::Service(s)) => {
+                let backend = self.service(&s.namespace, &s.name, s.port, &s.scheme, &s.tls)?;
+                Ok(Action::Proxy(Upstream::Service(backend)))
+            }
+            Some(Backend::DynamicService(d)) => {
+                let defaults = &self.upstreams.config().default_header_values;
+                DynamicService::from_proto(d, defaults, |c| {
+                    self.service(&d.namespace, &c.name, d.port, &d.scheme, &d.tls)
+                })
+                .map(Action::Dynamic)
+            }
+            Some(Backend::Mock(m)) => MockTable::from_proto(m).map(Action::Mock),
+            Some(Backend::Failure(f)) => ErrorCode::from_code(f.code)
+                .map(Action::Fail)
+                .ok_or_else(|| format!("unknown error code {}", f.code)),
+            None => Err("route has no backend".to_owned()),
+        }
+    }
+
+    fn service(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u32,
+        scheme: &str,
+        tls: &str,
+    ) -> Result<Arc<ServiceBackend>, String> {
+        let https = is_https(scheme)?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("Service {namespace}/{name}: invalid port {port}"))?;
+        let config = if https {
+            Some(self.tls.get(tls)?)
+        } else {
+            None
+        };
+        // Sorted by (namespace, name, port) per the contract; a linear scan would be quadratic
+        // for snapshots with many Services.
+        let endpoints = self
+            .snapshot
+            .services
+            .binary_search_by(|s| {
+                (s.namespace.as_str(), s.name.as_str(), s.port).cmp(&(
+                    namespace,
+                    name,
+                    u32::from(port),
+                ))
+            })
+            .ok()
+            .and_then(|i| self.snapshot.services.get(i))
+            .or_else(|| {
+                self.snapshot.services.iter().find(|s| {
+                    s.namespace == namespace && s.name == name && s.port == u32::from(port)
+                })
+            })
+            .ok_or_else(|| {
+                format!("Service {namespace}/{name} port {port} is not in the snapshot's services")
+            })?;
+        let key = ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+            port,
+            https,
+            tls: if https { tls.into() } else { "".into() },
+        };
+        self.upstreams.service(key, config, Some(endpoints))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use crate::balance::ServiceBackend;
+    use crate::upstream::{AddressMode, UpstreamConfig};
+    use pb::route::Backend;
+
+    fn route(name: &str, path: &str, backend: Backend) -> pb::Route {
+        pb::Route {
+            source: Some(pb::ResourceRef {
+                kind: "ApiProxy".into(),
+                namespace: "shop".into(),
+                name: name.into(),
+                generation: 1,
+            }),
+            path: path.into(),
+            virtual_host: String::new(),
+            target_path: "/".into(),
+            backend: Some(backend),
+            timeout_ms: 0,
+        }
+    }
+
+    fn service(name: &str, scheme: &str, tls: &str) -> Backend {
+        Backend::Service(pb::ServiceTarget {
+            namespace: "shop".into(),
+            name: name.into(),
+            port: 80,
+            scheme: scheme.into(),
+            tls: tls.into(),
+        })
+    }
+
+    fn endpoints(name: &str, cluster_ip: &str, addresses: &[&str]) -> pb::ServiceEndpoints {
+        pb::ServiceEndpoints {
+            namespace: "shop".into(),
+            name: name.into(),
+            port: 80,
+            cluster_ip: cluster_ip.into(),
+            addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    fn snapshot(version: &str, routes_version: &str, addresses: &[&str]) -> pb::Snapshot {
+        pb::Snapshot {
+            version: version.into(),
+            routes: vec![route("orders", "/orders", service("orders", "http", ""))],
+            tls: vec![],
+            services: vec![endpoints("orders", "10.96.0.10", addresses)],
+            routes_version: routes_version.into(),
+        }
+    }
+
+    fn upstreams(mode: AddressMode) -> Upstreams {
+        Upstreams::new(UpstreamConfig {
+            mode,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn backend(table: &RouteTable, path: &str) -> Arc<ServiceBackend> {
+        match &table.router.lookup(None, path).unwrap().action {
+            Action::Proxy(Upstream::Service(b)) => b.clone(),
+            other => panic!("not a Service route: {other:?}"),
+        }
+    }
+
+    fn dials(backend: &ServiceBackend) -> Vec<String> {
+        backend
+            .addresses()
+            .iter()
+            .map(|p| p.key().dial.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn unchanged_routes_version_keeps_the_router_and_moves_the_addresses() {
+        let up = upstreams(AddressMode::Endpoints);
+        let t1 = RouteTable::apply(&snapshot("v1", "r1", &["10.0.0.1:8080"]), &up, None).unwrap();
+        let b1 = backend(&t1, "/orders");
+        assert_eq!(dials(&b1), ["10.0.0.1:8080"]);
+        assert_eq!(b1.authority().as_str(), "orders.shop.svc.cluster.local:80");
+        let kept = b1.addresses()[0].clone();
+
+        let s2 = snapshot("v2", "r1", &["10.0.0.1:8080", "10.0.0.2:8080"]);
+        let t2 = RouteTable::apply(&s2, &up, Some(&t1)).unwrap();
+        assert!(Arc::ptr_eq(&t1.router, &t2.router));
+        assert_eq!(t2.version, "v2");
+        // The same backend object now balances over both, and the address that stayed kept
+        // its pool (and so its warm connections).
+        assert_eq!(dials(&b1), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert!(Arc::ptr_eq(&kept, &b1.addresses()[0]));
+
+        // New routes: a new router, but the backend and its pools carry over.
+        let t3 =
+            RouteTable::apply(&snapshot("v3", "r2", &["10.0.0.2:8080"]), &up, Some(&t2)).unwrap();
+        assert!(!Arc::ptr_eq(&t2.router, &t3.router));
+        assert!(Arc::ptr_eq(&b1, &backend(&t3, "/orders")));
+        assert_eq!(dials(&b1), ["10.0.0.2:8080"]);
+
+        // No routes_version (an older controller): always a full build.
+        let t4 = RouteTable::apply(&snapshot("v4", "", &[]), &up, Some(&t3)).unwrap();
+        let t5 = RouteTable::apply(&snapshot("v5", "", &[]), &up, Some(&t4)).unwrap();
+        assert!(!Arc::ptr_eq(&t4.router, &t5.router));
+        assert!(dials(&b1).is_empty());
+    }
+
+    #[test]
+    fn a_rejected_snapshot_leaves_the_addresses_alone() {
+        let up = upstreams(AddressMode::Endpoints);
+        let t1 = RouteTable::apply(&snapshot("v1", "r1", &["10.0.0.1:8080"]), &up, None).unwrap();
+        let mut bad = snapshot("v2", "r2", &["10.0.0.9:8080"]);
+        bad.routes.push(route(
+            "broken",
+            "/broken",
+            Backend::Failure(pb::Failure { code: 99 }),
+        ));
+        assert!(RouteTable::apply(&bad, &up, Some(&t1)).is_err());
+        assert_eq!(dials(&backend(&t1, "/orders")), ["10.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn address_modes() {
+        let s = snapshot(
+            "v1",
+            "r1",
+            &["10.0.0.1:8080", "[fd00::1]:8080", "not-an-address"],
+        );
+        let t = RouteTable::apply(&s, &upstreams(AddressMode::Endpoints), None).unwrap();
+        assert_eq!(
+            dials(&backend(&t, "/orders")),
+            ["10.0.0.1:8080", "[fd00::1]:8080"]
+        );
+        let t = RouteTable::apply(&s, &upstreams(AddressMode::ClusterIp), None).unwrap();
+        assert_eq!(dials(&backend(&t, "/orders")), ["10.96.0.10:80"]);
+        let t = RouteTable::apply(&s, &upstreams(AddressMode::Dns), None).unwrap();
+        assert_eq!(
+            dials(&backend(&t, "/orders")),
+            ["orders.shop.svc.cluster.local:80"]
+        );
+        // Headless: cluster-ip mode falls back to the endpoints.
+        let mut headless = s.clone();
+        headless.services[0].cluster_ip = String::new();
+        let t = RouteTable::apply(&headless, &upstreams(AddressMode::ClusterIp), None).unwrap();
+        assert_eq!(dials(&backend(&t, "/orders")).len(), 2);
+        let domain = Upstreams::new(UpstreamConfig {
+            mode: AddressMode::Dns,
+            cluster_domain: "corp.example".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let t = RouteTable::apply(&s, &domain, None).unwrap();
+        assert_eq!(
+            dials(&backend(&t, "/orders")),
+            ["orders.shop.svc.corp.example:80"]
+        );
+    }
+
+    fn material(id: &str, ca: &[u8]) -> pb::TlsMaterial {
+        pb::TlsMaterial {
+            id: id.into(),
+            secret: None,
+            ca_pem: ca.to_vec(),
+            cert_pem: vec![],
+            key_pem: vec![],
+        }
+    }
+
+    fn endpoint(scheme: &str, authority: &str, tls: &str) -> Backend {
+        Backend::Endpoint(pb::Endpoint {
+            scheme: scheme.into(),
+            authority: authority.into(),
+            tls: tls.into(),
+        })
+    }
+
+    #[test]
+    fn unusable_tls_material_nacks_the_routes_that_use_it() {
+        let up = upstreams(AddressMode::Endpoints);
+        let s = pb::Snapshot {
+            version: "v1".into(),
+            routes: vec![
+                route(
+                    "bad",
+                    "/bad",
+                    endpoint("https", "api.example", "shop/bad#1"),
+                ),
+                route(
+                    "missing",
+                    "/missing",
+                    endpoint("https", "api.example", "shop/gone#1"),
+                ),
+                // Plain http ignores the material, as v2 did.
+                route(
+                    "plain",
+                    "/plain",
+                    endpoint("http", "api.example", "shop/bad#1"),
+                ),
+                route("svc", "/svc", service("orders", "https", "shop/bad#1")),
+                route(
+                    "good",
+                    "/good",
+                    endpoint("https", "api.example", "shop/good#1"),
+                ),
+            ],
+            tls: vec![
+                material("shop/bad#1", b"garbage"),
+                material("shop/good#1", b""),
+            ],
+            services: vec![endpoints("orders", "", &[])],
+            routes_version: "r1".into(),
+        };
+        let errors = RouteTable::apply(&s, &up, None).unwrap_err();
+        let names: Vec<_> = errors
+            .iter()
+            .map(|e| e.resource.as_ref().unwrap().name.as_str())
+            .collect();
+        assert_eq!(names, ["bad", "missing", "svc"], "{errors:?}");
+        assert!(errors[0].message.contains("shop/bad#1"), "{errors:?}");
+        assert!(
+            errors[1].message.contains("not in the snapshot"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn rotated_tls_material_gets_a_new_pool_and_unchanged_keeps_its_own() {
+        let up = upstreams(AddressMode::Endpoints);
+        let mk = |version: &str, id: &str| pb::Snapshot {
+            version: version.into(),
+            routes: vec![route("api", "/api", endpoint("https", "api.example", id))],
+            tls: vec![material(id, b"")],
+            services: vec![],
+            routes_version: version.into(),
+        };
+        let pool = |t: &RouteTable| match &t.router.lookup(None, "/api").unwrap().action {
+            Action::Proxy(Upstream::Host(p)) => p.clone(),
+            other => panic!("{other:?}"),
+        };
+        let t1 = RouteTable::apply(&mk("v1", "shop/tls#1"), &up, None).unwrap();
+        let t2 = RouteTable::apply(&mk("v2", "shop/tls#1"), &up, Some(&t1)).unwrap();
+        assert!(Arc::ptr_eq(&pool(&t1), &pool(&t2)));
+        let t3 = RouteTable::apply(&mk("v3", "shop/tls#2"), &up, Some(&t2)).unwrap();
+        assert!(!Arc::ptr_eq(&pool(&t2), &pool(&t3)));
+        assert_eq!(&*pool(&t3).key().tls, "shop/tls#2");
+        assert_eq!(&*pool(&t3).key().dial, "api.example:443");
+    }
+
+    #[test]
+    fn services_missing_from_the_snapshot_and_bad_ports_are_rejected() {
+        let up = upstreams(AddressMode::Endpoints);
+        let mut s = snapshot("v1", "r1", &[]);
+        s.services.clear();
+        let errors = RouteTable::apply(&s, &up, None).unwrap_err();
+        assert!(
+            errors[0].message.contains("not in the snapshot"),
+            "{errors:?}"
+        );
+        let mut s = snapshot("v1", "r1", &[]);
+        if let Some(Backend::Service(t)) = &mut s.routes[0].backend {
+            t.port = 70_000;
+        }
+        assert!(RouteTable::apply(&s, &up, None).is_err());
+    }
+
+    #[test]
+    fn timeouts_and_dynamic_routes() {
+        use pb::label_match::Source;
+        let up = upstreams(AddressMode::Endpoints);
+        let mut s = snapshot("v1", "r1", &["10.0.0.1:80"]);
+        s.routes[0].timeout_ms = 250;
+        s.routes.push(route(
+            "catalog",
+            "/catalog",
+            Backend::DynamicService(pb::DynamicService {
+                namespace: "shop".into(),
+                port: 80,
+                scheme: "http".into(),
+                tls: String::new(),
+                labels: vec![pb::LabelMatch {
+                    name: "track".into(),
+                    source: Some(Source::Header("x-track".into())),
+                }],
+                candidates: vec![pb::ServiceCandidate {
+                    name: "orders".into(),
+                    labels: vec![pb::Header {
+                        name: "track".into(),
+                        value: "stable".into(),
+                    }],
+                }],
+            }),
+        ));
+        let t = RouteTable::apply(&s, &up, None).unwrap();
+        let orders = t.router.lookup(None, "/orders").unwrap();
+        assert_eq!(orders.timeout, Some(Duration::from_millis(250)));
+        let catalog = t.router.lookup(None, "/catalog").unwrap();
+        assert_eq!(catalog.timeout, None);
+        let Action::Dynamic(d) = &catalog.action else {
+            panic!("{:?}", catalog.action)
+        };
+        // The candidate shares the static route's backend.
+        let chosen = d.targets().next().unwrap();
+        assert!(Arc::ptr_eq(chosen, &backend(&t, "/orders")));
     }
 }

@@ -1,25 +1,40 @@
-//! Upstream connections: one pool per upstream (`scheme://host:port`), shared by every route
-//! and every snapshot that sends there, so swapping in a new snapshot keeps warm connections.
+//! Where proxied requests go: the registry that hands every table the same connection pools
+//! ([`HostPool`], one per address) and Service backends ([`ServiceBackend`], one per Service
+//! port), the TLS configurations built from the snapshot's material, and the settings that
+//! decide how a Service is dialled.
 //!
-//! The request path takes no lock: idle connections wait in a lock-free bounded queue, a
-//! request pops one (or dials a new one), and the connection goes back as soon as its response
-//! is complete. The Go original built a new transport — new TCP and TLS handshakes — for every
-//! request.
+//! The registry's maps are only touched when a snapshot is applied; the request path holds
+//! `Arc`s and never takes its locks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use crossbeam_queue::ArrayQueue;
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
+use kanali_proto::v1 as pb;
+use rustls::ClientConfig;
+
+use crate::balance::{ServiceBackend, ServiceKey};
+use crate::dynamic::HeaderDefaults;
+use crate::pool::{HostPool, PoolKey, PoolSettings};
+use crate::upstream_tls::{TlsContext, TlsError};
+
+/// How a Service's address is chosen (`--upstream-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AddressMode {
+    /// Balance over the ready endpoint addresses shipped in the snapshot.
+    #[default]
+    Endpoints,
+    /// Dial the Service's cluster IP (kube-proxy balances); headless Services fall back to
+    /// endpoints.
+    ClusterIp,
+    /// Dial `<svc>.<ns>.svc.<cluster-domain>`, resolved by the system resolver.
+    Dns,
+}
 
 /// Upstream connection settings.
 #[derive(Clone, Debug)]
@@ -28,8 +43,16 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// How long an idle pooled connection may be reused.
     pub idle_timeout: Duration,
-    /// Idle connections kept per upstream.
+    /// Idle connections kept per upstream address.
     pub max_idle_per_host: usize,
+    /// How Services are dialled.
+    pub mode: AddressMode,
+    /// Cluster DNS suffix in `<svc>.<ns>.svc.<cluster-domain>`.
+    pub cluster_domain: String,
+    /// Check that upstream certificates are issued for the name dialled.
+    pub verify_hostname: bool,
+    /// Values for dynamic-Service header labels when a request lacks the header.
+    pub default_header_values: HeaderDefaults,
 }
 
 impl Default for UpstreamConfig {
@@ -40,6 +63,10 @@ impl Default for UpstreamConfig {
             // connection the server is about to close.
             idle_timeout: Duration::from_secs(50),
             max_idle_per_host: 256,
+            mode: AddressMode::Endpoints,
+            cluster_domain: "cluster.local".to_owned(),
+            verify_hostname: true,
+            default_header_values: HeaderDefaults::default(),
         }
     }
 }
@@ -49,235 +76,320 @@ impl Default for UpstreamConfig {
 pub enum UpstreamError {
     /// TLS could not be set up.
     #[error("cannot set up upstream TLS: {0}")]
-    Tls(#[from] rustls::Error),
+    Tls(#[from] TlsError),
     /// Connecting (TCP or TLS) failed.
-    #[error("cannot connect to {authority}: {source}")]
+    #[error("cannot connect to {upstream}: {source}")]
     Connect {
-        /// The upstream.
-        authority: Authority,
+        /// The address dialled.
+        upstream: Box<str>,
         /// What went wrong.
         source: std::io::Error,
     },
     /// Connecting took too long.
     #[error("connecting to {0} timed out")]
-    ConnectTimeout(Authority),
+    ConnectTimeout(Box<str>),
     /// The HTTP exchange failed.
-    #[error("request to {authority} failed: {source}")]
+    #[error("request to {upstream} failed: {source}")]
     Http {
-        /// The upstream.
-        authority: Authority,
+        /// The address dialled.
+        upstream: Box<str>,
         /// What went wrong.
         source: hyper::Error,
     },
+    /// The Service has no ready endpoint.
+    #[error("{0} has no ready endpoint")]
+    NoAddresses(String),
+    /// The request could not be put into the upstream's protocol.
+    #[error("{0}")]
+    Request(String),
 }
 
-/// Creates the per-upstream pools and hands the same pool to every table that needs it.
+impl UpstreamError {
+    /// Whether nothing reached the upstream, so another address may be tried.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout(_)
+        )
+    }
+}
+
+/// Where a route sends: one fixed address, or a Service's balanced set.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    /// An `endpoint` backend.
+    Host(Arc<HostPool>),
+    /// A Service backend.
+    Service(Arc<ServiceBackend>),
+}
+
+impl Upstream {
+    /// The upstream as it is known (for the `Host` fallback and logs).
+    pub fn authority(&self) -> &Authority {
+        match self {
+            Upstream::Host(pool) => pool.authority(),
+            Upstream::Service(service) => service.authority(),
+        }
+    }
+
+    /// Sends `req` (origin-form URI, headers final) and returns the response head.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        match self {
+            Upstream::Host(pool) => pool.send(req).await,
+            Upstream::Service(service) => service.send(req).await,
+        }
+    }
+}
+
+/// The TLS configurations of one snapshot, by material id.
+#[derive(Debug)]
+pub struct TlsSet {
+    default: Arc<ClientConfig>,
+    by_id: HashMap<String, Result<Arc<ClientConfig>, String>>,
+}
+
+impl TlsSet {
+    /// The configuration for material `id` (empty: the default one), or why it is unusable.
+    pub fn get(&self, id: &str) -> Result<Arc<ClientConfig>, String> {
+        if id.is_empty() {
+            return Ok(self.default.clone());
+        }
+        match self.by_id.get(id) {
+            Some(Ok(config)) => Ok(config.clone()),
+            Some(Err(e)) => Err(format!("TLS material {id}: {e}")),
+            None => Err(format!("TLS material {id} is not in the snapshot")),
+        }
+    }
+}
+
+/// Creates the pools and Service backends and hands the same ones to every table that needs
+/// them.
 pub struct Upstreams {
     config: UpstreamConfig,
-    tls: TlsConnector,
-    // Only touched when a snapshot is applied, never per request.
-    pools: Mutex<HashMap<(Scheme, Authority), Weak<HostPool>>>,
+    tls: TlsContext,
+    default_tls: Arc<ClientConfig>,
+    tls_cache: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    pools: Mutex<HashMap<PoolKey, Weak<HostPool>>>,
+    services: Mutex<HashMap<ServiceKey, Weak<ServiceBackend>>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Gets the live value for `key`, or makes one; the map holds only weak references, so what no
+/// table uses any more goes away.
+fn get_or_make<K: Eq + Hash, V>(
+    map: &Mutex<HashMap<K, Weak<V>>>,
+    key: K,
+    make: impl FnOnce() -> Result<V, String>,
+) -> Result<Arc<V>, String> {
+    let mut map = lock(map);
+    if let Some(v) = map.get(&key).and_then(Weak::upgrade) {
+        return Ok(v);
+    }
+    let v = Arc::new(make()?);
+    map.insert(key, Arc::downgrade(&v));
+    Ok(v)
 }
 
 impl Upstreams {
-    /// Sets up TLS trust: the system's CA certificates, or the Mozilla roots bundled in the
-    /// binary when the system has none.
+    /// Loads the system roots and builds the default TLS configuration.
     pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        let (added, _) = roots.add_parsable_certificates(native.certs);
-        if added == 0 {
-            tracing::info!("no usable system CA certificates; trusting the bundled Mozilla roots");
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = TlsContext::new(config.verify_hostname);
+        let default_tls = tls.default_config()?;
         Ok(Upstreams {
             config,
-            tls: TlsConnector::from(Arc::new(tls)),
+            tls,
+            default_tls,
+            tls_cache: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
+            services: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The pool for `scheme://authority`, shared with earlier tables while any still uses it.
-    pub fn pool(&self, scheme: &Scheme, authority: &Authority) -> Arc<HostPool> {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (scheme.clone(), authority.clone());
-        if let Some(pool) = pools.get(&key).and_then(Weak::upgrade) {
-            return pool;
-        }
-        pools.retain(|_, weak| weak.strong_count() > 0);
-        let https = *scheme == Scheme::HTTPS;
-        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let tls = https.then(|| {
-            let name = ServerName::try_from(host.clone()).ok();
-            (self.tls.clone(), name)
-        });
-        let pool = Arc::new(HostPool {
-            authority: authority.clone(),
-            host,
-            port,
-            tls,
-            idle: ArrayQueue::new(self.config.max_idle_per_host.max(1)),
+    /// The settings this proxy runs with.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    fn settings(&self) -> PoolSettings {
+        PoolSettings {
             connect_timeout: self.config.connect_timeout,
             idle_timeout: self.config.idle_timeout,
-        });
-        pools.insert(key, Arc::downgrade(&pool));
-        pool
-    }
-}
-
-struct Idle {
-    sender: SendRequest<Incoming>,
-    since: Instant,
-}
-
-/// Connections to one upstream.
-pub struct HostPool {
-    authority: Authority,
-    host: String,
-    port: u16,
-    tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
-    idle: ArrayQueue<Idle>,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-}
-
-impl std::fmt::Debug for HostPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostPool")
-            .field("authority", &self.authority)
-            .field("idle", &self.idle.len())
-            .finish()
-    }
-}
-
-impl HostPool {
-    /// The upstream this pool connects to.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
+            max_idle: self.config.max_idle_per_host,
+        }
     }
 
-    /// Sends `req` (origin-form URI, headers final) and returns the response head; the body
-    /// streams on. The connection returns to the pool once the exchange is complete.
-    pub async fn send(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let (mut sender, reused) = match self.checkout() {
-            Some(sender) => (sender, true),
-            None => (self.connect().await?, false),
+    /// The TLS configurations for `materials`; material seen before (same id) is not parsed
+    /// again.
+    pub fn tls_set(&self, materials: &[pb::TlsMaterial]) -> TlsSet {
+        let cache = lock(&self.tls_cache);
+        let by_id = materials
+            .iter()
+            .map(|m| {
+                let config = match cache.get(&m.id) {
+                    Some(config) => Ok(config.clone()),
+                    None => self.tls.config(m).map_err(|e| e.to_string()),
+                };
+                (m.id.clone(), config)
+            })
+            .collect();
+        TlsSet {
+            default: self.default_tls.clone(),
+            by_id,
+        }
+    }
+
+    /// Remembers the usable configurations of an applied snapshot, and forgets the rest.
+    pub fn keep_tls(&self, set: &TlsSet) {
+        let mut cache = lock(&self.tls_cache);
+        cache.clear();
+        for (id, config) in &set.by_id {
+            if let Ok(config) = config {
+                cache.insert(id.clone(), config.clone());
+            }
+        }
+    }
+
+    /// The pool for an `endpoint` backend; `tls` is the material id and its configuration for
+    /// https.
+    pub fn endpoint(
+        &self,
+        https: bool,
+        authority: &str,
+        tls: Option<(&str, Arc<ClientConfig>)>,
+    ) -> Result<Arc<HostPool>, String> {
+        let parsed: Authority = authority
+            .parse()
+            .map_err(|e| format!("invalid upstream authority {authority:?}: {e}"))?;
+        let dial = match parsed.port_u16() {
+            Some(_) => authority.to_owned(),
+            None => format!("{}:{}", parsed.host(), if https { 443 } else { 80 }),
         };
-        let resp = match sender.try_send_request(req).await {
-            Ok(resp) => resp,
-            Err(mut e) => match e.take_message() {
-                // A pooled connection closed before the request was written to it: nothing
-                // reached the upstream, so it is safe to try once more on a fresh connection.
-                Some(req) if reused => {
-                    sender = self.connect().await?;
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(|source| self.http_error(source))?
+        let (tls_id, config) = match tls {
+            Some((id, config)) if https => (id, Some(config)),
+            _ => ("", None),
+        };
+        let key = PoolKey {
+            https,
+            dial: dial.into(),
+            authority: authority.into(),
+            tls: tls_id.into(),
+        };
+        get_or_make(&self.pools, key.clone(), || {
+            HostPool::new(key, config, self.settings())
+        })
+    }
+
+    /// The backend for Service port `key`, with the addresses of `endpoints` when it is new
+    /// (a backend already in use keeps its addresses until [`Upstreams::refresh_services`]).
+    pub fn service(
+        &self,
+        key: ServiceKey,
+        tls: Option<Arc<ClientConfig>>,
+        endpoints: Option<&pb::ServiceEndpoints>,
+    ) -> Result<Arc<ServiceBackend>, String> {
+        let dns = format!(
+            "{}.{}.svc.{}:{}",
+            key.name, key.namespace, self.config.cluster_domain, key.port
+        );
+        let authority: Authority = dns
+            .parse()
+            .map_err(|e| format!("invalid Service DNS name {dns:?}: {e}"))?;
+        let tls = tls.filter(|_| key.https);
+        get_or_make(&self.services, key.clone(), || {
+            let addresses = self.addresses(&key, &authority, tls.as_ref(), endpoints)?;
+            Ok(ServiceBackend::new(key, authority, tls, addresses))
+        })
+    }
+
+    /// Points every live Service backend at the addresses in `services` (a Service that is not
+    /// listed has none).
+    pub fn refresh_services(&self, services: &[pb::ServiceEndpoints]) {
+        let index: HashMap<(&str, &str, u32), &pb::ServiceEndpoints> = services
+            .iter()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str(), s.port), s))
+            .collect();
+        let backends: Vec<Arc<ServiceBackend>> = {
+            let mut map = lock(&self.services);
+            map.retain(|_, weak| weak.strong_count() > 0);
+            map.values().filter_map(Weak::upgrade).collect()
+        };
+        for backend in backends {
+            let key = backend.key();
+            let endpoints = index
+                .get(&(&*key.namespace, &*key.name, u32::from(key.port)))
+                .copied();
+            match self.addresses(key, backend.authority(), backend.tls(), endpoints) {
+                Ok(addresses) => backend.set_addresses(addresses),
+                Err(error) => {
+                    tracing::warn!(%error, service = %backend.authority(), "keeping the previous addresses")
                 }
-                _ => return Err(self.http_error(e.into_error())),
-            },
+            }
+        }
+    }
+
+    /// Forgets pools no table uses any more.
+    pub fn prune(&self) {
+        lock(&self.pools).retain(|_, weak| weak.strong_count() > 0);
+        lock(&self.services).retain(|_, weak| weak.strong_count() > 0);
+    }
+
+    /// The pools a Service port is dialled through under this proxy's address mode. The TLS
+    /// server name is always the Service's DNS name, even when an IP address is dialled.
+    fn addresses(
+        &self,
+        key: &ServiceKey,
+        authority: &Authority,
+        tls: Option<&Arc<ClientConfig>>,
+        endpoints: Option<&pb::ServiceEndpoints>,
+    ) -> Result<Box<[Arc<HostPool>]>, String> {
+        let cluster_ip = endpoints.and_then(|e| cluster_ip(&e.cluster_ip));
+        let dials: Vec<String> = match (self.config.mode, cluster_ip) {
+            (AddressMode::Dns, _) => vec![authority.to_string()],
+            (AddressMode::ClusterIp, Some(ip)) => {
+                vec![SocketAddr::new(ip, key.port).to_string()]
+            }
+            (AddressMode::Endpoints | AddressMode::ClusterIp, _) => endpoints
+                .map(|e| e.addresses.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|a| match a.parse::<SocketAddr>() {
+                    Ok(addr) => Some(addr.to_string()),
+                    Err(_) => {
+                        tracing::warn!(address = %a, service = %authority, "ignoring an endpoint address that is not ip:port");
+                        None
+                    }
+                })
+                .collect(),
         };
-        self.release(sender);
-        Ok(resp)
+        dials
+            .into_iter()
+            .map(|dial| {
+                let pool_key = PoolKey {
+                    https: key.https,
+                    dial: dial.into(),
+                    authority: authority.as_str().into(),
+                    tls: key.tls.clone(),
+                };
+                get_or_make(&self.pools, pool_key.clone(), || {
+                    HostPool::new(pool_key, tls.cloned(), self.settings())
+                })
+            })
+            .collect()
     }
+}
 
-    fn http_error(&self, source: hyper::Error) -> UpstreamError {
-        UpstreamError::Http {
-            authority: self.authority.clone(),
-            source,
-        }
-    }
-
-    fn checkout(&self) -> Option<SendRequest<Incoming>> {
-        while let Some(idle) = self.idle.pop() {
-            if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
-                return Some(idle.sender);
-            }
-            // Closed by the upstream, or idle too long: drop it (closes the connection).
-        }
-        None
-    }
-
-    fn release(self: &Arc<Self>, mut sender: SendRequest<Incoming>) {
-        if sender.is_ready() {
-            let _ = self.idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        } else if !sender.is_closed() {
-            // Still busy with this response's body: take it back once that is done.
-            let pool = self.clone();
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    let _ = pool.idle.push(Idle {
-                        sender,
-                        since: Instant::now(),
-                    });
-                }
-            });
-        }
-    }
-
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.connect_timeout, self.dial()).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::ConnectTimeout(self.authority.clone())),
-        }
-    }
-
-    async fn dial(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        let connect_error = |source| UpstreamError::Connect {
-            authority: self.authority.clone(),
-            source,
-        };
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(connect_error)?;
-        let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            None => self.handshake(tcp).await,
-            Some((connector, name)) => {
-                let name = name.clone().ok_or_else(|| {
-                    connect_error(std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "not a valid TLS server name",
-                    ))
-                })?;
-                let tls = connector.connect(name, tcp).await.map_err(connect_error)?;
-                self.handshake(tls).await
-            }
-        }
-    }
-
-    async fn handshake<T>(&self, io: T) -> Result<SendRequest<Incoming>, UpstreamError>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| self.http_error(source))?;
-        let authority = self.authority.clone();
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, upstream = %authority, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
-    }
+/// The cluster IP to dial, `None` for headless Services (`None` in the API, empty here).
+fn cluster_ip(ip: &str) -> Option<IpAddr> {
+    ip.parse().ok()
 }

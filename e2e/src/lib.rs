@@ -2,7 +2,8 @@
 //!
 //! The echo server answers every request with a JSON description of what it received —
 //! method, raw path, query, headers and body — the same idea as the v2 e2e suite's `tester`
-//! image, so tests can assert on exactly what a proxy forwarded.
+//! image, so tests can assert on exactly what a proxy forwarded. [`tls`] adds certificates
+//! generated in the test, an HTTPS echo upstream and a small HTTPS client.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
 pub mod kubectl;
+pub mod tls;
 
 /// A running echo upstream.
 pub struct Echo {
@@ -42,7 +44,16 @@ impl Drop for Echo {
 /// Starts an echo server (HTTP/1.1 and h2c) on `addr` (use port 0 in tests). `name` is
 /// returned in every answer, to tell several upstreams apart.
 pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
-    let listener = TcpListener::bind(addr).await?;
+    spawn_echo(TcpListener::bind(addr).await?, name, None)
+}
+
+/// Serves the echo service on `listener`; with `tls`, each connection is a TLS handshake
+/// first (done in the connection's task, so a slow client never stalls the accept loop).
+fn spawn_echo(
+    listener: TcpListener,
+    name: &str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<Echo> {
     let addr = listener.local_addr()?;
     let hits = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
@@ -55,15 +66,31 @@ pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
                 continue;
             };
             c.fetch_add(1, Ordering::Relaxed);
-            let (hits, release, name) = (h.clone(), r.clone(), name.clone());
+            let conn = EchoConn {
+                hits: h.clone(),
+                release: r.clone(),
+                name: name.clone(),
+                client_cert: false,
+            };
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    hits.fetch_add(1, Ordering::Relaxed);
-                    answer(req, name.clone(), release.clone())
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                match tls {
+                    None => conn.serve(stream).await,
+                    Some(acceptor) => {
+                        // A failed handshake (e.g. no client certificate) just ends the
+                        // connection, which is what the client under test should observe.
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let client_cert = stream.get_ref().1.peer_certificates().is_some();
+                        EchoConn {
+                            client_cert,
+                            ..conn
+                        }
+                        .serve(stream)
+                        .await
+                    }
+                }
             });
         }
     });
@@ -76,13 +103,64 @@ pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
     })
 }
 
+/// What one echo connection needs to answer.
+struct EchoConn {
+    hits: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+    name: Arc<str>,
+    /// Whether the client presented a (verified) TLS client certificate.
+    client_cert: bool,
+}
+
+impl EchoConn {
+    async fn serve<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let EchoConn {
+            hits,
+            release,
+            name,
+            client_cert,
+        } = self;
+        let service = hyper::service::service_fn(move |req| {
+            hits.fetch_add(1, Ordering::Relaxed);
+            answer(req, name.clone(), release.clone(), client_cert)
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+    }
+}
+
 type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn answer(
     req: Request<Incoming>,
     name: Arc<str>,
     release: Arc<Notify>,
+    client_cert: bool,
 ) -> Result<Response<EchoBody>, Infallible> {
+    let version = req.version();
+    let mut resp = answer_body(req, name, release).await;
+    // Headers rather than JSON fields, so they are also on `/stream` and non-JSON answers.
+    if let Ok(v) = http::HeaderValue::from_str(&format!("{version:?}")) {
+        resp.headers_mut().insert("x-echo-version", v);
+    }
+    if client_cert {
+        resp.headers_mut().insert(
+            "x-echo-client-cert",
+            http::HeaderValue::from_static("present"),
+        );
+    }
+    Ok(resp)
+}
+
+async fn answer_body(
+    req: Request<Incoming>,
+    name: Arc<str>,
+    release: Arc<Notify>,
+) -> Response<EchoBody> {
     if req.uri().path() == "/stream" {
         // Two chunks with a wait in between: proves a proxy streams rather than buffers.
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
@@ -96,9 +174,17 @@ async fn answer(
                 .await;
         });
         let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        return Ok(Response::new(body.boxed()));
+        return Response::new(body.boxed());
     }
     let (parts, body) = req.into_parts();
+    // A slow upstream, for timeout tests: the head is sent only after this delay.
+    if let Some(ms) = parts
+        .headers
+        .get("x-echo-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let body = body
         .collect()
         .await
@@ -137,5 +223,5 @@ async fn answer(
     {
         *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     }
-    Ok(resp)
+    resp
 }

@@ -1,12 +1,15 @@
 //! `kanali-proxy`: subscribes to the Kanali controller and serves API traffic.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use kanali_dataplane::client::ClientConfig;
+use kanali_dataplane::dynamic::HeaderDefaults;
 use kanali_dataplane::server::ServerConfig;
-use kanali_dataplane::upstream::UpstreamConfig;
+use kanali_dataplane::server_tls::{DEFAULT_RELOAD_INTERVAL, TlsConfig};
+use kanali_dataplane::upstream::{AddressMode, UpstreamConfig};
 use kanali_dataplane::{ProxyConfig, start};
 
 /// Kanali proxy.
@@ -39,18 +42,85 @@ struct Args {
     /// Largest request head in bytes (at least 8192); larger ones get 431.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(8192..=16 * 1024 * 1024))]
     max_header_bytes: u64,
+    /// Seconds a connection may stay open with no request in flight (HTTP/1.1 keep-alive
+    /// connections are also closed when the next request head takes longer than
+    /// --header-read-timeout-secs).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_secs: u64,
+    /// Seconds between HTTP/2 keep-alive pings on a quiet connection; 0: no pings.
+    #[arg(long, default_value_t = 30)]
+    http2_keep_alive_interval_secs: u64,
+    /// Seconds an HTTP/2 keep-alive ping may go unanswered before the connection is closed.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    http2_keep_alive_timeout_secs: u64,
+    /// HTTPS listener (HTTP/1.1 and HTTP/2 over TLS); off unless set.
+    #[arg(long, env = "KANALI_TLS_LISTEN", requires_all = ["tls_cert_file", "tls_key_file"])]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain (leaf first) of the HTTPS listener; reloaded when it changes.
+    #[arg(long, env = "KANALI_TLS_CERT_FILE", requires = "tls_listen")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the HTTPS listener; reloaded when it changes.
+    #[arg(long, env = "KANALI_TLS_KEY_FILE", requires = "tls_listen")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: when set, HTTPS clients must present a certificate they issued.
+    #[arg(long, env = "KANALI_TLS_CLIENT_CA_FILE", requires = "tls_listen")]
+    tls_client_ca_file: Option<PathBuf>,
     /// Seconds an upstream has to start answering before the request fails with error 08.
     #[arg(long, default_value_t = 60)]
     upstream_timeout_secs: u64,
     /// Seconds to wait for an upstream TCP connection.
     #[arg(long, default_value_t = 5)]
     upstream_connect_timeout_secs: u64,
+    /// Seconds an idle upstream connection is kept for reuse.
+    #[arg(long, default_value_t = 50)]
+    upstream_idle_timeout_secs: u64,
+    /// How Service backends are dialled: `endpoints` balances over the ready endpoint
+    /// addresses, `cluster-ip` dials the Service's cluster IP, `dns` its DNS name.
+    #[arg(long, env = "KANALI_UPSTREAM_MODE", value_enum, default_value_t = UpstreamMode::Endpoints)]
+    upstream_mode: UpstreamMode,
+    /// Cluster DNS domain, for Service names `<svc>.<ns>.svc.<domain>`.
+    #[arg(long, env = "KANALI_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Accept upstream certificates issued for another name (the chain is still verified).
+    #[arg(long)]
+    upstream_tls_insecure_skip_hostname_verification: bool,
+    /// `NAME=VALUE`: the value of request header NAME (case-insensitive) for dynamic-Service
+    /// labels when a request lacks it; repeatable.
+    #[arg(long = "default-header-value", value_name = "NAME=VALUE", value_parser = parse_header_default)]
+    default_header_values: Vec<(String, String)>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "KANALI_LOG", default_value = "info")]
     log: String,
     /// Log as JSON lines.
     #[arg(long, env = "KANALI_LOG_JSON")]
     log_json: bool,
+}
+
+/// `--upstream-mode` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum UpstreamMode {
+    Endpoints,
+    ClusterIp,
+    Dns,
+}
+
+impl From<UpstreamMode> for AddressMode {
+    fn from(mode: UpstreamMode) -> Self {
+        match mode {
+            UpstreamMode::Endpoints => AddressMode::Endpoints,
+            UpstreamMode::ClusterIp => AddressMode::ClusterIp,
+            UpstreamMode::Dns => AddressMode::Dns,
+        }
+    }
+}
+
+fn parse_header_default(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
 }
 
 // The request path allocates small, short-lived objects at a high rate (headers, futures);
@@ -109,9 +179,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
             header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
             max_header_bytes: usize::try_from(args.max_header_bytes)?,
             upstream_timeout: Duration::from_secs(args.upstream_timeout_secs),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            http2_keep_alive_interval: (args.http2_keep_alive_interval_secs > 0)
+                .then(|| Duration::from_secs(args.http2_keep_alive_interval_secs)),
+            http2_keep_alive_timeout: Duration::from_secs(args.http2_keep_alive_timeout_secs),
+            tls: match (args.tls_listen, args.tls_cert_file, args.tls_key_file) {
+                (Some(listen), Some(cert_file), Some(key_file)) => Some(TlsConfig {
+                    listen,
+                    cert_file,
+                    key_file,
+                    client_ca_file: args.tls_client_ca_file,
+                    reload_interval: DEFAULT_RELOAD_INTERVAL,
+                }),
+                // clap requires all three together.
+                _ => None,
+            },
         },
         upstream: UpstreamConfig {
             connect_timeout: Duration::from_secs(args.upstream_connect_timeout_secs),
+            idle_timeout: Duration::from_secs(args.upstream_idle_timeout_secs),
+            mode: args.upstream_mode.into(),
+            cluster_domain: args.cluster_domain,
+            verify_hostname: !args.upstream_tls_insecure_skip_hostname_verification,
+            default_header_values: HeaderDefaults::new(args.default_header_values),
             ..UpstreamConfig::default()
         },
     };

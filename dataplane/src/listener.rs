@@ -1,0 +1,410 @@
+//! Accepting connections, cleartext or TLS, and the limits on each connection.
+//!
+//! Each accepted connection gets its own task, which does the TLS handshake (so a slow
+//! handshake never stalls the accept loop), then serves HTTP/1.1 or HTTP/2 with the hyper-util
+//! auto builder. Per connection, besides what hyper enforces:
+//!
+//! - a connection that has not delivered a complete request within `header_read_timeout` of
+//!   being accepted (after its TLS handshake) is closed. hyper's own `header_read_timeout`
+//!   only starts once an HTTP/1 connection has been recognised as such, so it misses a client
+//!   that sends nothing or part of the HTTP/2 preface (the auto builder waits for those bytes
+//!   without a timeout), and HTTP/2 has no equivalent at all;
+//! - a connection with no request in flight for `idle_timeout` is closed gracefully (HTTP/2:
+//!   GOAWAY). For HTTP/1.1 hyper already closes a keep-alive connection whose next request
+//!   head does not arrive within `header_read_timeout` (its timer restarts as soon as a
+//!   response is done), so there the effective idle limit is the smaller of the two.
+//!
+//! The bookkeeping per request is a few atomic operations and clock reads; no locks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Extensions, Request};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::server::{Proxy, ServerConfig, recover};
+use crate::server_tls::ServerTls;
+
+/// Marks a request that arrived over TLS: present in the extensions of every request the
+/// HTTPS listener serves, absent on the cleartext listener (absent costs nothing per request;
+/// inserting one allocates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsConnection {
+    /// Whether the client presented a certificate (verified against the client CA).
+    pub client_cert: bool,
+}
+
+/// The scheme the client used, for `X-Forwarded-Proto`: `"https"` when the request carries
+/// a [`TlsConnection`], else `"http"`.
+pub fn forwarded_proto(extensions: &Extensions) -> &'static str {
+    if extensions.get::<TlsConnection>().is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// How long to wait for open connections to finish after shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections until `shutdown` turns true, then lets open connections finish their
+/// current requests (at most [`DRAIN_TIMEOUT`]).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    proxy: Arc<Proxy>,
+    config: &ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(builder(config));
+    let limits = Limits {
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    // Every connection task holds a receiver; `closed()` resolves when the last one is gone.
+    // (hyper-util's GracefulShutdown does the same, but only for hyper's own connection types,
+    // and the idle timeout needs to trigger the graceful close itself.)
+    let (drain, _) = watch::channel(());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    // e.g. EMFILE: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = crate::stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Conn {
+            peer,
+            proxy: proxy.clone(),
+            builder: builder.clone(),
+            limits,
+            shutdown: shutdown.clone(),
+            _drain: drain.subscribe(),
+        };
+        match &tls {
+            None => {
+                tokio::spawn(conn.serve(stream, None));
+            }
+            Some(tls) => {
+                // The configuration current at accept time; a reload never changes a
+                // connection's certificate mid-handshake.
+                let acceptor = tls.acceptor();
+                tokio::spawn(conn.handshake(acceptor, stream));
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 30 s; closing them");
+    }
+}
+
+fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        // Finds peers that vanished without closing (their requests would otherwise hold
+        // the connection until the idle timeout, or forever while one is in flight).
+        .keep_alive_interval(config.http2_keep_alive_interval)
+        .keep_alive_timeout(config.http2_keep_alive_timeout);
+    builder
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// One accepted connection, owned by its task.
+struct Conn {
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+    /// Held until the connection is done, so shutdown can wait for it.
+    _drain: watch::Receiver<()>,
+}
+
+impl Conn {
+    async fn handshake(
+        mut self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        stream: tokio::net::TcpStream,
+    ) {
+        let peer = self.peer;
+        let handshake =
+            tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream));
+        let stream = tokio::select! {
+            done = handshake => match done {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, %peer, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            },
+            // Nothing in flight yet: nothing to drain.
+            () = crate::stopped(&mut self.shutdown) => return,
+        };
+        let info = TlsConnection {
+            client_cert: stream.get_ref().1.peer_certificates().is_some(),
+        };
+        self.serve(stream, Some(info)).await;
+    }
+
+    async fn serve<I>(self, io: I, tls: Option<TlsConnection>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            peer,
+            proxy,
+            builder,
+            limits,
+            mut shutdown,
+            _drain,
+        } = self;
+        let activity = Arc::new(Activity::new());
+        let service = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                if let Some(tls) = tls {
+                    req.extensions_mut().insert(tls);
+                }
+                let in_flight = activity.begin();
+                let proxy = proxy.clone();
+                async move {
+                    let resp = recover(proxy.handle(req, peer)).await;
+                    // The request stays in flight until its response body is sent (or
+                    // dropped), so a long download or stream is not "idle".
+                    Ok::<_, Infallible>(resp.map(|body| Tracked {
+                        body,
+                        _in_flight: in_flight,
+                    }))
+                }
+            })
+        };
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let idle = idle(&activity, limits);
+        // Armed when an idle connection is asked to close: a graceful close waits for the
+        // client (HTTP/2 GOAWAY and ping), and a client that never answers must not keep
+        // the connection open.
+        let force = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(conn, idle, force);
+        let (mut closing, mut forcing) = (false, false);
+        loop {
+            tokio::select! {
+                biased;
+                ended = conn.as_mut() => {
+                    if let Err(error) = ended {
+                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = crate::stopped(&mut shutdown), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                reason = &mut idle, if !closing => {
+                    tracing::debug!(%peer, reason, "closing connection");
+                    closing = true;
+                    forcing = true;
+                    force.as_mut().reset(Instant::now() + limits.header_read_timeout);
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = &mut force, if forcing => {
+                    if activity.idle_for().is_some() {
+                        tracing::debug!(%peer, "connection did not close when asked; dropping it");
+                        return;
+                    }
+                    force.as_mut().reset(Instant::now() + limits.header_read_timeout);
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the connection should be closed for want of requests: none in flight for
+/// `idle_timeout`, or, before the first, for the smaller of that and `header_read_timeout`.
+async fn idle(activity: &Activity, limits: Limits) -> &'static str {
+    loop {
+        let (limit, reason) =
+            if activity.started() || limits.idle_timeout <= limits.header_read_timeout {
+                (limits.idle_timeout, "idle timeout")
+            } else {
+                (
+                    limits.header_read_timeout,
+                    "no request within the header read timeout",
+                )
+            };
+        match activity.idle_for() {
+            Some(idle) if idle >= limit => return reason,
+            Some(idle) => tokio::time::sleep(limit - idle).await,
+            // Busy: look again later (the deadline only matters once it is idle).
+            None => tokio::time::sleep(limits.idle_timeout).await,
+        }
+    }
+}
+
+/// Requests in flight on one connection and when the last one began or ended. Atomics, so
+/// that HTTP/2 streams on several threads never wait for each other.
+struct Activity {
+    base: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `base`; `u64::MAX` until the first request.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            base: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        InFlight(self.clone())
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_ms.store(ms, Ordering::Release);
+    }
+
+    fn started(&self) -> bool {
+        self.last_ms.load(Ordering::Acquire) != u64::MAX
+    }
+
+    /// How long nothing has been in flight; None while something is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = match self.last_ms.load(Ordering::Acquire) {
+            u64::MAX => Duration::ZERO,
+            ms => Duration::from_millis(ms),
+        };
+        Some(self.base.elapsed().saturating_sub(last))
+    }
+}
+
+/// One request in flight; ends when dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Stamp first: a watcher that sees zero in flight must also see the fresh time.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done.
+struct Tracked<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_is_closed_after_the_header_read_timeout() {
+        let activity = Arc::new(Activity::new());
+        let start = Instant::now();
+        let reason = idle(&activity, limits()).await;
+        assert_eq!(reason, "no request within the header read timeout");
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_end_of_the_last_request() {
+        let activity = Arc::new(Activity::new());
+        let start = Instant::now();
+        let watcher = tokio::spawn({
+            let activity = activity.clone();
+            async move { idle(&activity, limits()).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let request = activity.begin();
+        // A long request is not idle, however long it takes.
+        tokio::time::sleep(Duration::from_secs(150)).await;
+        assert!(!watcher.is_finished());
+        drop(request);
+        assert_eq!(watcher.await.unwrap(), "idle timeout");
+        assert_eq!(start.elapsed(), Duration::from_secs(211));
+    }
+
+    #[test]
+    fn the_forwarded_proto_follows_the_marker() {
+        let mut ext = Extensions::new();
+        assert_eq!(forwarded_proto(&ext), "http");
+        ext.insert(TlsConnection { client_cert: false });
+        assert_eq!(forwarded_proto(&ext), "https");
+    }
+}

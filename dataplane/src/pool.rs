@@ -1,0 +1,460 @@
+//! Connections to one upstream address, shared by every route, Service and snapshot that sends
+//! there, so swapping in a new snapshot keeps warm connections.
+//!
+//! HTTP/1.1 connections wait in a lock-free bounded queue: a request pops one (or dials a new
+//! one), and the connection goes back as soon as its response is complete. A TLS upstream that
+//! negotiates `h2` instead gets one multiplexed connection, held in an atomic slot every request
+//! clones its sender from, and redialled when it closes. The Go original built a new transport
+//! — new TCP and TLS handshakes — for every request.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+use crate::upstream::UpstreamError;
+use crate::upstream_tls::server_name;
+
+/// What makes two pools the same: an unchanged upstream keeps its pool (and its warm
+/// connections) across snapshots, while rotated TLS material — a new id — gets a new pool and
+/// the old one drains with the requests still using it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// TLS or cleartext.
+    pub https: bool,
+    /// `host:port` dialled.
+    pub dial: Box<str>,
+    /// `host[:port]` the upstream is known as: its host is the TLS server name, the whole is
+    /// the `Host` sent when the client gave none.
+    pub authority: Box<str>,
+    /// `TlsMaterial.id`; empty: the default configuration (system roots, no client cert).
+    pub tls: Box<str>,
+}
+
+/// Pool tunables, from [`crate::upstream::UpstreamConfig`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+/// Milliseconds since the first call, never 0 (0 means "never failed").
+pub(crate) fn now_millis() -> u64 {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// A connection ready for one request; nothing has been sent on it yet.
+pub(crate) enum Conn {
+    H1 {
+        sender: http1::SendRequest<Incoming>,
+        reused: bool,
+    },
+    H2 {
+        sender: http2::SendRequest<Incoming>,
+        reused: bool,
+    },
+}
+
+impl Conn {
+    fn reused(&self) -> bool {
+        match self {
+            Conn::H1 { reused, .. } | Conn::H2 { reused, .. } => *reused,
+        }
+    }
+}
+
+/// Connections to one upstream address.
+pub struct HostPool {
+    key: PoolKey,
+    authority: Authority,
+    dial_host: Box<str>,
+    dial_port: u16,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    // Created on first release: most endpoint addresses of a big cluster never see a request
+    // from this proxy, and the queue allocates all its slots up front.
+    idle: OnceLock<ArrayQueue<Idle>>,
+    h2: ArcSwapOption<http2::SendRequest<Incoming>>,
+    speaks_h2: AtomicBool,
+    h2_dial: tokio::sync::Mutex<()>,
+    in_flight: AtomicUsize,
+    failed_at: AtomicU64,
+    settings: PoolSettings,
+}
+
+impl std::fmt::Debug for HostPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPool")
+            .field("key", &self.key)
+            .field("idle", &self.idle.get().map_or(0, ArrayQueue::len))
+            .field("h2", &self.speaks_h2.load(Ordering::Relaxed))
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// Counts a request against a pool while it waits for its response head, so the balancer
+/// sees which addresses are busy.
+pub(crate) struct InFlight<'a>(&'a HostPool);
+
+impl<'a> InFlight<'a> {
+    pub(crate) fn new(pool: &'a HostPool) -> Self {
+        pool.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(pool)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl HostPool {
+    pub(crate) fn new(
+        key: PoolKey,
+        tls: Option<Arc<ClientConfig>>,
+        settings: PoolSettings,
+    ) -> Result<Self, String> {
+        let authority: Authority = key
+            .authority
+            .parse()
+            .map_err(|e| format!("invalid upstream authority {:?}: {e}", key.authority))?;
+        let dial: Authority = key
+            .dial
+            .parse()
+            .map_err(|e| format!("invalid upstream address {:?}: {e}", key.dial))?;
+        let dial_port = dial.port_u16().unwrap_or(if key.https { 443 } else { 80 });
+        let dial_host = dial.host().trim_start_matches('[').trim_end_matches(']');
+        let tls = match tls {
+            Some(config) if key.https => {
+                Some((TlsConnector::from(config), server_name(authority.host())?))
+            }
+            _ => None,
+        };
+        Ok(HostPool {
+            dial_host: dial_host.into(),
+            dial_port,
+            key,
+            authority,
+            tls,
+            idle: OnceLock::new(),
+            h2: ArcSwapOption::empty(),
+            speaks_h2: AtomicBool::new(false),
+            h2_dial: tokio::sync::Mutex::new(()),
+            in_flight: AtomicUsize::new(0),
+            failed_at: AtomicU64::new(0),
+            settings,
+        })
+    }
+
+    /// What identifies this pool.
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+
+    /// The upstream this pool connects to, as it is known (not necessarily as dialled).
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// Requests waiting for a response head from this address.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// When connecting last failed ([`now_millis`] scale), 0 if the last attempt worked.
+    pub(crate) fn failed_at(&self) -> u64 {
+        self.failed_at.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last attempt to connect failed (the balancer skips such an address for a
+    /// few seconds).
+    pub fn last_connect_failed(&self) -> bool {
+        self.failed_at() != 0
+    }
+
+    /// Whether the upstream negotiated HTTP/2 on its last TLS handshake.
+    pub fn speaks_h2(&self) -> bool {
+        self.speaks_h2.load(Ordering::Relaxed)
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set, headers final) and returns the response head;
+    /// the body streams on.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let _in_flight = InFlight::new(self);
+        let conn = self.connection().await?;
+        self.send_on(conn, req).await
+    }
+
+    /// A connection to send on: the shared HTTP/2 one, an idle HTTP/1.1 one, or a new one.
+    /// An error here means nothing was sent, so the caller may try another address.
+    pub(crate) async fn connection(self: &Arc<Self>) -> Result<Conn, UpstreamError> {
+        if let Some(sender) = self.live_h2() {
+            return Ok(Conn::H2 {
+                sender,
+                reused: true,
+            });
+        }
+        if self.speaks_h2() {
+            // One handshake for everyone waiting: the connection it makes serves them all.
+            let _dialing = self.h2_dial.lock().await;
+            if let Some(sender) = self.live_h2() {
+                return Ok(Conn::H2 {
+                    sender,
+                    reused: true,
+                });
+            }
+            return self.connect().await;
+        }
+        match self.checkout() {
+            Some(sender) => Ok(Conn::H1 {
+                sender,
+                reused: true,
+            }),
+            None => self.connect().await,
+        }
+    }
+
+    /// Sends on `conn`. A reused connection that closed before the request went out is
+    /// replaced once by a fresh one: nothing reached the upstream, so that is safe.
+    pub(crate) async fn send_on(
+        self: &Arc<Self>,
+        mut conn: Conn,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut retried = false;
+        loop {
+            let retry_allowed = conn.reused() && !retried;
+            let result = match conn {
+                Conn::H1 { mut sender, .. } => {
+                    let result = sender.try_send_request(h1_request(req)).await;
+                    if result.is_ok() {
+                        self.release(sender);
+                    }
+                    result
+                }
+                Conn::H2 { mut sender, .. } => sender.try_send_request(self.h2_request(req)?).await,
+            };
+            match result {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if retry_allowed => {
+                        retried = true;
+                        req = unsent;
+                        // HTTP/2: another request may have replaced the closed connection
+                        // already; HTTP/1.1: a fresh one, not the next idle one, which may be
+                        // just as stale.
+                        conn = if self.speaks_h2() {
+                            self.connection().await?
+                        } else {
+                            self.connect().await?
+                        };
+                    }
+                    _ => return Err(self.http_error(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// HTTP/2 carries the host in `:authority`, which needs an absolute URI: the client's Host
+    /// (what v2 forwarded) becomes the authority, the upstream's own when there is none.
+    fn h2_request(&self, req: Request<Incoming>) -> Result<Request<Incoming>, UpstreamError> {
+        let (mut parts, body) = req.into_parts();
+        if parts.uri.scheme().is_none() {
+            let authority = parts
+                .headers
+                .remove(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| self.authority.clone());
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.scheme = Some(Scheme::HTTPS);
+            uri.authority = Some(authority);
+            parts.uri = Uri::from_parts(uri)
+                .map_err(|e| UpstreamError::Request(format!("cannot build HTTP/2 URI: {e}")))?;
+        }
+        parts.version = Version::HTTP_2;
+        Ok(Request::from_parts(parts, body))
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+        let slot = self.h2.load();
+        slot.as_ref()
+            .filter(|sender| !sender.is_closed())
+            .map(|sender| http2::SendRequest::clone(sender))
+    }
+
+    fn http_error(&self, source: hyper::Error) -> UpstreamError {
+        UpstreamError::Http {
+            upstream: self.key.dial.clone(),
+            source,
+        }
+    }
+
+    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+        let idle = self.idle.get()?;
+        while let Some(conn) = idle.pop() {
+            if conn.sender.is_ready() && conn.since.elapsed() < self.settings.idle_timeout {
+                return Some(conn.sender);
+            }
+            // Closed by the upstream, or idle too long: drop it (closes the connection).
+        }
+        None
+    }
+
+    fn release(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+        if sender.is_ready() {
+            self.push_idle(sender);
+        } else if !sender.is_closed() {
+            // Still busy with this response's body: take it back once that is done.
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.push_idle(sender);
+                }
+            });
+        }
+    }
+
+    fn push_idle(&self, sender: http1::SendRequest<Incoming>) {
+        let idle = self
+            .idle
+            .get_or_init(|| ArrayQueue::new(self.settings.max_idle.max(1)));
+        // Full: this connection just closes.
+        let _ = idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let result = match tokio::time::timeout(self.settings.connect_timeout, self.dial()).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::ConnectTimeout(self.key.dial.clone())),
+        };
+        match &result {
+            Ok(_) => self.failed_at.store(0, Ordering::Relaxed),
+            Err(e) if e.is_connect() => self.failed_at.store(now_millis(), Ordering::Relaxed),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn dial(&self) -> Result<Conn, UpstreamError> {
+        let connect_error = |source| UpstreamError::Connect {
+            upstream: self.key.dial.clone(),
+            source,
+        };
+        let tcp = TcpStream::connect((&*self.dial_host, self.dial_port))
+            .await
+            .map_err(connect_error)?;
+        let _ = tcp.set_nodelay(true);
+        let Some((connector, name)) = &self.tls else {
+            return self.h1_handshake(tcp).await;
+        };
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(connect_error)?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let sender = self.h2_handshake(tls).await?;
+            self.h2.store(Some(Arc::new(sender.clone())));
+            self.speaks_h2.store(true, Ordering::Relaxed);
+            Ok(Conn::H2 {
+                sender,
+                reused: false,
+            })
+        } else {
+            self.speaks_h2.store(false, Ordering::Relaxed);
+            self.h1_handshake(tls).await
+        }
+    }
+
+    async fn h1_handshake<T>(&self, io: T) -> Result<Conn, UpstreamError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| self.http_error(source))?;
+        let upstream = self.key.dial.clone();
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, %upstream, "upstream connection ended with an error");
+            }
+        });
+        Ok(Conn::H1 {
+            sender,
+            reused: false,
+        })
+    }
+
+    async fn h2_handshake<T>(&self, io: T) -> Result<http2::SendRequest<Incoming>, UpstreamError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Finds a connection that died without a FIN (e.g. a vanished pod) before a
+            // request has to.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| self.http_error(source))?;
+        let upstream = self.key.dial.clone();
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, %upstream, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Undoes [`HostPool::h2_request`] for a request that has to go over HTTP/1.1 after all (the
+/// upstream stopped offering h2 between two connections).
+fn h1_request(req: Request<Incoming>) -> Request<Incoming> {
+    if req.uri().scheme().is_none() {
+        return req;
+    }
+    let (mut parts, body) = req.into_parts();
+    if let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    if let Some(pq) = parts.uri.path_and_query()
+        && let Ok(uri) = Uri::try_from(pq.as_str())
+    {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
