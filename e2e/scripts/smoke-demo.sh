@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 dir=$(mktemp -d)
 echo_port=$(free_port)
-for f in manifests/examples/*.yaml; do sed "s/127.0.0.1:18000/127.0.0.1:$echo_port/g" "$f" > "$dir/$(basename "$f")"; done
+for f in manifests/examples/*.yaml; do sed -e "s/127.0.0.1:18000/127.0.0.1:$echo_port/g" -e "s/port: 18000/port: $echo_port/g" "$f" > "$dir/$(basename "$f")"; done
 export EXAMPLES=$dir ECHO=127.0.0.1:$echo_port PROXY=127.0.0.1:$(free_port) PROXY_ADMIN=127.0.0.1:$(free_port)
 export GRPC=127.0.0.1:$(free_port) ADMIN=127.0.0.1:$(free_port)
 ./e2e/scripts/run-demo.sh > "$dir/demo.log" 2>&1 &
@@ -18,15 +18,19 @@ for _ in $(seq 600); do
   sleep 0.2
 done
 fail=0
-check() { # path, expected status, expected text in body
-  local out code
-  out=$(curl -s -w '\n%{http_code}' "http://$PROXY$1")
+check() { # path, expected status, expected text in body, curl options...
+  local out code path=$1 status=$2 text=$3
+  shift 3
+  out=$(curl -s -w '\n%{http_code}' "$@" "http://$PROXY$path")
   code=${out##*$'\n'}
-  if [ "$code" = "$2" ] && grep -qF -- "$3" <<<"$out"; then echo "ok   $1 -> $code"; else echo "FAIL $1 -> $code: $out"; fail=1; fi
+  if [ "$code" = "$status" ] && grep -qF -- "$text" <<<"$out"; then echo "ok   $path -> $code"; else echo "FAIL $path -> $code: $out"; fail=1; fi
 }
 check "/api/hello?x=1" 200 '"query":"x=1"'
 check "/mock/users" 200 '"name":"ada"'
 check "/nothing" 404 '"code":0,'
 check "/orders" 404 '"code":2,'
+check "/svc/hello" 200 '"path":"/hello"'
+check "/tracks/x" 200 '"path":"/x"' -H 'x-track: stable'
+check "/tracks/x" 500 '"code":10,' -H 'x-track: nightly'
 curl -s "http://$ADMIN/status" | grep -q MockTargetNotFound && echo "ok   /status reports MockTargetNotFound" || { echo "FAIL /status"; fail=1; }
-[ $fail = 0 ] && echo "smoke: 5 passed, 0 failed" || { cat "$dir/demo.log"; echo "smoke: failed"; exit 1; }
+[ $fail = 0 ] && echo "smoke: 8 passed, 0 failed" || { cat "$dir/demo.log"; echo "smoke: failed"; exit 1; }
