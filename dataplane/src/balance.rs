@@ -97,8 +97,13 @@ impl ServiceBackend {
         }
     }
 
-    /// Sends `req` to one of the addresses; when connecting fails, to another.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends `req` to one of the addresses; when connecting fails, to another. The returned
+    /// guard counts the request against the chosen address until it is dropped (with the
+    /// response body).
+    pub async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, InFlight), UpstreamError> {
         // Allocates only after a failure.
         let mut tried: Vec<Arc<HostPool>> = Vec::new();
         let mut last_error = None;
@@ -111,9 +116,9 @@ impl ServiceBackend {
                     None => break,
                 }
             };
-            let _in_flight = InFlight::new(&pool);
+            let in_flight = InFlight::new(&pool);
             match pool.connection().await {
-                Ok(conn) => return pool.send_on(conn, req).await,
+                Ok(conn) => return Ok((pool.send_on(conn, req).await?, in_flight)),
                 Err(error) if error.is_connect() => {
                     tracing::debug!(%error, service = %self.authority, "connect failed; trying another address");
                     last_error = Some(error);

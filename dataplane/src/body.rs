@@ -10,13 +10,16 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::pool::InFlight;
+
 /// Body of every response the proxy sends.
 #[derive(Debug)]
 pub enum ProxyBody {
     /// Bytes produced by the proxy.
     Full(Full<Bytes>),
-    /// The upstream's body, streamed.
-    Upstream(Incoming),
+    /// The upstream's body, streamed; for a balanced Service, with the guard that counts the
+    /// request against its address until the body is done.
+    Upstream(Incoming, Option<InFlight>),
 }
 
 impl From<Bytes> for ProxyBody {
@@ -35,21 +38,21 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b, _) => Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(b) => b.is_end_stream(),
-            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Full(b) => b.size_hint(),
-            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Upstream(b, _) => b.size_hint(),
         }
     }
 }

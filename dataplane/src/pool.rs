@@ -115,20 +115,43 @@ impl std::fmt::Debug for HostPool {
     }
 }
 
-/// Counts a request against a pool while it waits for its response head, so the balancer
-/// sees which addresses are busy.
-pub(crate) struct InFlight<'a>(&'a HostPool);
+/// Counts a request against a pool while it waits for its response head.
+pub(crate) struct Counting<'a>(&'a HostPool);
 
-impl<'a> InFlight<'a> {
+impl<'a> Counting<'a> {
     pub(crate) fn new(pool: &'a HostPool) -> Self {
         pool.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(pool)
+        Counting(pool)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Counting<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a balanced request against its address until dropped. The response body holds it,
+/// so a long download or stream keeps its address busy in the balancer's eyes, not only the
+/// wait for the response head.
+pub struct InFlight(Arc<HostPool>);
+
+impl InFlight {
+    pub(crate) fn new(pool: &Arc<HostPool>) -> Self {
+        pool.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(pool.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("InFlight").field(&self.0.key).finish()
     }
 }
 
@@ -207,7 +230,7 @@ impl HostPool {
         self: &Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let _in_flight = InFlight::new(self);
+        let _in_flight = Counting::new(self);
         let conn = self.connection().await?;
         self.send_on(conn, req).await
     }

@@ -174,12 +174,12 @@ impl Proxy {
         let request = Request::from_parts(parts, body);
 
         match tokio::time::timeout(timeout, upstream.send(request)).await {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, in_flight))) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 // An HTTP/2 upstream's response goes back in the client's protocol.
                 parts.version = Version::HTTP_11;
-                Response::from_parts(parts, ProxyBody::Upstream(body))
+                Response::from_parts(parts, ProxyBody::Upstream(body, in_flight))
             }
             Ok(Err(error)) => {
                 tracing::debug!(%error, upstream = %upstream.authority(), "upstream request failed");

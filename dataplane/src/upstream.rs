@@ -20,7 +20,7 @@ use rustls::ClientConfig;
 
 use crate::balance::{ServiceBackend, ServiceKey};
 use crate::dynamic::HeaderDefaults;
-use crate::pool::{HostPool, PoolKey, PoolSettings};
+use crate::pool::{HostPool, InFlight, PoolKey, PoolSettings};
 use crate::upstream_tls::{TlsContext, TlsError};
 
 /// How a Service's address is chosen (`--upstream-mode`).
@@ -132,11 +132,18 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` (origin-form URI, headers final) and returns the response head.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends `req` (origin-form URI, headers final) and returns the response head, with the
+    /// balancer's in-flight guard for a Service (keep it until the body is done).
+    pub async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<InFlight>), UpstreamError> {
         match self {
-            Upstream::Host(pool) => pool.send(req).await,
-            Upstream::Service(service) => service.send(req).await,
+            Upstream::Host(pool) => Ok((pool.send(req).await?, None)),
+            Upstream::Service(service) => {
+                let (resp, in_flight) = service.send(req).await?;
+                Ok((resp, Some(in_flight)))
+            }
         }
     }
 }

@@ -629,3 +629,45 @@ async fn a_route_timeout_overrides_the_proxy_default() {
     let answer = env.get("/slow/x", &[]).await;
     assert_eq!(answer.upstream(), "slow");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_keeps_its_endpoint_busy_until_the_body_ends() {
+    let echoes = [echo("a").await, echo("b").await];
+    let manifests = service("pair", &[], 80, &[echoes[0].addr, echoes[1].addr])
+        + &service_proxy("pair", "/pair", "{name: pair, port: 80}");
+    let env = Env::start(&manifests, |_| {}).await;
+
+    // The echo's /stream sends its first chunk, then waits for `release`.
+    let req = Request::get(format!("http://{}/pair/stream", env.proxy.addr))
+        .body(Empty::new())
+        .unwrap();
+    let resp = env.http.request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first\n");
+    let (busy, free) = if echoes[0].hits.load(Ordering::SeqCst) == 1 {
+        (&echoes[0], &echoes[1])
+    } else {
+        (&echoes[1], &echoes[0])
+    };
+
+    // Power of two choices over two addresses compares both: while the stream is open, its
+    // address has one request in flight and the other none.
+    for i in 0..20 {
+        env.get(&format!("/pair/{i}"), &[]).await.upstream();
+    }
+    assert_eq!(busy.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(free.hits.load(Ordering::SeqCst), 20);
+
+    busy.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"second\n");
+    // Done: both addresses are idle again and share the load.
+    for i in 0..40 {
+        env.get(&format!("/pair/{i}"), &[]).await.upstream();
+    }
+    assert!(
+        busy.hits.load(Ordering::SeqCst) > 1,
+        "the finished stream still counts"
+    );
+}
