@@ -78,6 +78,13 @@ pub(crate) enum Conn {
     },
 }
 
+/// Why a send failed: with the request when it never left (safe to send again).
+pub(crate) enum Failed {
+    // Boxed: the failure path may allocate, the success path carries the small variant.
+    Unsent(Box<Request<Incoming>>, UpstreamError),
+    Error(UpstreamError),
+}
+
 impl Conn {
     fn reused(&self) -> bool {
         match self {
@@ -268,41 +275,59 @@ impl HostPool {
     /// replaced once by a fresh one: nothing reached the upstream, so that is safe.
     pub(crate) async fn send_on(
         self: &Arc<Self>,
-        mut conn: Conn,
-        mut req: Request<Incoming>,
+        conn: Conn,
+        req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut retried = false;
-        loop {
-            let retry_allowed = conn.reused() && !retried;
-            let result = match conn {
-                Conn::H1 { mut sender, .. } => {
-                    let result = sender.try_send_request(h1_request(req)).await;
-                    if result.is_ok() {
-                        self.release(sender);
-                    }
-                    result
-                }
-                Conn::H2 { mut sender, .. } => sender.try_send_request(self.h2_request(req)?).await,
-            };
-            match result {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if retry_allowed => {
-                        retried = true;
-                        req = unsent;
-                        // HTTP/2: another request may have replaced the closed connection
-                        // already; HTTP/1.1: a fresh one, not the next idle one, which may be
-                        // just as stale.
-                        conn = if self.speaks_h2() {
-                            self.connection().await?
-                        } else {
-                            self.connect().await?
-                        };
-                    }
-                    _ => return Err(self.http_error(e.into_error())),
-                },
-            }
+        let reused = conn.reused();
+        match self.try_send(conn, req).await {
+            Ok(resp) => Ok(resp),
+            // Boxed: rare, and inline its state would enlarge every request's future.
+            Err(Failed::Unsent(req, _)) if reused => Box::pin(self.resend(*req)).await,
+            Err(Failed::Unsent(_, error) | Failed::Error(error)) => Err(error),
         }
+    }
+
+    /// The retry of [`send_on`](Self::send_on): HTTP/2 may find that another request already
+    /// replaced the closed connection; HTTP/1.1 takes a fresh one, not the next idle one,
+    /// which may be just as stale.
+    async fn resend(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let conn = if self.speaks_h2() {
+            self.connection().await?
+        } else {
+            self.connect().await?
+        };
+        self.try_send(conn, req)
+            .await
+            .map_err(|failed| match failed {
+                Failed::Unsent(_, error) | Failed::Error(error) => error,
+            })
+    }
+
+    async fn try_send(
+        self: &Arc<Self>,
+        conn: Conn,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Failed> {
+        let result = match conn {
+            Conn::H1 { mut sender, .. } => {
+                let result = sender.try_send_request(h1_request(req)).await;
+                if result.is_ok() {
+                    self.release(sender);
+                }
+                result
+            }
+            Conn::H2 { mut sender, .. } => {
+                let req = self.h2_request(req).map_err(Failed::Error)?;
+                sender.try_send_request(req).await
+            }
+        };
+        result.map_err(|mut e| match e.take_message() {
+            Some(req) => Failed::Unsent(Box::new(req), self.http_error(e.into_error())),
+            None => Failed::Error(self.http_error(e.into_error())),
+        })
     }
 
     /// HTTP/2 carries the host in `:authority`, which needs an absolute URI: the client's Host
@@ -376,7 +401,11 @@ impl HostPool {
     }
 
     async fn connect(&self) -> Result<Conn, UpstreamError> {
-        let result = match tokio::time::timeout(self.settings.connect_timeout, self.dial()).await {
+        // Boxed: dialling (TCP, TLS, HTTP/2 handshakes) is the rare path but its state is
+        // kilobytes, and inline it would make every request's future that large — moved and
+        // copied on every request (measured: 92k instructions per request instead of 41k).
+        let dial = Box::pin(self.dial());
+        let result = match tokio::time::timeout(self.settings.connect_timeout, dial).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::ConnectTimeout(self.key.dial.clone())),
         };
