@@ -38,6 +38,21 @@ pub struct StandaloneConfig {
     pub admin_listen: SocketAddr,
     /// File-event debouncing.
     pub debounce: Debounce,
+    /// TLS for the gRPC listener; `None`: plaintext.
+    pub grpc_tls: Option<GrpcTls>,
+}
+
+/// TLS for the snapshot stream. Snapshots carry the private keys of upstream client
+/// certificates, so outside a trusted loopback the stream should be encrypted, and with a
+/// client CA only proxies holding a certificate from it may subscribe.
+#[derive(Clone, Debug)]
+pub struct GrpcTls {
+    /// PEM certificate chain of the controller.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key of that certificate.
+    pub key_pem: Vec<u8>,
+    /// PEM CA certificates; when set, proxies must present a client certificate they issued.
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 /// Why the controller could not start.
@@ -61,6 +76,9 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The gRPC TLS certificate, key or client CA is unusable.
+    #[error("gRPC TLS: {0}")]
+    GrpcTls(String),
 }
 
 /// A running controller.
@@ -104,8 +122,24 @@ async fn serve_all(
     shared: &Arc<Shared>,
     grpc_listen: SocketAddr,
     admin_listen: SocketAddr,
+    grpc_tls: Option<&GrpcTls>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(SocketAddr, SocketAddr, Vec<JoinHandle<()>>), StartError> {
+    let mut server = tonic::transport::Server::builder()
+        // Proxies hold one stream for hours: keepalives notice a vanished proxy.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)));
+    if let Some(tls) = grpc_tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        server = server
+            .tls_config(config)
+            .map_err(|e| StartError::GrpcTls(e.to_string()))?;
+    }
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -128,10 +162,7 @@ async fn serve_all(
     let mut stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = TcpListenerStream::new(grpc);
-        let result = tonic::transport::Server::builder()
-            // Proxies hold one stream for hours: keepalives notice a vanished proxy.
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        let result = server
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -160,6 +191,7 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         &shared,
         config.grpc_listen,
         config.admin_listen,
+        config.grpc_tls.as_ref(),
         &shutdown_rx,
     )
     .await?;
@@ -194,6 +226,8 @@ pub struct ClusterConfig {
     /// Event debouncing: compile once events stop for `quiet`, at most `max_delay` after the
     /// first.
     pub debounce: Debounce,
+    /// TLS for the gRPC listener; `None`: plaintext.
+    pub grpc_tls: Option<GrpcTls>,
 }
 
 /// Starts cluster mode: watches the API server, compiles on every (debounced) change, serves
@@ -212,6 +246,7 @@ pub async fn start_cluster(
         &shared,
         config.grpc_listen,
         config.admin_listen,
+        config.grpc_tls.as_ref(),
         &shutdown_rx,
     )
     .await?;

@@ -25,6 +25,11 @@ pub struct ClientConfig {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// TLS to the controller (`https://` URLs); `None`: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Name the controller's certificate must carry; default: the host of its URL (the
+    /// configured name, even after it was resolved to addresses).
+    pub tls_server_name: Option<String>,
 }
 
 /// Why a stream ended.
@@ -55,10 +60,10 @@ pub async fn run(
     loop {
         // Every round re-resolves and reshuffles the controllers, so a fleet of proxies
         // spreads over the replicas again after one of them went away.
-        for url in candidates(&config.controllers).await {
+        for (url, host) in candidates(&config.controllers).await {
             let mut received = false;
             let result = tokio::select! {
-                r = subscribe(&url, &config.proxy_id, &tables, &upstreams, &mut received) => r,
+                r = subscribe(&url, host.as_deref(), &config, &tables, &upstreams, &mut received) => r,
                 () = crate::stopped(&mut shutdown) => return,
             };
             let error = match result {
@@ -89,15 +94,15 @@ pub async fn run(
 
 /// The controller URLs to try, in random order: each configured URL, or, for a host name,
 /// one URL per address it resolves to (a headless Service names every replica).
-async fn candidates(urls: &[String]) -> Vec<String> {
+async fn candidates(urls: &[String]) -> Vec<(String, Option<String>)> {
     let mut out = Vec::new();
     for url in urls {
         let Ok(uri) = url.parse::<http::Uri>() else {
-            out.push(url.clone());
+            out.push((url.clone(), None));
             continue;
         };
         let (Some(host), Some(scheme)) = (uri.host(), uri.scheme_str()) else {
-            out.push(url.clone());
+            out.push((url.clone(), None));
             continue;
         };
         if host
@@ -106,7 +111,7 @@ async fn candidates(urls: &[String]) -> Vec<String> {
             .parse::<std::net::IpAddr>()
             .is_ok()
         {
-            out.push(url.clone());
+            out.push((url.clone(), None));
             continue;
         }
         let port = uri
@@ -115,13 +120,14 @@ async fn candidates(urls: &[String]) -> Vec<String> {
         match tokio::net::lookup_host((host, port)).await {
             Ok(addrs) => {
                 let before = out.len();
-                out.extend(addrs.map(|a| format!("{scheme}://{a}")));
+                // The address is dialled, but TLS still checks the configured name.
+                out.extend(addrs.map(|a| (format!("{scheme}://{a}"), Some(host.to_owned()))));
                 if out.len() == before {
-                    out.push(url.clone());
+                    out.push((url.clone(), None));
                 }
             }
             // Let the connect attempt report it, with the URL as configured.
-            Err(_) => out.push(url.clone()),
+            Err(_) => out.push((url.clone(), None)),
         }
     }
     out.dedup();
@@ -142,12 +148,14 @@ fn backoff(failures: u32, base: Duration, max: Duration) -> Duration {
 
 async fn subscribe(
     url: &str,
-    proxy_id: &str,
+    host: Option<&str>,
+    config: &ClientConfig,
     tables: &ArcSwapOption<RouteTable>,
     upstreams: &Upstreams,
     received: &mut bool,
 ) -> Result<(), StreamError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let proxy_id = config.proxy_id.as_str();
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| StreamError::Url(format!("{url}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
@@ -155,6 +163,13 @@ async fn subscribe(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
+    if let Some(tls) = &config.tls {
+        let mut tls = tls.clone();
+        if let Some(name) = config.tls_server_name.as_deref().or(host) {
+            tls = tls.domain_name(name);
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
     let channel = endpoint.connect().await?;
     let mut client =
         SnapshotServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
@@ -244,14 +259,19 @@ mod tests {
             "http://localhost:9444".into(),
         ])
         .await;
-        assert!(got.contains(&"http://127.0.0.1:9443".to_owned()), "{got:?}");
         assert!(
-            got.iter()
-                .any(|u| u.ends_with(":9444") && !u.contains("localhost")),
+            got.contains(&("http://127.0.0.1:9443".to_owned(), None)),
+            "{got:?}"
+        );
+        // Resolved to an address, with the name kept for TLS.
+        assert!(
+            got.iter().any(|(u, host)| u.ends_with(":9444")
+                && !u.contains("localhost")
+                && host.as_deref() == Some("localhost")),
             "{got:?}"
         );
         let bad = candidates(&["not a url".into()]).await;
-        assert_eq!(bad, ["not a url"]);
+        assert_eq!(bad, [("not a url".to_owned(), None)]);
     }
 
     #[test]

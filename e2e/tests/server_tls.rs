@@ -53,6 +53,8 @@ fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
             proxy_id: "tls-proxy".to_owned(),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
+            tls: None,
+            tls_server_name: None,
         },
         server,
         upstream: Default::default(),
@@ -110,6 +112,7 @@ spec:
                 max_delay: Duration::from_millis(300),
                 resync: Duration::from_secs(5),
             },
+            grpc_tls: None,
         })
         .await
         .unwrap();

@@ -41,6 +41,7 @@ async fn controller(dir: &Path, grpc: SocketAddr) -> Controller {
         grpc_listen: grpc,
         admin_listen: ANY.parse().unwrap(),
         debounce: debounce(),
+        grpc_tls: None,
     })
     .await
     .unwrap()
@@ -55,6 +56,8 @@ async fn proxy(grpc: SocketAddr, id: &str) -> RunningProxy {
             proxy_id: id.to_owned(),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
+            tls: None,
+            tls_server_name: None,
         },
         server: Default::default(),
         upstream: Default::default(),
@@ -712,6 +715,8 @@ async fn a_proxy_fails_over_between_controller_replicas() {
             proxy_id: "roamer".into(),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
+            tls: None,
+            tls_server_name: None,
         },
         server: Default::default(),
         upstream: Default::default(),

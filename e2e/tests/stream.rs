@@ -22,6 +22,7 @@ async fn controller(dir: &std::path::Path) -> Controller {
             max_delay: Duration::from_millis(100),
             resync: Duration::from_secs(5),
         },
+        grpc_tls: None,
     })
     .await
     .unwrap()

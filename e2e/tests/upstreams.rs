@@ -52,6 +52,7 @@ impl Env {
                 max_delay: Duration::from_millis(200),
                 resync: Duration::from_secs(5),
             },
+            grpc_tls: None,
         })
         .await
         .unwrap();
@@ -63,6 +64,8 @@ impl Env {
                 proxy_id: "proxy".to_owned(),
                 min_backoff: Duration::from_millis(20),
                 max_backoff: Duration::from_millis(200),
+                tls: None,
+                tls_server_name: None,
             },
             server: Default::default(),
             upstream: Default::default(),

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use kanali_controller::lease::LeaseConfig;
 use kanali_controller::source::watch::Debounce;
-use kanali_controller::{ClusterConfig, StandaloneConfig, start_cluster, start_standalone};
+use kanali_controller::{
+    ClusterConfig, GrpcTls, StandaloneConfig, start_cluster, start_standalone,
+};
 
 /// Kanali controller.
 #[derive(Debug, Parser)]
@@ -22,6 +24,29 @@ struct Args {
     /// Address of the gRPC server proxies subscribe to.
     #[arg(long, env = "KANALI_GRPC_LISTEN", default_value = "127.0.0.1:9443")]
     grpc_listen: SocketAddr,
+    /// PEM certificate (chain) for the gRPC listener; with --grpc-tls-key-file, proxies must
+    /// connect over TLS (`https://` controller URLs). Snapshots carry upstream private keys:
+    /// use TLS wherever the stream leaves a trusted host.
+    #[arg(
+        long,
+        env = "KANALI_GRPC_TLS_CERT_FILE",
+        requires = "grpc_tls_key_file"
+    )]
+    grpc_tls_cert_file: Option<PathBuf>,
+    /// PEM private key for --grpc-tls-cert-file.
+    #[arg(
+        long,
+        env = "KANALI_GRPC_TLS_KEY_FILE",
+        requires = "grpc_tls_cert_file"
+    )]
+    grpc_tls_key_file: Option<PathBuf>,
+    /// PEM CA: proxies must present a client certificate it issued (mutual TLS).
+    #[arg(
+        long,
+        env = "KANALI_GRPC_CLIENT_CA_FILE",
+        requires = "grpc_tls_cert_file"
+    )]
+    grpc_client_ca_file: Option<PathBuf>,
     /// Address of the admin server (/status, /healthz, /readyz).
     #[arg(long, env = "KANALI_ADMIN_LISTEN", default_value = "127.0.0.1:9080")]
     admin_listen: SocketAddr,
@@ -50,6 +75,17 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log, args.log_json)?;
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+    };
+    let grpc_tls = match (&args.grpc_tls_cert_file, &args.grpc_tls_key_file) {
+        (Some(cert), Some(key)) => Some(GrpcTls {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.grpc_client_ca_file.as_ref().map(read).transpose()?,
+        }),
+        _ => None,
+    };
     let controller = match args.manifests {
         Some(manifests) => {
             start_standalone(StandaloneConfig {
@@ -57,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc_listen: args.grpc_listen,
                 admin_listen: args.admin_listen,
                 debounce: Debounce::default(),
+                grpc_tls,
             })
             .await?
         }
@@ -85,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
                     namespace: args.namespace,
                     grpc_listen: args.grpc_listen,
                     admin_listen: args.admin_listen,
+                    grpc_tls,
                     lease: LeaseConfig {
                         name: "kanali-controller".to_owned(),
                         namespace: lease_namespace,

@@ -24,6 +24,27 @@ struct Args {
         value_delimiter = ','
     )]
     controllers: Vec<String>,
+    /// PEM CA that issued the controller's gRPC certificate: connect over TLS (controller
+    /// URLs must be `https://`). Snapshots carry upstream private keys.
+    #[arg(long, env = "KANALI_CONTROLLER_CA_FILE")]
+    controller_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate presented to the controller (when it requires one).
+    #[arg(long, env = "KANALI_CONTROLLER_CERT_FILE", requires_all = ["controller_key_file", "controller_ca_file"])]
+    controller_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of --controller-cert-file.
+    #[arg(
+        long,
+        env = "KANALI_CONTROLLER_KEY_FILE",
+        requires = "controller_cert_file"
+    )]
+    controller_key_file: Option<std::path::PathBuf>,
+    /// Name the controller's certificate must carry; default: the host of its URL.
+    #[arg(
+        long,
+        env = "KANALI_CONTROLLER_SERVER_NAME",
+        requires = "controller_ca_file"
+    )]
+    controller_server_name: Option<String>,
     /// Traffic listener (HTTP/1.1 and HTTP/2 cleartext).
     #[arg(long, env = "KANALI_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -155,7 +176,24 @@ fn main() -> anyhow::Result<()> {
     runtime.enable_all().build()?.block_on(run(args))
 }
 
+/// TLS to the controller from the `--controller-*` files, read once at start-up.
+fn controller_tls(args: &Args) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+    };
+    let Some(ca) = &args.controller_ca_file else {
+        return Ok(None);
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&args.controller_cert_file, &args.controller_key_file) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(tls))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    let controller_tls = controller_tls(&args)?;
     let proxy_id = args
         .id
         .or_else(|| std::env::var("POD_NAME").ok())
@@ -174,6 +212,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             proxy_id,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            tls: controller_tls,
+            tls_server_name: args.controller_server_name,
         },
         server: ServerConfig {
             header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
