@@ -41,9 +41,13 @@ async fn open(
     mpsc::Sender<pb::ProxyMessage>,
     tonic::Streaming<pb::ControllerMessage>,
 ) {
-    let mut client = SnapshotServiceClient::connect(format!("http://{}", c.grpc_addr))
-        .await
-        .unwrap();
+    let mut client = SnapshotServiceClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel(8);
     let subscribe = pb::proxy_message::Message::Subscribe(pb::Subscribe {
         proxy_id: id.into(),
@@ -167,9 +171,13 @@ async fn acks_and_nacks_are_recorded_per_proxy() {
 async fn a_stream_must_start_with_subscribe() {
     let dir = tempfile::tempdir().unwrap();
     let c = controller(dir.path()).await;
-    let mut client = SnapshotServiceClient::connect(format!("http://{}", c.grpc_addr))
-        .await
-        .unwrap();
+    let mut client = SnapshotServiceClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel(1);
     tx.send(pb::ProxyMessage {
         message: Some(pb::proxy_message::Message::Ack(pb::Ack {

@@ -9,3 +9,35 @@
 pub mod v1 {
     tonic::include_proto!("kanali.snapshot.v1");
 }
+
+impl std::fmt::Debug for v1::TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("id", &self.id)
+            .field("secret", &self.secret)
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &format_args!("<redacted, {} bytes>", self.key_pem.len()))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_never_shows_a_private_key() {
+        let m = super::v1::TlsMaterial {
+            id: "ns/s#1".to_owned(),
+            key_pem: b"-----BEGIN PRIVATE KEY-----\nSECRET\n".to_vec(),
+            ..Default::default()
+        };
+        let snapshot = super::v1::Snapshot {
+            tls: vec![m],
+            ..Default::default()
+        };
+        let text = format!("{snapshot:?}");
+        assert!(text.contains("ns/s#1"), "{text}");
+        assert!(!text.contains("SECRET") && !text.contains("PRIVATE"), "{text}");
+        assert!(!text.contains("83, 69, 67"), "{text}");
+    }
+}

@@ -15,9 +15,13 @@ pub struct FakeProxy {
 
 impl FakeProxy {
     pub async fn open(controller: SocketAddr, id: &str) -> FakeProxy {
-        let mut client = SnapshotServiceClient::connect(format!("http://{controller}"))
-            .await
-            .unwrap();
+        let mut client = SnapshotServiceClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{controller}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let subscribe = pb::proxy_message::Message::Subscribe(pb::Subscribe {
             proxy_id: id.into(),
