@@ -17,7 +17,10 @@ impl std::fmt::Debug for v1::TlsMaterial {
             .field("secret", &self.secret)
             .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
             .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
-            .field("key_pem", &format_args!("<redacted, {} bytes>", self.key_pem.len()))
+            .field(
+                "key_pem",
+                &format_args!("<redacted, {} bytes>", self.key_pem.len()),
+            )
             .finish()
     }
 }
@@ -37,7 +40,10 @@ mod tests {
         };
         let text = format!("{snapshot:?}");
         assert!(text.contains("ns/s#1"), "{text}");
-        assert!(!text.contains("SECRET") && !text.contains("PRIVATE"), "{text}");
+        assert!(
+            !text.contains("SECRET") && !text.contains("PRIVATE"),
+            "{text}"
+        );
         assert!(!text.contains("83, 69, 67"), "{text}");
     }
 }
