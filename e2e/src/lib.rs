@@ -1,9 +1,10 @@
 //! Test support: a real HTTP echo upstream (also the upstream of the `make run` demo).
 //!
 //! The echo server answers every request with a JSON description of what it received —
-//! method, raw path, query, headers and body — the same idea as the v2 e2e suite's `tester`
-//! image, so tests can assert on exactly what a proxy forwarded. [`tls`] adds certificates
-//! generated in the test, an HTTPS echo upstream and a small HTTPS client.
+//! method, authority, raw path, query, headers and body — the same idea as the v2 e2e
+//! suite's `tester` image, so tests can assert on exactly what a proxy forwarded. [`tls`]
+//! adds certificates generated in the test, an HTTPS echo upstream and a small HTTPS client;
+//! [`check`] the waiting and answer assertions the tests share.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -19,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
+pub mod check;
 pub mod kubectl;
 pub mod tls;
 
@@ -200,6 +202,8 @@ async fn answer_body(
     let json = serde_json::json!({
         "upstream": &*name,
         "method": parts.method.as_str(),
+        // HTTP/2's `:authority` (HTTP/1.1 has only a Host header): null if none.
+        "authority": parts.uri.authority().map(|a| a.as_str()),
         "path": parts.uri.path(),
         "query": parts.uri.query(),
         "version": format!("{:?}", parts.version),

@@ -10,11 +10,11 @@ use kanali_controller::source::watch::Debounce;
 use kanali_controller::{Controller, GrpcTls, StandaloneConfig};
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
+use kanali_e2e::check::eventually;
 use kanali_e2e::tls::{Ca, Issued};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 const ANY: &str = "127.0.0.1:0";
-const DEADLINE: Duration = Duration::from_secs(15);
 
 const MANIFESTS: &str = r#"apiVersion: kanali.io/v2
 kind: MockTarget
@@ -112,14 +112,10 @@ async fn only_verified_proxies_with_a_client_certificate_get_snapshots() {
     .await;
 
     let want = ctl.shared.snapshot().unwrap().version.clone();
-    let start = tokio::time::Instant::now();
-    while good.version().as_deref() != Some(want.as_str()) {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the verified proxy got no snapshot"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the verified proxy gets the snapshot", || async {
+        good.version().as_deref() == Some(want.as_str())
+    })
+    .await;
     // The others have been retrying all along (20-100 ms backoff); the controller has seen
     // exactly one proxy, and none of the others ever applied anything.
     tokio::time::sleep(Duration::from_millis(500)).await;

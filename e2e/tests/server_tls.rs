@@ -18,15 +18,12 @@ use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::server_tls::{TlsConfig, TlsError};
 use kanali_dataplane::{ProxyConfig, RunningProxy, StartError};
+use kanali_e2e::check::{Answer, DEADLINE, eventually};
 use kanali_e2e::tls::{Ca, Issued, https_request, tls_connect};
 use kanali_e2e::{Echo, start_echo};
-use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 const ANY: &str = "127.0.0.1:0";
-
-/// How long something may take before a test fails: a deadline, not a measurement.
-const DEADLINE: Duration = Duration::from_secs(15);
 
 /// The name the proxy's certificates are issued for and clients ask for.
 const NAME: &str = "localhost";
@@ -128,7 +125,10 @@ spec:
             .await
             .unwrap();
         let version = controller.shared.snapshot().unwrap().version.clone();
-        eventually(|| async { proxy.version().as_deref() == Some(version.as_str()) }).await;
+        eventually("the proxy applies the snapshot", || async {
+            proxy.version().as_deref() == Some(version.as_str())
+        })
+        .await;
         Env {
             dir,
             echo,
@@ -147,35 +147,23 @@ spec:
     }
 
     /// `GET path` over HTTPS, trusting the proxy's CA, without a client certificate.
-    async fn get(&self, path: &str, h2: bool) -> (StatusCode, Version, Value) {
-        let (status, version, _, body) =
+    async fn get(&self, path: &str, h2: bool) -> Answer {
+        let (status, version, headers, body) =
             https_request(self.tls_addr(), NAME, &self.ca.cert_pem(), None, h2, path)
                 .await
                 .unwrap();
-        let json =
-            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
-        (status, version, json)
+        Answer {
+            status,
+            version,
+            headers,
+            body,
+        }
     }
 }
 
 fn write_pair(dir: &Path, issued: &Issued) {
     replace(&dir.join("tls.crt"), &issued.cert_pem);
     replace(&dir.join("tls.key"), &issued.key_pem);
-}
-
-async fn eventually<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = tokio::time::Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "condition not reached within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Whether the peer closes the connection within [`DEADLINE`] (reading and discarding
@@ -198,16 +186,24 @@ async fn closed_by_peer(stream: &mut (impl AsyncRead + Unpin)) -> bool {
 async fn https_clients_reach_the_upstream_over_http_1_1_and_http_2() {
     let env = Env::start(|_| {}, None).await;
 
-    let (status, version, echo) = env.get("/api/hello?x=1", false).await;
-    assert_eq!((status, version), (StatusCode::OK, Version::HTTP_11));
+    let answer = env.get("/api/hello?x=1", false).await;
+    let echo = answer.json();
+    assert_eq!(
+        (answer.status, answer.version),
+        (StatusCode::OK, Version::HTTP_11)
+    );
     assert_eq!(echo["path"], "/hello");
     assert_eq!(echo["query"], "x=1");
     assert_eq!(echo["headers"]["host"][0], NAME);
     assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https");
 
     // ALPN h2: HTTP/2 to the proxy; the upstream still gets HTTP/1.1, with :authority as Host.
-    let (status, version, echo) = env.get("/api/two", true).await;
-    assert_eq!((status, version), (StatusCode::OK, Version::HTTP_2));
+    let answer = env.get("/api/two", true).await;
+    let echo = answer.json();
+    assert_eq!(
+        (answer.status, answer.version),
+        (StatusCode::OK, Version::HTTP_2)
+    );
     assert_eq!(echo["path"], "/two");
     assert_eq!(echo["version"], "HTTP/1.1");
     assert_eq!(echo["headers"]["host"][0], NAME);
@@ -267,7 +263,10 @@ async fn a_rotated_certificate_is_served_without_restart_and_a_broken_one_is_ign
     // Rotation to a certificate of another CA: clients that trust only it get through.
     let next = Ca::new("next CA");
     write_pair(env.dir.path(), &next.issue_server(&[NAME]));
-    eventually(|| serves(next.cert_pem())).await;
+    eventually("the proxy serves the next certificate", || {
+        serves(next.cert_pem())
+    })
+    .await;
     assert!(!serves(env.ca.cert_pem()).await);
 
     // A broken certificate file: the last good certificate keeps serving. (A negative check
@@ -286,7 +285,10 @@ async fn a_rotated_certificate_is_served_without_restart_and_a_broken_one_is_ign
     // And the reloader is still at work: the next good pair is picked up.
     let last = Ca::new("last CA");
     write_pair(env.dir.path(), &last.issue_server(&[NAME]));
-    eventually(|| serves(last.cert_pem())).await;
+    eventually("the proxy serves the last certificate", || {
+        serves(last.cert_pem())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +385,7 @@ async fn slow_or_silent_clients_are_disconnected_after_the_header_read_timeout()
     assert!(closed_by_peer(&mut s).await, "partial head, TLS");
 
     // The listener is fine afterwards.
-    assert_eq!(env.get("/api/ok", false).await.0, 200);
+    assert_eq!(env.get("/api/ok", false).await.status, 200);
 }
 
 /// Sends two requests on one HTTPS connection, then returns the connection's task, which
@@ -555,7 +557,10 @@ async fn shutdown_lets_https_requests_in_flight_finish() {
 
     let stopping = tokio::spawn(proxy.shutdown());
     // New connections are refused once the listener is closed.
-    eventually(|| async { tokio::net::TcpStream::connect(addr).await.is_err() }).await;
+    eventually("the listener closes", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     assert!(
         !stopping.is_finished(),
         "shutdown waits for the request in flight"

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::Request;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,15 +17,12 @@ use kanali_controller::source::watch::Debounce;
 use kanali_controller::{Controller, StandaloneConfig};
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
+use kanali_e2e::check::{Answer, DEADLINE, eventually};
 use kanali_e2e::{Echo, start_echo};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const ANY: &str = "127.0.0.1:0";
-
-/// How long a change may take to show before a test fails. A deadline, not a measurement:
-/// the promise is ~1 s; the margin absorbs a loaded CI machine.
-const DEADLINE: Duration = Duration::from_secs(15);
 
 fn debounce() -> Debounce {
     Debounce {
@@ -147,7 +144,7 @@ impl Env {
     }
 
     async fn wait_for_version(&self, version: &str) {
-        eventually(|| async {
+        eventually("every proxy applies the version", || async {
             self.proxies
                 .iter()
                 .all(|p| p.version().as_deref() == Some(version))
@@ -160,44 +157,6 @@ impl Env {
         let tmp = self.dir.path().join(format!(".{file}.tmp"));
         std::fs::write(&tmp, content).unwrap();
         std::fs::rename(tmp, self.dir.path().join(file)).unwrap();
-    }
-}
-
-async fn eventually<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = tokio::time::Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "condition not reached within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    /// Asserts this is Kanali error `code`, byte for byte as the contract says.
-    fn assert_error(&self, code: u32, status: u16, message: &str) {
-        assert_eq!(self.status.as_u16(), status);
-        assert_eq!(self.headers["content-type"], "application/json");
-        let expected = format!(
-            r#"{{"status":{status},"message":"{message}","code":{code},"details":"Visit https://kanali.io/docs/v2/errorcodes/#{code:02} for more details."}}"#
-        );
-        assert_eq!(std::str::from_utf8(&self.body).unwrap(), expected);
     }
 }
 
@@ -222,17 +181,11 @@ async fn send_with(
         .unwrap_or_else(|| "/".into());
     *req.uri_mut() = format!("http://{addr}{pq}").parse().unwrap();
     let resp = client.request(req).await.unwrap();
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
     assert!(
-        parts.headers.contains_key("x-kanali-correlation-id"),
+        resp.headers().contains_key("x-kanali-correlation-id"),
         "every response has a correlation id"
     );
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Answer::read(resp).await
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Answer {
@@ -462,7 +415,10 @@ async fn an_edit_reaches_both_proxies_and_a_broken_file_keeps_the_last_good_rout
 
     // Move /api to /v2.
     env.write("routes.yaml", &manifests(env.echo.addr, "/v2"));
-    eventually(|| async { env.controller().shared.snapshot().unwrap().version != before }).await;
+    eventually("the controller compiles the move", || async {
+        env.controller().shared.snapshot().unwrap().version != before
+    })
+    .await;
     let after = env.controller().shared.snapshot().unwrap().version.clone();
     env.wait_for_version(&after).await;
     for p in &env.proxies {
@@ -475,7 +431,7 @@ async fn an_edit_reaches_both_proxies_and_a_broken_file_keeps_the_last_good_rout
         "routes.yaml",
         "apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {name: x\n  bad: [\n",
     );
-    eventually(|| async {
+    eventually("the controller reports the source error", || async {
         !admin_status(env.controller().admin_addr).await["source_errors"]
             .as_array()
             .unwrap()
@@ -499,7 +455,7 @@ async fn an_edit_reaches_both_proxies_and_a_broken_file_keeps_the_last_good_rout
         env.echo.addr
     );
     env.write("extra.yml", &extra);
-    eventually(|| async {
+    eventually("every proxy serves /extra", || async {
         let mut ok = true;
         for p in &env.proxies {
             ok &= get(p.addr, "/extra/1").await.status == 200;
@@ -508,7 +464,7 @@ async fn an_edit_reaches_both_proxies_and_a_broken_file_keeps_the_last_good_rout
     })
     .await;
     std::fs::remove_file(env.dir.path().join("extra.yml")).unwrap();
-    eventually(|| async {
+    eventually("no proxy serves /extra any more", || async {
         let mut gone = true;
         for p in &env.proxies {
             gone &= get(p.addr, "/extra/1").await.status == 404;
@@ -582,7 +538,10 @@ async fn an_unreachable_upstream_answers_08() {
     env.write("down.yaml", &format!(
         "apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {{name: down, namespace: shop}}\nspec:\n  source: {{path: /down}}\n  target: {{backend: {{endpoint: \"http://{closed}\"}}}}\n"
     ));
-    eventually(|| async { get(env.proxies[0].addr, "/down").await.status != 404 }).await;
+    eventually("the proxy serves /down", || async {
+        get(env.proxies[0].addr, "/down").await.status != 404
+    })
+    .await;
     get(env.proxies[0].addr, "/down/x").await.assert_error(
         8,
         502,
@@ -723,7 +682,10 @@ async fn a_proxy_fails_over_between_controller_replicas() {
     })
     .await
     .unwrap();
-    eventually(|| async { p.version().as_deref() == Some(version.as_str()) }).await;
+    eventually("the proxy applies the version", || async {
+        p.version().as_deref() == Some(version.as_str())
+    })
+    .await;
     let connected = |c: &Controller| {
         c.shared
             .status()
@@ -731,18 +693,27 @@ async fn a_proxy_fails_over_between_controller_replicas() {
             .get("roamer")
             .is_some_and(|s| s.connected)
     };
-    eventually(|| async { connected(&a) || connected(&b) }).await;
+    eventually("the proxy connects to a controller", || async {
+        connected(&a) || connected(&b)
+    })
+    .await;
     let (dead, survivor) = if connected(&a) { (a, b) } else { (b, a) };
 
     dead.shutdown().await;
-    eventually(|| async { connected(&survivor) }).await;
+    eventually("the proxy reconnects to the survivor", || async {
+        connected(&survivor)
+    })
+    .await;
     // The survivor's edits reach the proxy.
     std::fs::write(
         dir.path().join("routes.yaml"),
         manifests(echo.addr, "/after"),
     )
     .unwrap();
-    eventually(|| async { get(p.addr, "/after/x").await.status == 200 }).await;
+    eventually("the survivor's edit reaches the proxy", || async {
+        get(p.addr, "/after/x").await.status == 200
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -756,7 +727,10 @@ async fn an_idle_manifests_directory_is_not_recompiled() {
         "extra.yaml",
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
     );
-    eventually(|| async { env.controller().shared.compiles() > before }).await;
+    eventually("the controller compiles the new file", || async {
+        env.controller().shared.compiles() > before
+    })
+    .await;
     // Then wait several debounce periods (quiet 50 ms, max 300 ms) with no change.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let settled = env.controller().shared.compiles();

@@ -21,14 +21,11 @@ use kanali_controller::{Controller, StandaloneConfig};
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::dynamic::HeaderDefaults;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
+use kanali_e2e::check::{Answer, eventually};
 use kanali_e2e::tls::{Ca, Issued, start_tls_echo};
 use kanali_e2e::{Echo, start_echo};
-use serde_json::Value;
 
 const ANY: &str = "127.0.0.1:0";
-
-/// A deadline for changes to show, not a measurement.
-const DEADLINE: Duration = Duration::from_secs(15);
 
 struct Env {
     dir: tempfile::TempDir,
@@ -125,13 +122,7 @@ impl Env {
             .request(req.body(Empty::new()).unwrap())
             .await
             .unwrap();
-        let (parts, body) = resp.into_parts();
-        Answer {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+        Answer::read(resp).await
     }
 
     /// The `ResolvedRefs` condition of ApiProxy `ns/name`: (status, reason, message).
@@ -149,47 +140,6 @@ impl Env {
             .find(|c| c.type_ == "ResolvedRefs")
             .unwrap_or_else(|| panic!("no ResolvedRefs for {name}: {object:?}"));
         (c.status, c.reason.clone(), c.message.clone())
-    }
-}
-
-struct Answer {
-    status: StatusCode,
-    version: Version,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    /// The echo upstream that answered.
-    fn upstream(&self) -> String {
-        assert_eq!(self.status, StatusCode::OK, "{:?}", self.body);
-        self.json()["upstream"].as_str().unwrap().to_owned()
-    }
-
-    #[track_caller]
-    fn assert_code(&self, code: u64, status: u16) {
-        assert_eq!(self.status.as_u16(), status, "{:?}", self.body);
-        assert_eq!(self.json()["code"], code, "{:?}", self.body);
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = tokio::time::Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{what}: not within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

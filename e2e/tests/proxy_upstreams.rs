@@ -2,11 +2,12 @@
 //! test (private CA, wrong CA, mTLS, HTTP/2, hostname checks), Service backends balanced over
 //! several local servers, dynamic Services, timeouts and endpoint updates. Requests go through
 //! [`kanali_dataplane::server::Proxy::handle`] on a local listener, with tables built straight
-//! from snapshots (no controller needed).
+//! from snapshots (no controller needed). The upstreams are `kanali_e2e`'s echo servers.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a failed unwrap is a failed test
 
-mod upstream_support;
+#[path = "proxy_upstreams/harness.rs"]
+mod harness;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,15 +15,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use harness::*;
 use http::StatusCode;
 use kanali_dataplane::dynamic::{HeaderDefaults, X_KANALI_SERVICE_CARDINALITY};
 use kanali_dataplane::table::Action;
 use kanali_dataplane::upstream::{Upstream, UpstreamConfig};
 use kanali_dataplane::upstream_tls::{TlsContext, server_name};
+use kanali_e2e::tls::Ca;
 use kanali_proto::v1 as pb;
 use pb::route::Backend;
 use tokio::net::TcpStream;
-use upstream_support::*;
+
+/// Makes the echo upstream wait this long before answering.
+const DELAY_50_MS: (&str, &str) = ("x-echo-delay-ms", "50");
 
 // ---- tests --------------------------------------------------------------------------------
 
@@ -30,16 +35,7 @@ use upstream_support::*;
 async fn private_ca_is_trusted_and_a_wrong_ca_fails_with_08() {
     let ca = Ca::new("private");
     let other = Ca::new("other");
-    let up = upstream(
-        "private",
-        Some(TlsOpts {
-            cert: &ca.server(&["127.0.0.1"]),
-            client_ca: None,
-            alpn: &["http/1.1"],
-        }),
-        Duration::ZERO,
-    )
-    .await;
+    let up = tls_echo(&ca, &["127.0.0.1"], None, &["http/1.1"]).await;
     let h = Harness::start(UpstreamConfig::default()).await;
     let authority = up.addr.to_string();
     h.apply(&snapshot(
@@ -57,7 +53,7 @@ async fn private_ca_is_trusted_and_a_wrong_ca_fails_with_08() {
     ));
     let ok = h.get("/right/x", &[]).await;
     assert_eq!(ok.status, 200, "{ok:?}");
-    assert!(ok.body.starts_with("private HTTP/1.1"), "{ok:?}");
+    assert!(summary(&ok).starts_with("tls-echo HTTP/1.1"), "{ok:?}");
     for path in ["/wrong", "/system"] {
         let failed = h.get(path, &[]).await;
         assert_eq!(
@@ -72,19 +68,10 @@ async fn private_ca_is_trusted_and_a_wrong_ca_fails_with_08() {
 async fn mtls_upstream_gets_the_client_certificate_and_refuses_without_it() {
     let ca = Ca::new("server ca");
     let client_ca = Ca::new("client ca");
-    let up = upstream(
-        "mtls",
-        Some(TlsOpts {
-            cert: &ca.server(&["127.0.0.1"]),
-            client_ca: Some(&client_ca),
-            alpn: &["http/1.1"],
-        }),
-        Duration::ZERO,
-    )
-    .await;
+    let up = tls_echo(&ca, &["127.0.0.1"], Some(&client_ca), &["http/1.1"]).await;
     let h = Harness::start(UpstreamConfig::default()).await;
     let authority = up.addr.to_string();
-    let client = client_ca.client("kanali");
+    let client = client_ca.issue_client("kanali");
     h.apply(&snapshot(
         "v1",
         vec![
@@ -99,7 +86,7 @@ async fn mtls_upstream_gets_the_client_certificate_and_refuses_without_it() {
     ));
     let ok = h.get("/with", &[]).await;
     assert_eq!(ok.status, 200, "{ok:?}");
-    assert!(ok.body.ends_with("cert=true"), "{ok:?}");
+    assert!(summary(&ok).ends_with("cert=true"), "{ok:?}");
     let refused = h.get("/without", &[]).await;
     assert_eq!(refused.code(), Some(8), "{refused:?}");
 }
@@ -107,27 +94,8 @@ async fn mtls_upstream_gets_the_client_certificate_and_refuses_without_it() {
 #[tokio::test]
 async fn h2_upstream_shares_one_connection_and_gets_the_host_as_authority() {
     let ca = Ca::new("ca");
-    let cert = ca.server(&["127.0.0.1"]);
-    let h2 = upstream(
-        "h2",
-        Some(TlsOpts {
-            cert: &cert,
-            client_ca: None,
-            alpn: &["h2", "http/1.1"],
-        }),
-        Duration::from_millis(50),
-    )
-    .await;
-    let h1 = upstream(
-        "h1",
-        Some(TlsOpts {
-            cert: &cert,
-            client_ca: None,
-            alpn: &["http/1.1"],
-        }),
-        Duration::ZERO,
-    )
-    .await;
+    let h2 = tls_echo(&ca, &["127.0.0.1"], None, &["h2", "http/1.1"]).await;
+    let h1 = tls_echo(&ca, &["127.0.0.1"], None, &["http/1.1"]).await;
     let h = Harness::start(UpstreamConfig::default()).await;
     h.apply(&snapshot(
         "v1",
@@ -138,32 +106,37 @@ async fn h2_upstream_shares_one_connection_and_gets_the_host_as_authority() {
         vec![material("shop/ca#1", Some(&ca), None)],
         vec![],
     ));
-    // The first request finds out the upstream speaks h2; then concurrent requests multiplex.
-    let first = h.get("/h2", &[]).await;
+    // The first request finds out the upstream speaks h2; then concurrent requests (each
+    // held 50 ms by the upstream) multiplex.
+    let first = h.get("/h2", &[DELAY_50_MS]).await;
     assert_eq!(
-        first.body, "h2 HTTP/2.0 authority=api.example.org host=- cert=false",
+        summary(&first),
+        "tls-echo HTTP/2.0 authority=api.example.org host=- cert=false",
         "{first:?}"
     );
-    let answers = futures_util::future::join_all((0..20).map(|_| h.get("/h2/x", &[]))).await;
+    let answers =
+        futures_util::future::join_all((0..20).map(|_| h.get("/h2/x", &[DELAY_50_MS]))).await;
     for a in &answers {
         assert_eq!(a.status, 200, "{a:?}");
         assert!(
-            a.body.starts_with("h2 HTTP/2.0 authority=api.example.org"),
+            summary(a).starts_with("tls-echo HTTP/2.0 authority=api.example.org"),
             "{a:?}"
         );
     }
     assert_eq!(h2.connections.load(Ordering::SeqCst), 1);
-    assert_eq!(h2.requests.load(Ordering::SeqCst), 21);
+    assert_eq!(h2.hits.load(Ordering::SeqCst), 21);
 
     // An upstream without h2 gets HTTP/1.1 with the Host header, and its idle connection is
     // reused (at most one more if a request beat the previous connection back to the pool).
     for _ in 0..5 {
         let a = h.get("/h1", &[]).await;
         assert_eq!(
-            a.body, "h1 HTTP/1.1 authority=- host=api.example.org cert=false",
+            summary(&a),
+            "tls-echo HTTP/1.1 authority=- host=api.example.org cert=false",
             "{a:?}"
         );
     }
+    assert_eq!(h1.hits.load(Ordering::SeqCst), 5);
     assert!(h1.connections.load(Ordering::SeqCst) <= 2);
 }
 
@@ -171,16 +144,7 @@ async fn h2_upstream_shares_one_connection_and_gets_the_host_as_authority() {
 async fn hostname_mismatch_fails_unless_the_proxy_opts_out() {
     let ca = Ca::new("ca");
     let other = Ca::new("other");
-    let up = upstream(
-        "elsewhere",
-        Some(TlsOpts {
-            cert: &ca.server(&["elsewhere.example"]),
-            client_ca: None,
-            alpn: &["http/1.1"],
-        }),
-        Duration::ZERO,
-    )
-    .await;
+    let up = tls_echo(&ca, &["elsewhere.example"], None, &["http/1.1"]).await;
     let s = snapshot(
         "v1",
         vec![
@@ -213,14 +177,11 @@ async fn hostname_mismatch_fails_unless_the_proxy_opts_out() {
 #[tokio::test]
 async fn a_service_is_verified_by_its_dns_name_while_its_endpoint_ip_is_dialled() {
     let ca = Ca::new("ca");
-    let up = upstream(
-        "orders",
-        Some(TlsOpts {
-            cert: &ca.server(&["orders.shop.svc.cluster.local"]),
-            client_ca: None,
-            alpn: &["h2", "http/1.1"],
-        }),
-        Duration::ZERO,
+    let up = tls_echo(
+        &ca,
+        &["orders.shop.svc.cluster.local"],
+        None,
+        &["h2", "http/1.1"],
     )
     .await;
     let h = Harness::start(UpstreamConfig::default()).await;
@@ -232,16 +193,12 @@ async fn a_service_is_verified_by_its_dns_name_while_its_endpoint_ip_is_dialled(
     ));
     let a = h.get("/orders", &[]).await;
     assert_eq!(a.status, 200, "{a:?}");
-    assert!(a.body.starts_with("orders HTTP/2.0"), "{a:?}");
+    assert!(summary(&a).starts_with("tls-echo HTTP/2.0"), "{a:?}");
 }
 
 #[tokio::test]
 async fn load_spreads_over_three_endpoints_and_a_refusing_one_is_skipped() {
-    let servers = [
-        upstream("a", None, Duration::ZERO).await,
-        upstream("b", None, Duration::ZERO).await,
-        upstream("c", None, Duration::ZERO).await,
-    ];
+    let servers = [echo("a").await, echo("b").await, echo("c").await];
     let refused = refused_addr().await;
     let mut addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     addrs.push(refused);
@@ -258,7 +215,7 @@ async fn load_spreads_over_three_endpoints_and_a_refusing_one_is_skipped() {
     for _ in 0..rounds {
         let a = client.get("/orders", &[]).await;
         assert_eq!(a.status, 200, "{a:?}");
-        let name = a.body.split(' ').next().unwrap().to_owned();
+        let name = a.upstream();
         *by_name.entry(name).or_default() += 1;
     }
     let expected = rounds / 3;
@@ -288,8 +245,8 @@ async fn load_spreads_over_three_endpoints_and_a_refusing_one_is_skipped() {
 
 #[tokio::test]
 async fn endpoint_changes_reach_requests_without_a_route_rebuild() {
-    let first = upstream("first", None, Duration::ZERO).await;
-    let second = upstream("second", None, Duration::ZERO).await;
+    let first = echo("first").await;
+    let second = echo("second").await;
     let h = Harness::start(UpstreamConfig::default()).await;
     let mut s = snapshot(
         "v1",
@@ -299,12 +256,12 @@ async fn endpoint_changes_reach_requests_without_a_route_rebuild() {
     );
     h.apply(&s);
     let router = h.tables.load_full().unwrap().router.clone();
-    assert!(h.get("/orders", &[]).await.body.starts_with("first "));
+    assert_eq!(h.get("/orders", &[]).await.upstream(), "first");
     s.version = "v2".into();
     s.services = vec![endpoints("orders", &[second.addr])];
     h.apply(&s);
     assert!(Arc::ptr_eq(&router, &h.tables.load_full().unwrap().router));
-    assert!(h.get("/orders", &[]).await.body.starts_with("second "));
+    assert_eq!(h.get("/orders", &[]).await.upstream(), "second");
     // No ready endpoint at all: 08.
     s.version = "v3".into();
     s.services = vec![endpoints("orders", &[])];
@@ -320,9 +277,9 @@ async fn endpoint_changes_reach_requests_without_a_route_rebuild() {
 #[tokio::test]
 async fn dynamic_service_by_header_with_defaults_and_cardinality() {
     use pb::label_match::Source;
-    let stable = upstream("stable", None, Duration::ZERO).await;
-    let canary_a = upstream("canary-a", None, Duration::ZERO).await;
-    let canary_b = upstream("canary-b", None, Duration::ZERO).await;
+    let stable = echo("stable").await;
+    let canary_a = echo("canary-a").await;
+    let canary_b = echo("canary-b").await;
     let candidate = |name: &str, track: &str| pb::ServiceCandidate {
         name: name.into(),
         labels: vec![
@@ -380,12 +337,12 @@ async fn dynamic_service_by_header_with_defaults_and_cardinality() {
     h.apply(&s);
 
     let a = h.get("/catalog", &[("x-release-track", "stable")]).await;
-    assert!(a.body.starts_with("stable "), "{a:?}");
+    assert_eq!(a.upstream(), "stable", "{a:?}");
     assert!(!a.headers.contains_key(&X_KANALI_SERVICE_CARDINALITY));
 
     // No header: the proxy's default, which matches two; the first by name answers.
     let a = h.get("/catalog", &[]).await;
-    assert!(a.body.starts_with("canary-a "), "{a:?}");
+    assert_eq!(a.upstream(), "canary-a", "{a:?}");
     assert_eq!(a.headers[&X_KANALI_SERVICE_CARDINALITY], "2");
 
     for value in ["beta", "not a label value"] {
@@ -396,18 +353,19 @@ async fn dynamic_service_by_header_with_defaults_and_cardinality() {
             "{value}: {a:?}"
         );
     }
-    assert_eq!(canary_b.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(canary_b.hits.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
 async fn the_route_timeout_overrides_the_default_and_answers_08() {
-    let slow = upstream("slow", None, Duration::from_secs(5)).await;
+    let slow = echo("slow").await;
     let h = Harness::start(UpstreamConfig::default()).await;
     let mut r = route("/slow", endpoint("http", &slow.addr.to_string(), ""));
     r.timeout_ms = 200;
     h.apply(&snapshot("v1", vec![r], vec![], vec![]));
     let started = Instant::now();
-    let a = h.get("/slow", &[]).await;
+    // The upstream would answer after 5 s.
+    let a = h.get("/slow", &[("x-echo-delay-ms", "5000")]).await;
     assert_eq!(
         (a.status, a.code()),
         (StatusCode::BAD_GATEWAY, Some(8)),
@@ -423,16 +381,7 @@ async fn the_route_timeout_overrides_the_default_and_answers_08() {
 #[tokio::test]
 async fn rotated_material_opens_new_connections() {
     let ca = Ca::new("ca");
-    let up = upstream(
-        "rotating",
-        Some(TlsOpts {
-            cert: &ca.server(&["127.0.0.1"]),
-            client_ca: None,
-            alpn: &["http/1.1"],
-        }),
-        Duration::ZERO,
-    )
-    .await;
+    let up = tls_echo(&ca, &["127.0.0.1"], None, &["http/1.1"]).await;
     let h = Harness::start(UpstreamConfig::default()).await;
     let mk = |version: &str, id: &str| {
         snapshot(
@@ -460,8 +409,8 @@ async fn rotated_material_opens_new_connections() {
 #[test]
 fn material_without_a_ca_uses_the_system_roots_and_a_mismatched_pair_is_rejected() {
     let ca = Ca::new("ca");
-    let a = ca.client("a");
-    let b = ca.client("b");
+    let a = ca.issue_client("a");
+    let b = ca.issue_client("b");
     let ctx = TlsContext::new(true);
     let config = ctx.config(&material("x", None, Some(&a))).unwrap();
     assert!(config.client_auth_cert_resolver.has_certs());
@@ -476,23 +425,15 @@ fn material_without_a_ca_uses_the_system_roots_and_a_mismatched_pair_is_rejected
 async fn skipping_hostname_verification_still_checks_the_chain() {
     let ca = Ca::new("ca");
     let other = Ca::new("other");
-    let up = upstream(
-        "api",
-        Some(TlsOpts {
-            cert: &ca.server(&["api.example"]),
-            client_ca: None,
-            alpn: &["http/1.1"],
-        }),
-        Duration::ZERO,
-    )
-    .await;
+    let up = tls_echo(&ca, &["api.example"], None, &["http/1.1"]).await;
+    let addr = up.addr;
     let handshake = |verify_hostname: bool, trusted: &Ca, name: &str| {
         let config = TlsContext::new(verify_hostname)
             .config(&material("m", Some(trusted), None))
             .unwrap();
         let name = server_name(name).unwrap();
         async move {
-            let tcp = TcpStream::connect(up.addr).await.unwrap();
+            let tcp = TcpStream::connect(addr).await.unwrap();
             tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
