@@ -455,12 +455,7 @@ impl HostPool {
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| self.http_error(source))?;
-        let upstream = self.key.dial.clone();
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, %upstream, "upstream connection ended with an error");
-            }
-        });
+        drive(conn, self.key.dial.clone());
         Ok(Conn::H1 {
             sender,
             reused: false,
@@ -480,14 +475,22 @@ impl HostPool {
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| self.http_error(source))?;
-        let upstream = self.key.dial.clone();
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, %upstream, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+        drive(conn, self.key.dial.clone());
         Ok(sender)
     }
+}
+
+/// Runs a connection's I/O in its own task until it ends. Errors are routine (the upstream
+/// closed or reset it; the request that saw it reports it), so they are only logged at debug.
+fn drive(
+    conn: impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    upstream: Box<str>,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, %upstream, "upstream connection ended with an error");
+        }
+    });
 }
 
 /// Undoes [`HostPool::h2_request`] for a request that has to go over HTTP/1.1 after all (the
