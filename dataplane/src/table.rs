@@ -321,6 +321,7 @@ mod tests {
             port: 80,
             cluster_ip: cluster_ip.into(),
             addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+            external_name: String::new(),
         }
     }
 

@@ -360,6 +360,27 @@ impl Upstreams {
         tls: Option<&Arc<ClientConfig>>,
         endpoints: Option<&pb::ServiceEndpoints>,
     ) -> Result<Box<[Arc<HostPool>]>, String> {
+        // An ExternalName Service is a DNS alias: dialled (and verified) by that name in every
+        // mode, as cluster DNS would resolve the Service name to it.
+        if let Some(external) = endpoints
+            .map(|e| e.external_name.as_str())
+            .filter(|n| !n.is_empty())
+        {
+            let dial = format!("{external}:{}", key.port);
+            let external: Authority = dial
+                .parse()
+                .map_err(|e| format!("invalid ExternalName {dial:?}: {e}"))?;
+            let pool_key = PoolKey {
+                https: key.https,
+                dial: dial.into(),
+                authority: external.as_str().into(),
+                tls: key.tls.clone(),
+            };
+            let pool = get_or_make(&self.pools, pool_key.clone(), || {
+                HostPool::new(pool_key, tls.cloned(), self.settings())
+            })?;
+            return Ok(Box::new([pool]));
+        }
         let cluster_ip = endpoints.and_then(|e| cluster_ip(&e.cluster_ip));
         let dials: Vec<String> = match (self.config.mode, cluster_ip) {
             (AddressMode::Dns, _) => vec![authority.to_string()],

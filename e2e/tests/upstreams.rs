@@ -20,6 +20,7 @@ use kanali_controller::source::watch::Debounce;
 use kanali_controller::{Controller, StandaloneConfig};
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::dynamic::HeaderDefaults;
+use kanali_dataplane::upstream::AddressMode;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::{Answer, eventually};
 use kanali_e2e::tls::{Ca, Issued, start_tls_echo};
@@ -623,4 +624,30 @@ async fn a_streaming_response_keeps_its_endpoint_busy_until_the_body_ends() {
         busy.hits.load(Ordering::SeqCst) > 1,
         "the finished stream still counts"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_name_service_is_dialled_by_its_name() {
+    let partner = echo("partner").await;
+    let manifests = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: partner, namespace: shop}}\nspec:\n  type: ExternalName\n  externalName: localhost\n---\n{}",
+        service_proxy(
+            "partner",
+            "/partner",
+            &format!("{{name: partner, port: {}}}", partner.addr.port())
+        )
+    );
+    // In every address mode: cluster DNS would answer the Service name with the alias.
+    for mode in [
+        AddressMode::Endpoints,
+        AddressMode::ClusterIp,
+        AddressMode::Dns,
+    ] {
+        let env = Env::start(&manifests, |c| {
+            c.upstream.mode = mode;
+        })
+        .await;
+        let answer = env.get("/partner/x", &[]).await;
+        assert_eq!(answer.upstream(), "partner", "{mode:?}");
+    }
 }

@@ -312,12 +312,19 @@ pub fn service_endpoints(
                 .filter(|ip| !ip.is_empty() && *ip != "None")
                 .unwrap_or("")
                 .to_owned();
+            let external_name = service
+                .and_then(|s| s.spec.as_ref())
+                .filter(|s| s.type_.as_deref() == Some("ExternalName"))
+                .and_then(|s| s.external_name.as_deref())
+                .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                .unwrap_or_default();
             pb::ServiceEndpoints {
                 namespace: ns.clone(),
                 name: name.clone(),
                 port: u32::from(*port),
                 cluster_ip,
                 addresses: addresses.into_iter().collect(),
+                external_name,
             }
         })
         .collect()

@@ -188,6 +188,7 @@ pub fn endpoints(name: &str, addrs: &[SocketAddr]) -> pb::ServiceEndpoints {
         port: 80,
         cluster_ip: String::new(),
         addresses: addrs.iter().map(ToString::to_string).collect(),
+        external_name: String::new(),
     }
 }
 

@@ -401,6 +401,7 @@ fn a_service_ships_its_ready_endpoints_on_the_target_port() {
                 "10.0.0.2:8080".into(),
                 "[fd00::1]:8080".into()
             ],
+            external_name: String::new(),
         }]
     );
 }
@@ -640,4 +641,22 @@ fn target_timeout_is_compiled_in_milliseconds() {
             "{t}"
         );
     }
+}
+
+#[test]
+fn an_external_name_service_ships_its_name() {
+    let mut svc = mk_service_with("ns", "partner", &[]);
+    let spec = svc.spec.as_mut().unwrap();
+    spec.type_ = Some("ExternalName".to_owned());
+    spec.external_name = Some("API.Partner.example.".to_owned());
+    spec.cluster_ip = None;
+    let objects = Objects {
+        api_proxies: vec![mk_api_proxy("ns", "p", "/p", service("partner", 443))],
+        services: vec![svc],
+        ..Objects::default()
+    };
+    let c = compile(&objects);
+    let shipped = &c.snapshot.services[0];
+    assert_eq!(shipped.external_name, "api.partner.example");
+    assert!(shipped.addresses.is_empty() && shipped.cluster_ip.is_empty());
 }
