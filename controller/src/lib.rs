@@ -131,6 +131,13 @@ async fn serve_all(
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)));
     if let Some(tls) = grpc_tls {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        // tonic reports unusable PEM as a bare "transport error": check it here, by name.
+        compile::upstream::key_pair(&tls.cert_pem, &tls.key_pem)
+            .map_err(|e| StartError::GrpcTls(format!("certificate and key: {e}")))?;
+        if let Some(ca) = &tls.client_ca_pem {
+            compile::upstream::parse_certs(ca)
+                .map_err(|e| StartError::GrpcTls(format!("client CA: {e}")))?;
+        }
         let mut config =
             ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
         if let Some(ca) = &tls.client_ca_pem {

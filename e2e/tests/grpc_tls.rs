@@ -125,3 +125,34 @@ async fn only_verified_proxies_with_a_client_certificate_get_snapshots() {
         assert_eq!(p.version(), None);
     }
 }
+
+#[tokio::test]
+async fn unusable_grpc_tls_files_are_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("controller CA");
+    let a = ca.issue_server(&["localhost"]);
+    let b = ca.issue_server(&["localhost"]);
+    let start = |cert: &str, key: &str, client_ca: Option<&str>| {
+        kanali_controller::start_standalone(StandaloneConfig {
+            manifests: dir.path().to_owned(),
+            grpc_listen: ANY.parse().unwrap(),
+            admin_listen: ANY.parse().unwrap(),
+            debounce: Debounce::default(),
+            grpc_tls: Some(GrpcTls {
+                cert_pem: cert.as_bytes().to_vec(),
+                key_pem: key.as_bytes().to_vec(),
+                client_ca_pem: client_ca.map(|c| c.as_bytes().to_vec()),
+            }),
+        })
+    };
+    let error = |r: Result<Controller, kanali_controller::StartError>| match r {
+        Ok(_) => panic!("started with unusable TLS files"),
+        Err(e) => e.to_string(),
+    };
+    let mismatched = error(start(&a.cert_pem, &b.key_pem, None).await);
+    assert!(mismatched.contains("does not belong"), "{mismatched}");
+    let garbage = error(start("not a certificate", &a.key_pem, None).await);
+    assert!(garbage.contains("no CERTIFICATE block"), "{garbage}");
+    let bad_ca = error(start(&a.cert_pem, &a.key_pem, Some("nope")).await);
+    assert!(bad_ca.contains("client CA"), "{bad_ca}");
+}

@@ -163,7 +163,8 @@ pub fn tls_material(
     })
 }
 
-fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates of a PEM bundle, each parsed as X.509; an error names the first bad one.
+pub(crate) fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
@@ -200,7 +201,8 @@ fn pem_certs(certs: &[CertificateDer<'_>]) -> Vec<u8> {
     out.into_bytes()
 }
 
-fn key_pair(cert: &[u8], key: &[u8]) -> Result<(), String> {
+/// Checks that a PEM certificate chain and a PEM private key belong together.
+pub(crate) fn key_pair(cert: &[u8], key: &[u8]) -> Result<(), String> {
     let chain = parse_certs(cert)?;
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("private key: {e}"))?;
     let provider = rustls::crypto::ring::default_provider();
