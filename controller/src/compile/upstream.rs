@@ -46,10 +46,10 @@ pub fn tls_material(
     name: &str,
 ) -> Result<pb::TlsMaterial, TlsProblem> {
     let unavailable = objects.unavailable.iter().any(|k| k == "Secret");
-    let secret = objects.secrets.iter().find(|s| {
-        s.metadata.name.as_deref() == Some(name)
-            && s.metadata.namespace.as_deref().unwrap_or("default") == namespace
-    });
+    let secret = objects
+        .secrets
+        .iter()
+        .find(|s| is_named(*s, namespace, name));
     let Some(secret) = secret else {
         let why = if unavailable {
             "cannot be read: the controller has no view of Secrets (see its log)"
@@ -255,6 +255,9 @@ pub fn service_endpoints(
                     _ => None,
                 })
                 .unwrap_or(*port);
+            // A named Service port must exist in an endpoint object to be dialled; an unnamed
+            // one (or none) falls back to the target port or the number itself.
+            let required = service_port.is_some() && !port_name.is_empty();
             let mut addresses = BTreeSet::new();
             for slice in by_service
                 .get(&(ns.as_str(), name.as_str()))
@@ -264,18 +267,10 @@ pub fn service_endpoints(
                 if slice.address_type == "FQDN" {
                     continue;
                 }
-                let target = slice.ports.as_ref().and_then(|ports| {
-                    ports
-                        .iter()
-                        .find(|p| p.name.as_deref().unwrap_or("") == port_name)
-                        .and_then(|p| p.port)
-                        .and_then(|p| u16::try_from(p).ok())
-                });
-                let target = match (target, service_port) {
-                    (Some(t), _) => t,
-                    // A named Service port without that port in the slice: nothing to dial.
-                    (None, Some(_)) if !port_name.is_empty() => continue,
-                    (None, _) => fallback_port,
+                let ports = slice.ports.iter().flatten();
+                let ports = ports.map(|p| (p.name.as_deref(), p.port));
+                let Some(target) = endpoint_port(ports, port_name, required, fallback_port) else {
+                    continue;
                 };
                 for endpoint in &slice.endpoints {
                     // `ready` unset means ready (API docs: unknown is interpreted as ready).
@@ -287,21 +282,13 @@ pub fn service_endpoints(
                     }
                 }
             }
-            for ep in objects.endpoints.iter().filter(|e| {
-                e.metadata.name.as_deref() == Some(name.as_str())
-                    && e.metadata.namespace.as_deref().unwrap_or("default") == ns
-            }) {
+            for ep in objects.endpoints.iter().filter(|e| is_named(*e, ns, name)) {
                 for subset in ep.subsets.iter().flatten() {
-                    let target = subset.ports.as_ref().and_then(|ports| {
-                        ports
-                            .iter()
-                            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
-                            .and_then(|p| u16::try_from(p.port).ok())
-                    });
-                    let target = match (target, service_port) {
-                        (Some(t), _) => t,
-                        (None, Some(_)) if !port_name.is_empty() => continue,
-                        (None, _) => fallback_port,
+                    let ports = subset.ports.iter().flatten();
+                    let ports = ports.map(|p| (p.name.as_deref(), Some(p.port)));
+                    let Some(target) = endpoint_port(ports, port_name, required, fallback_port)
+                    else {
+                        continue;
                     };
                     for address in subset.addresses.iter().flatten() {
                         addresses.insert(socket(&address.ip, target));
@@ -332,6 +319,26 @@ pub fn service_endpoints(
         .collect()
 }
 
+/// The port the endpoints of one object (EndpointSlice or Endpoints subset) listen on, from
+/// its (name, number) ports: the one named `port_name`; without it, `None` when the name is
+/// `required` (nothing to dial), else `fallback`.
+fn endpoint_port<'a>(
+    mut ports: impl Iterator<Item = (Option<&'a str>, Option<i32>)>,
+    port_name: &str,
+    required: bool,
+    fallback: u16,
+) -> Option<u16> {
+    let found = ports
+        .find(|(n, _)| n.unwrap_or("") == port_name)
+        .and_then(|(_, p)| p)
+        .and_then(|p| u16::try_from(p).ok());
+    match found {
+        Some(t) => Some(t),
+        None if required => None,
+        None => Some(fallback),
+    }
+}
+
 fn socket(ip: &str, port: u16) -> String {
     if ip.contains(':') {
         format!("[{ip}]:{port}")
@@ -346,10 +353,14 @@ pub fn find_service<'a>(
     namespace: &str,
     name: &str,
 ) -> Option<&'a Service> {
-    services.iter().find(|s| {
-        s.metadata.name.as_deref() == Some(name)
-            && s.metadata.namespace.as_deref().unwrap_or("default") == namespace
-    })
+    services.iter().find(|s| is_named(*s, namespace, name))
+}
+
+/// Whether `obj` is `namespace/name` (an object without a namespace is in `default`).
+fn is_named<K: kube::Resource>(obj: &K, namespace: &str, name: &str) -> bool {
+    let meta = obj.meta();
+    meta.name.as_deref() == Some(name)
+        && meta.namespace.as_deref().unwrap_or("default") == namespace
 }
 
 /// The Services of `namespace` a dynamic backend may pick: those whose labels already equal the
