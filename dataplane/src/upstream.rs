@@ -352,7 +352,8 @@ impl Upstreams {
     }
 
     /// The pools a Service port is dialled through under this proxy's address mode. The TLS
-    /// server name is always the Service's DNS name, even when an IP address is dialled.
+    /// server name is the Service's DNS name, even when an IP address is dialled; for an
+    /// ExternalName Service it is the external name.
     fn addresses(
         &self,
         key: &ServiceKey,
@@ -360,45 +361,44 @@ impl Upstreams {
         tls: Option<&Arc<ClientConfig>>,
         endpoints: Option<&pb::ServiceEndpoints>,
     ) -> Result<Box<[Arc<HostPool>]>, String> {
-        // An ExternalName Service is a DNS alias: dialled (and verified) by that name in every
-        // mode, as cluster DNS would resolve the Service name to it.
-        if let Some(external) = endpoints
+        let external = endpoints
             .map(|e| e.external_name.as_str())
-            .filter(|n| !n.is_empty())
-        {
-            let dial = format!("{external}:{}", key.port);
-            let external: Authority = dial
-                .parse()
-                .map_err(|e| format!("invalid ExternalName {dial:?}: {e}"))?;
-            let pool_key = PoolKey {
-                https: key.https,
-                dial: dial.into(),
-                authority: external.as_str().into(),
-                tls: key.tls.clone(),
-            };
-            let pool = get_or_make(&self.pools, pool_key.clone(), || {
-                HostPool::new(pool_key, tls.cloned(), self.settings())
-            })?;
-            return Ok(Box::new([pool]));
-        }
+            .filter(|n| !n.is_empty());
         let cluster_ip = endpoints.and_then(|e| cluster_ip(&e.cluster_ip));
-        let dials: Vec<String> = match (self.config.mode, cluster_ip) {
-            (AddressMode::Dns, _) => vec![authority.to_string()],
-            (AddressMode::ClusterIp, Some(ip)) => {
-                vec![SocketAddr::new(ip, key.port).to_string()]
+        let external_authority: Authority;
+        let (dials, authority): (Vec<String>, &Authority) = match (
+            external,
+            self.config.mode,
+            cluster_ip,
+        ) {
+            // An ExternalName Service is a DNS alias: dialled (and verified) by that name in
+            // every mode, as cluster DNS would resolve the Service name to it.
+            (Some(external), _, _) => {
+                let dial = format!("{external}:{}", key.port);
+                external_authority = dial
+                    .parse()
+                    .map_err(|e| format!("invalid ExternalName {dial:?}: {e}"))?;
+                (vec![dial], &external_authority)
             }
-            (AddressMode::Endpoints | AddressMode::ClusterIp, _) => endpoints
-                .map(|e| e.addresses.as_slice())
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|a| match a.parse::<SocketAddr>() {
-                    Ok(addr) => Some(addr.to_string()),
-                    Err(_) => {
-                        tracing::warn!(address = %a, service = %authority, "ignoring an endpoint address that is not ip:port");
-                        None
-                    }
-                })
-                .collect(),
+            (None, AddressMode::Dns, _) => (vec![authority.to_string()], authority),
+            (None, AddressMode::ClusterIp, Some(ip)) => {
+                (vec![SocketAddr::new(ip, key.port).to_string()], authority)
+            }
+            (None, AddressMode::Endpoints | AddressMode::ClusterIp, _) => {
+                let dials = endpoints
+                    .map(|e| e.addresses.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|a| match a.parse::<SocketAddr>() {
+                        Ok(addr) => Some(addr.to_string()),
+                        Err(_) => {
+                            tracing::warn!(address = %a, service = %authority, "ignoring an endpoint address that is not ip:port");
+                            None
+                        }
+                    })
+                    .collect();
+                (dials, authority)
+            }
         };
         dials
             .into_iter()
