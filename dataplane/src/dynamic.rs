@@ -144,7 +144,7 @@ impl<T> DynamicService<T> {
                     _ => default,
                 },
             };
-            if !is_label_value(value) {
+            if !kanali_proto::is_label_value(value) {
                 return None;
             }
             *slot = value;
@@ -165,22 +165,6 @@ impl<T> DynamicService<T> {
     /// The candidates' targets, first choice first.
     pub fn targets(&self) -> impl Iterator<Item = &T> {
         self.candidates.iter().map(|c| &c.target)
-    }
-}
-
-/// Whether `v` is a valid Kubernetes label value: at most 63 characters, empty or alphanumeric
-/// at both ends with `-`, `_` and `.` allowed between.
-pub fn is_label_value(v: &str) -> bool {
-    let b = v.as_bytes();
-    match (b.first(), b.last()) {
-        (None, _) | (_, None) => true,
-        (Some(first), Some(last)) => {
-            b.len() <= 63
-                && first.is_ascii_alphanumeric()
-                && last.is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-        }
     }
 }
 
@@ -385,15 +369,5 @@ mod tests {
         let r: Result<DynamicService<()>, _> =
             DynamicService::from_proto(&bad_header, &HeaderDefaults::default(), |_| Ok(()));
         assert!(r.is_err());
-    }
-
-    #[test]
-    fn label_values() {
-        for ok in ["", "a", "A-b_c.d", "0", &"x".repeat(63)] {
-            assert!(is_label_value(ok), "{ok:?}");
-        }
-        for bad in ["-", "a-", "_a", "a b", "a/b", &"x".repeat(64)] {
-            assert!(!is_label_value(bad), "{bad:?}");
-        }
     }
 }

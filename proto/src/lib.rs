@@ -10,6 +10,23 @@ pub mod v1 {
     tonic::include_proto!("kanali.snapshot.v1");
 }
 
+/// Whether `v` is a valid Kubernetes label value: at most 63 characters, empty or alphanumeric
+/// at both ends with `-`, `_` and `.` allowed between. Part of the contract: the controller
+/// checks fixed `LabelMatch` values with it, proxies the values taken from request headers.
+pub fn is_label_value(v: &str) -> bool {
+    let b = v.as_bytes();
+    match (b.first(), b.last()) {
+        (Some(first), Some(last)) => {
+            b.len() <= 63
+                && first.is_ascii_alphanumeric()
+                && last.is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        }
+        _ => true,
+    }
+}
+
 impl std::fmt::Debug for v1::TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsMaterial")
@@ -27,6 +44,16 @@ impl std::fmt::Debug for v1::TlsMaterial {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn label_values() {
+        for ok in ["", "a", "A-b_c.d", "0", &"x".repeat(63)] {
+            assert!(super::is_label_value(ok), "{ok:?}");
+        }
+        for bad in ["-", "a-", "_a", "a b", "a/b", &"x".repeat(64)] {
+            assert!(!super::is_label_value(bad), "{bad:?}");
+        }
+    }
+
     #[test]
     fn debug_never_shows_a_private_key() {
         let m = super::v1::TlsMaterial {

@@ -168,7 +168,7 @@ fn validate_labels(labels: &[kanali_crds::ServiceLabel]) -> Result<Vec<pb::Label
             return Err(format!("{at}.name {:?} is listed twice", l.name));
         }
         let source = match (&l.value, &l.header) {
-            (Some(v), None) if upstream::is_label_value(v) => Source::Value(v.clone()),
+            (Some(v), None) if kanali_proto::is_label_value(v) => Source::Value(v.clone()),
             (Some(v), None) => {
                 return Err(format!(
                     "{at}.value {v:?} is not a Kubernetes label value (at most 63 letters, digits, '-', '_' and '.', alphanumeric at both ends)"

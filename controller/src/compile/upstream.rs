@@ -398,17 +398,6 @@ pub fn candidates(
     out
 }
 
-/// A Kubernetes label value: at most 63 characters, alphanumerics with `-`, `_` and `.` inside.
-pub fn is_label_value(v: &str) -> bool {
-    let b = v.as_bytes();
-    b.len() <= 63
-        && (b.is_empty()
-            || (b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))))
-}
-
 /// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name (1-63
 /// characters, alphanumeric at both ends).
 pub fn is_label_key(k: &str) -> bool {
@@ -429,5 +418,5 @@ pub fn is_label_key(k: &str) -> bool {
                         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
             })
     });
-    prefix_ok && !name.is_empty() && is_label_value(name)
+    prefix_ok && !name.is_empty() && kanali_proto::is_label_value(name)
 }
