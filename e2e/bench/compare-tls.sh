@@ -2,22 +2,14 @@
 # HTTPS load comparison with the team's harness: kanali-proxy's TLS listener (1 worker thread)
 # vs nginx terminating TLS, both pinned to the same core, HTTP/1.1 keep-alive (wrk), next to
 # the harness's plain-HTTP peers. Usage: e2e/bench/compare-tls.sh (harness env passes through).
-set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
-[ -x "$BENCH_DIR/compare.sh" ] || { echo "no load harness at $BENCH_DIR (set BENCH_DIR)" >&2; exit 1; }
-"$BENCH_DIR/setup.sh" >/dev/null
-cd "$root"
-cargo build -q --release --bins
-bin=${CARGO_TARGET_DIR:-$root/target}/release
+source "$(dirname "$0")/common.sh"
 work=$(mktemp -d)
 "$root/e2e/bench/tls-setup.sh" "$work"
-"$bin/kanali-controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \
-  --admin-listen 127.0.0.1:19080 --log warn &
+start_controller
 ctl=$!
 trap 'kill $ctl 2>/dev/null; wait $ctl 2>/dev/null; rm -rf "$work"' EXIT
 # The harness checks every target with curl first; trust the bench CA there (wrk does not verify).
 export CURL_CA_BUNDLE=$work/ca.pem
-export CMD_kanali_tls="$bin/kanali-proxy --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 --admin-listen 127.0.0.1:18084 --tls-listen 127.0.0.1:18443 --tls-cert-file $work/cert.pem --tls-key-file $work/key.pem --worker-threads 1 --log warn"
+export CMD_kanali_tls="$proxy_cmd --tls-listen 127.0.0.1:18443 --tls-cert-file $work/cert.pem --tls-key-file $work/key.pem"
 export CMD_nginx_tls="nginx -p $work -c $work/nginx-tls.conf -g 'daemon off;'"
 "$BENCH_DIR/compare.sh" kanali_tls=https://127.0.0.1:18443/api/ nginx_tls=https://127.0.0.1:18444/api/

@@ -6,15 +6,10 @@
 #   kanali-h2c   HTTP/2 cleartext (prior knowledge) to kanali's plain listener
 # Knobs: DURATION=10 CONNS=64 STREAMS=10 ROUNDS=3 PROXY_CPU=0 LOAD_CPU=1.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
 DURATION=${DURATION:-10} CONNS=${CONNS:-64} STREAMS=${STREAMS:-10} ROUNDS=${ROUNDS:-3}
 PROXY_CPU=${PROXY_CPU:-0} LOAD_CPU=${LOAD_CPU:-1}
 command -v h2load >/dev/null || apt-get install -y -qq nghttp2-client >/dev/null
-"$BENCH_DIR/setup.sh" >/dev/null
-cd "$root"
-cargo build -q --release --bins
-bin=${CARGO_TARGET_DIR:-$root/target}/release
+source "$(dirname "$0")/common.sh"
 work=$(mktemp -d); chmod 755 "$work"   # nginx workers read www/ in it
 OUT=${OUT:-${TMPDIR:-/tmp}/kanali-bench/h2-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
@@ -23,11 +18,11 @@ mkdir -p "$work/www" && head -c 16384 /dev/urandom > "$work/www/big"   # the ups
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 taskset -c "$LOAD_CPU" nginx -p "$work" -e "$work/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)
-"$bin/kanali-controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \
-  --admin-listen 127.0.0.1:19080 --log warn & pids+=($!)
-taskset -c "$PROXY_CPU" "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
-  --admin-listen 127.0.0.1:18084 --tls-listen 127.0.0.1:18443 --tls-cert-file "$work/cert.pem" \
-  --tls-key-file "$work/key.pem" --worker-threads 1 --log warn & pids+=($!)
+start_controller; pids+=($!)
+# $proxy_cmd is split into words on purpose (paths from mktemp/cargo have no spaces).
+# shellcheck disable=SC2086
+taskset -c "$PROXY_CPU" $proxy_cmd --tls-listen 127.0.0.1:18443 --tls-cert-file "$work/cert.pem" \
+  --tls-key-file "$work/key.pem" & pids+=($!)
 taskset -c "$PROXY_CPU" nginx -p "$work" -c "$work/nginx-tls.conf" -g 'daemon off;' & pids+=($!)
 for u in https://127.0.0.1:18443/api/ https://127.0.0.1:18444/api/ http://127.0.0.1:18083/api/; do
   for _ in $(seq 100); do
