@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
-use rustls::{InconsistentKeys, RootCertStore};
 use tokio::sync::watch;
 
 /// How often the files are checked for changes, unless configured otherwise.
@@ -68,7 +68,7 @@ pub enum TlsError {
         /// The certificate file.
         path: PathBuf,
         /// The parser's reason.
-        reason: rustls::Error,
+        reason: kanali_proto::certs::CertError,
     },
     /// The private key is of a kind the crypto provider cannot use.
     #[error("{path}: unusable private key: {reason}")]
@@ -281,11 +281,16 @@ fn server_config(
             path: key_path.to_owned(),
             reason,
         })?;
-    let certified = CertifiedKey::new(chain, key);
-    match certified.keys_match() {
+    // Checked with a general X.509 parser rather than rustls' `keys_match`, which parses with
+    // webpki and so refuses v1 certificates that clients accept.
+    let certifies = match (chain.first(), key.public_key()) {
+        (Some(leaf), Some(spki)) => kanali_proto::certs::certifies(leaf, &spki),
         // A key that cannot tell its public half is not a mismatch; rustls accepts it too.
-        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
-        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+        _ => Ok(true),
+    };
+    match certifies {
+        Ok(true) => {}
+        Ok(false) => {
             return Err(TlsError::KeyMismatch {
                 cert: cert_path.to_owned(),
                 key: key_path.to_owned(),
@@ -298,6 +303,7 @@ fn server_config(
             });
         }
     }
+    let certified = CertifiedKey::new(chain, key);
 
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -425,6 +431,18 @@ mod tests {
         let truncated = &p.cert[..p.cert.len() / 2];
         let err = build_pem(truncated, &p.key, None).unwrap_err();
         assert!(err.to_string().starts_with("cert.pem: bad PEM"), "{err}");
+    }
+
+    /// A v1 certificate, as `openssl x509 -req` issues without extensions (issue #8), is a
+    /// usable listener certificate, and a v1 CA a usable client CA; the pair is still checked.
+    #[test]
+    fn openssl_v1_certificates_load_and_their_pair_is_checked() {
+        let cert = include_str!("../../proto/testdata/v1-client.pem");
+        let key = include_str!("../../proto/testdata/v1-client.key");
+        let ca = include_str!("../../proto/testdata/v1-ca.pem");
+        build_pem(cert, key, Some(ca)).unwrap();
+        let err = build_pem(cert, &leaf().key, None).unwrap_err();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");
     }
 
     #[test]

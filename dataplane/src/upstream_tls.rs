@@ -14,6 +14,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -33,6 +34,9 @@ pub enum TlsError {
     /// The client private key is not PEM.
     #[error("client key: {0}")]
     ClientKey(String),
+    /// The client private key is not the certificate's.
+    #[error("client certificate: the private key does not belong to it")]
+    KeyMismatch,
     /// Only one of certificate and key is set.
     #[error("client certificate and key must both be set or both be empty")]
     HalfPair,
@@ -108,7 +112,21 @@ impl TlsContext {
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match client {
-            Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+            // Not `with_client_auth_cert`: it checks the pair by parsing the certificate with
+            // webpki, which refuses the v1 certificates upstreams accept. The upstream
+            // verifies the certificate; here only the pair is checked.
+            Some((chain, key)) => {
+                let key = self.provider.key_provider.load_private_key(key)?;
+                if let (Some(leaf), Some(spki)) = (chain.first(), key.public_key()) {
+                    match kanali_proto::certs::certifies(leaf, &spki) {
+                        Ok(true) => {}
+                        Ok(false) => return Err(TlsError::KeyMismatch),
+                        Err(e) => return Err(TlsError::ClientCert(e.to_string())),
+                    }
+                }
+                let certified = CertifiedKey::new(chain, key);
+                builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
+            }
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
@@ -121,7 +139,8 @@ fn parse_roots(pem: &[u8]) -> Result<RootCertStore, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Ca(e.to_string()))?;
     let mut roots = RootCertStore::empty();
-    // Bundles sometimes carry a certificate webpki cannot parse (e.g. v1); the rest still count.
+    // Bundles sometimes carry a certificate webpki cannot use (e.g. an unsupported key); the
+    // rest still count. (v1 CA certificates are usable trust anchors.)
     let (added, ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {
         return Err(TlsError::Ca(format!(
@@ -239,6 +258,20 @@ mod tests {
         );
         assert!(!default.client_auth_cert_resolver.has_certs());
         assert!(ctx.config(&material(b"", b"", b"")).is_ok());
+    }
+
+    /// `openssl x509 -req` issues v1 certificates without extensions: they are usable as a
+    /// client certificate and as a CA (issue #8).
+    #[test]
+    fn openssl_v1_certificates_load_as_client_certificate_and_ca() {
+        let ctx = TlsContext::new(true);
+        let m = material(
+            include_bytes!("../../proto/testdata/v1-ca.pem"),
+            include_bytes!("../../proto/testdata/v1-client.pem"),
+            include_bytes!("../../proto/testdata/v1-client.key"),
+        );
+        let config = ctx.config(&m).unwrap();
+        assert!(config.client_auth_cert_resolver.has_certs());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! method, authority, raw path, query, headers and body — the same idea as the v2 e2e
 //! suite's `tester` image, so tests can assert on exactly what a proxy forwarded. [`tls`]
 //! adds certificates generated in the test, an HTTPS echo upstream and a small HTTPS client;
-//! [`check`] the waiting and answer assertions the tests share.
+//! [`check`] the waiting and answer assertions the tests share; [`netns`] test hosts in network
+//! namespaces, for peers that must not be on loopback.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -22,6 +23,8 @@ use tokio::sync::{Notify, mpsc};
 
 pub mod check;
 pub mod kubectl;
+pub mod netns;
+pub mod openssl;
 pub mod tls;
 
 /// A running echo upstream.
@@ -49,9 +52,14 @@ pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
     spawn_echo(TcpListener::bind(addr).await?, name, None)
 }
 
+/// Starts an echo server on a listener the caller made (e.g. in a [`netns::TestHost`]).
+pub fn start_echo_on(listener: TcpListener, name: &str) -> std::io::Result<Echo> {
+    spawn_echo(listener, name, None)
+}
+
 /// Serves the echo service on `listener`; with `tls`, each connection is a TLS handshake
 /// first (done in the connection's task, so a slow client never stalls the accept loop).
-fn spawn_echo(
+pub(crate) fn spawn_echo(
     listener: TcpListener,
     name: &str,
     tls: Option<tokio_rustls::TlsAcceptor>,

@@ -193,11 +193,24 @@ pub fn server_config(
 /// # Panics
 /// If the certificate does not load or no port can be bound (test support).
 pub async fn start_tls_echo(server: &Issued, client_ca: Option<&Ca>, alpn: &[&str]) -> Echo {
-    let config = server_config(server, client_ca, alpn)
-        .unwrap_or_else(|e| panic!("TLS echo configuration: {e}"));
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap_or_else(|e| panic!("TLS echo bind: {e}"));
+    start_tls_echo_on(listener, server, client_ca, alpn)
+}
+
+/// [`start_tls_echo`] on a listener the caller made (e.g. in a [`crate::netns::TestHost`]).
+///
+/// # Panics
+/// If the certificate does not load (test support).
+pub fn start_tls_echo_on(
+    listener: TcpListener,
+    server: &Issued,
+    client_ca: Option<&Ca>,
+    alpn: &[&str],
+) -> Echo {
+    let config = server_config(server, client_ca, alpn)
+        .unwrap_or_else(|e| panic!("TLS echo configuration: {e}"));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     crate::spawn_echo(listener, "tls-echo", Some(acceptor))
         .unwrap_or_else(|e| panic!("TLS echo start: {e}"))

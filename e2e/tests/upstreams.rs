@@ -23,6 +23,7 @@ use kanali_dataplane::dynamic::HeaderDefaults;
 use kanali_dataplane::upstream::AddressMode;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::{Answer, eventually};
+use kanali_e2e::openssl::OpensslPki;
 use kanali_e2e::tls::{Ca, Issued, start_tls_echo};
 use kanali_e2e::{Echo, start_echo};
 
@@ -226,6 +227,44 @@ async fn mtls_needs_the_client_certificate_from_the_secret() {
     assert_eq!(answer.upstream(), "tls-echo");
     assert_eq!(answer.headers["x-echo-client-cert"], "present");
     env.get("/anonymous/x", &[]).await.assert_code(8, 502);
+}
+
+/// Issue #8: a client certificate as `openssl x509 -req` issues it (X.509 v1, no extensions)
+/// was refused as `InvalidKeyPair` and every request got 07, although the upstream accepts it.
+/// Here the CA, both certificates and the upstream (`openssl s_server`, which requires and
+/// verifies the client certificate) all come from the openssl command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openssl_v1_client_certificate_is_presented_to_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = OpensslPki::new(dir.path());
+    assert_eq!(
+        pki.version("client.pem"),
+        "1 (0x0)",
+        "openssl issued a v1 certificate"
+    );
+    let port = std::net::TcpListener::bind(ANY)
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = pki.s_server(port).await;
+    let manifests = secret(
+        "openssl",
+        true,
+        &[
+            ("tls.ca", &pki.read("ca.pem")),
+            ("tls.crt", &pki.read("client.pem")),
+            ("tls.key", &pki.read("client.key")),
+        ],
+    ) + &https_proxy("v1", "/v1", server.addr, Some("openssl"));
+    let env = Env::start(&manifests, |_| {}).await;
+    let (ok, reason, message) = env.resolved_refs("v1");
+    assert!(ok, "{reason}: {message}");
+    let answer = env.get("/v1/", &[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    // s_server -www describes the session, with the certificate the proxy presented.
+    let page = String::from_utf8_lossy(&answer.body);
+    assert!(page.contains("Client certificate"), "{page}");
+    assert!(page.contains("CN=v1-client"), "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,10 @@
 //!
 //! The controller serves `SnapshotService`; every proxy opens one `Stream`, sends `Subscribe`,
 //! then receives full snapshots and answers each with `Ack` or `Nack`. The `.proto` file is the
-//! contract: `proto/kanali/snapshot/v1/snapshot.proto`.
+//! contract: `proto/kanali/snapshot/v1/snapshot.proto`. [`certs`] reads certificates the same
+//! way on both sides of the stream.
+
+pub mod certs;
 
 /// `kanali.snapshot.v1`: snapshot messages and the `SnapshotService` client and server.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -172,17 +172,17 @@ pub(crate) fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, St
         return Err("no CERTIFICATE block".to_owned());
     }
     for (i, cert) in certs.iter().enumerate() {
-        webpki_check(cert).map_err(|e| format!("certificate {}: {e}", i + 1))?;
+        x509_check(cert).map_err(|e| format!("certificate {}: {e}", i + 1))?;
     }
     Ok(certs)
 }
 
 /// A PEM block that decodes is not yet a certificate: parse it as X.509 so garbage inside a
-/// well-formed block is caught here, not at the first handshake.
-fn webpki_check(cert: &CertificateDer<'_>) -> Result<(), String> {
-    rustls::server::ParsedCertificate::try_from(cert)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+/// well-formed block is caught here, not at the first handshake. Any version: a v1 CA or
+/// client certificate (what `openssl x509 -req` issues without extensions) is as usable as
+/// a v3 one.
+fn x509_check(cert: &CertificateDer<'_>) -> Result<(), String> {
+    kanali_proto::certs::parse_certificate(cert).map_err(|e| e.to_string())
 }
 
 /// Re-encodes certificates as PEM, so proxies get a normalised bundle.
@@ -201,19 +201,27 @@ fn pem_certs(certs: &[CertificateDer<'_>]) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Checks that a PEM certificate chain and a PEM private key belong together.
+/// Checks that a PEM certificate chain and a PEM private key belong together: the key loads,
+/// and its public half is the one the first certificate certifies.
 pub(crate) fn key_pair(cert: &[u8], key: &[u8]) -> Result<(), String> {
     let chain = parse_certs(cert)?;
+    let Some(leaf) = chain.first() else {
+        return Err("no CERTIFICATE block".to_owned());
+    };
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("private key: {e}"))?;
-    let provider = rustls::crypto::ring::default_provider();
-    rustls::sign::CertifiedKey::from_der(chain, key, &provider)
-        .map(|_| ())
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => {
-                "the private key does not belong to the certificate".to_owned()
-            }
-            other => other.to_string(),
-        })
+    let key = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("private key: {e}"))?;
+    // Keys that cannot tell their public half are accepted, as rustls does.
+    let Some(spki) = key.public_key() else {
+        return Ok(());
+    };
+    match kanali_proto::certs::certifies(leaf, &spki) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the private key does not belong to the certificate".to_owned()),
+        Err(e) => Err(format!("certificate 1: {e}")),
+    }
 }
 
 /// Identifies one port of one Service.

@@ -9,8 +9,6 @@
 //!   which makes them fail instead.
 //! - `KUBECTL`: the kubectl to run (default: `kubectl` on the PATH).
 //! - `KANALI_E2E_KEEP=1`: keep each test's namespace (for debugging).
-//! - `KANALI_E2E_HOST_IP`: the address Endpoints objects point at (default: this host's
-//!   address towards its default route; the API server rejects loopback addresses there).
 //!
 //! The binaries are taken from the target directory of this test (`cargo build --bins` first).
 //! Each test works in its own namespace (`kanali-e2e-<test>-<random>`, deleted at the end) with

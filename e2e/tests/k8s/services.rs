@@ -3,12 +3,10 @@
 //! default for it). The API server runs no endpoints controller, so the Services have no
 //! selector and their Endpoints are written by the test.
 
-use std::net::SocketAddr;
-
-use kanali_e2e::start_echo;
+use kanali_e2e::start_echo_on;
 
 use crate::support::yaml::{Label, dynamic_service_proxy, endpoints, service, service_proxy};
-use crate::support::{Answer, Env, NO_SERVICE, condition, host_ip};
+use crate::support::{Answer, Env, NO_SERVICE, condition, test_host};
 
 /// Requests with `x-track: canary` reach the canary Service's upstream, `stable` and no header
 /// (the proxies' `--default-header-value x-track=stable`) the stable one, anything else error
@@ -20,11 +18,11 @@ async fn service_backends_follow_endpoints_and_dynamic_ones_the_request_header()
     else {
         return;
     };
-    let ip = host_ip();
-    let on_host = SocketAddr::new(ip, 0);
-    let stable = start_echo(on_host, "stable").await.unwrap();
-    let canary = start_echo(on_host, "canary").await.unwrap();
-    let plain = start_echo(on_host, "plain").await.unwrap();
+    let host = test_host();
+    let ip = host.ip();
+    let stable = start_echo_on(host.listen(0).unwrap(), "stable").unwrap();
+    let canary = start_echo_on(host.listen(0).unwrap(), "canary").unwrap();
+    let plain = start_echo_on(host.listen(0).unwrap(), "plain").unwrap();
     let yaml = [
         service(
             "shop-stable",
@@ -122,7 +120,7 @@ async fn service_backends_follow_endpoints_and_dynamic_ones_the_request_header()
         .await;
 
     // The fixed Service's Endpoints move to another upstream.
-    let moved = start_echo(on_host, "moved").await.unwrap();
+    let moved = start_echo_on(host.listen(0).unwrap(), "moved").unwrap();
     env.apply(&endpoints("plain", ip, moved.addr.port())).await;
     env.eventually_everywhere("/plain/x", |a| a.check_upstream("moved"))
         .await;

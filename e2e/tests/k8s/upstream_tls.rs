@@ -3,11 +3,11 @@
 //! reported on the ApiProxy and answered with its error code, and fixed material is used again
 //! without a restart.
 
-use kanali_e2e::tls::{Ca, Issued, start_tls_echo};
+use kanali_e2e::tls::{Ca, Issued, start_tls_echo, start_tls_echo_on};
 
 use crate::support::yaml::{endpoints, service, service_proxy, tls_endpoint_proxy, tls_secret};
 use crate::support::{
-    Answer, BAD_KEY_PAIR, Env, NO_SECRET, NO_UPSTREAM, check_condition, condition, host_ip, relay,
+    Answer, BAD_KEY_PAIR, Env, NO_SECRET, NO_UPSTREAM, check_condition, condition, test_host,
 };
 
 const SECRET: &str = "upstream-tls";
@@ -41,8 +41,15 @@ async fn upstream_tls_follows_its_secret_without_restarts() {
     let service_dns = format!("secure.{}.svc.cluster.local", env.ns);
     let server = ca.issue_server(&["127.0.0.1", &service_dns]);
     let upstream = start_tls_echo(&server, Some(&ca), &["h2", "http/1.1"]).await;
-    // Endpoints cannot name 127.0.0.1: the Service leads to a relay on the host's address.
-    let (relayed, _relay) = relay(host_ip(), upstream.addr).await;
+    // Endpoints cannot name 127.0.0.1: the Service leads to the same upstream on a test host.
+    let host = test_host();
+    let behind_service = start_tls_echo_on(
+        host.listen(0).unwrap(),
+        &server,
+        Some(&ca),
+        &["h2", "http/1.1"],
+    );
+    let relayed = behind_service.addr;
     let client = ca.issue_client("kanali-proxy");
     let endpoint = format!("https://127.0.0.1:{}", upstream.addr.port());
     let yaml = [

@@ -119,6 +119,40 @@ fn a_ca_and_client_pair_reach_the_snapshot_once_by_id() {
     }
 }
 
+/// `openssl x509 -req` without extensions issues v1 certificates; upstreams accept them as
+/// client certificates, and a v1 CA as a trust anchor (issue #8: they were InvalidKeyPair).
+#[test]
+fn openssl_v1_certificates_are_a_usable_pair_and_ca() {
+    let ca = include_str!("../../../../proto/testdata/v1-ca.pem");
+    let cert = include_str!("../../../../proto/testdata/v1-client.pem");
+    let key = include_str!("../../../../proto/testdata/v1-client.key");
+    let secret = mk_secret(
+        "ns",
+        "tls",
+        true,
+        &[("tls.ca", ca), ("tls.crt", cert), ("tls.key", key)],
+    );
+    let (c, (ok, reason, message)) = resolved(&objects_with(https_proxy("tls"), vec![secret]));
+    assert!(ok, "{reason}: {message}");
+    assert_eq!(c.snapshot.tls[0].cert_pem, cert.as_bytes());
+    // The pair check still works on v1: another key is refused.
+    let (_, other_key) = pem_pair("other");
+    assert_fails(
+        &objects_with(
+            https_proxy("tls"),
+            vec![mk_secret(
+                "ns",
+                "tls",
+                true,
+                &[("tls.crt", cert), ("tls.key", &other_key)],
+            )],
+        ),
+        7,
+        "InvalidKeyPair",
+        "does not belong to the certificate",
+    );
+}
+
 #[test]
 fn rotated_material_gets_a_new_id_and_version() {
     let (ca1, _) = pem_pair("one");

@@ -21,7 +21,7 @@ pub use client::{Answer, eventually, http_get, through};
 pub use env::Env;
 pub use fake_proxy::FakeProxy;
 pub use status::{check_condition, check_current, condition};
-pub use upstreams::{host_ip, relay};
+pub use upstreams::test_host;
 
 /// How long any change may take to show before a test fails. A deadline, not a measurement.
 pub const DEADLINE: Duration = Duration::from_secs(30);

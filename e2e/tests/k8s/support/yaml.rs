@@ -144,7 +144,7 @@ spec:
 }
 
 /// The core Endpoints of Service `name`: one ready address `ip:port` (the API server refuses
-/// loopback addresses here; see [`super::host_ip`]).
+/// loopback addresses here; see [`super::test_host`]).
 pub fn endpoints(name: &str, ip: IpAddr, port: u16) -> String {
     format!(
         r#"apiVersion: v1
