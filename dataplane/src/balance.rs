@@ -15,6 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use rustls::ClientConfig;
 
+use crate::body::RequestBody;
 use crate::pool::{HostPool, InFlight, now_millis};
 use crate::upstream::UpstreamError;
 
@@ -102,7 +103,7 @@ impl ServiceBackend {
     /// response body).
     pub async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, InFlight), UpstreamError> {
         // Allocates only after a failure.
         let mut tried: Vec<Arc<HostPool>> = Vec::new();

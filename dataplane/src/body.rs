@@ -1,13 +1,18 @@
-//! The response body type: either bytes we produced (errors, mocks) or the upstream's body,
-//! streamed through frame by frame. An enum rather than a boxed body, so the hot path does not
-//! allocate for it.
+//! The body types: what the proxy sends upstream ([`RequestBody`]) and what it answers with
+//! ([`ProxyBody`]). Enums rather than boxed bodies, so the hot path does not allocate for them.
+//!
+//! A request body is read ahead before anything is sent upstream, up to a limit
+//! ([`read_ahead`]): a body that turns out malformed (a chunk size that overflows, fewer bytes
+//! than its `Content-Length`) is then refused with 400 instead of reaching the upstream half
+//! sent, and most bodies reach the upstream in one piece. What is beyond the limit streams.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
 use crate::pool::InFlight;
@@ -55,4 +60,154 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b, _) => b.size_hint(),
         }
     }
+}
+
+/// Body of every request the proxy sends upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// The client's body as it arrives (also: no body at all).
+    Streamed(Incoming),
+    /// What was read ahead: the data, then the trailers, then (if the body was longer than
+    /// the read-ahead limit) the rest as it arrives.
+    ReadAhead {
+        /// Data not yet sent.
+        data: Option<Bytes>,
+        /// Trailers of a body that ended within the limit.
+        trailers: Option<HeaderMap>,
+        /// The unread rest.
+        rest: Option<Incoming>,
+    },
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody::Streamed(body)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::ReadAhead {
+                data,
+                trailers,
+                rest,
+            } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                if let Some(trailers) = trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                match rest {
+                    Some(rest) => Pin::new(rest).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(b) => b.is_end_stream(),
+            RequestBody::ReadAhead {
+                data,
+                trailers,
+                rest,
+            } => {
+                data.is_none()
+                    && trailers.is_none()
+                    && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(b) => b.size_hint(),
+            RequestBody::ReadAhead { data, rest, .. } => {
+                let read = data.as_ref().map_or(0, |d| d.len() as u64);
+                let rest = rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(read));
+                }
+                hint.set_lower(rest.lower().saturating_add(read));
+                hint
+            }
+        }
+    }
+}
+
+/// Reads `body` ahead until it ends or `limit` bytes are in hand. An error is the client's:
+/// its body is malformed or cut short, and nothing has been sent anywhere yet.
+///
+/// Only bodies the client sends without waiting for an answer are read ahead: every HTTP/1.x
+/// body, and HTTP/2 bodies of a declared length. An HTTP/2 stream without a length (gRPC,
+/// for one) may be a conversation, so it streams from the first byte; HTTP/2 framing has no
+/// chunk sizes to get wrong.
+pub async fn read_ahead(
+    body: Incoming,
+    limit: usize,
+    http2: bool,
+) -> Result<RequestBody, hyper::Error> {
+    let declared = body.size_hint().exact();
+    if body.is_end_stream() || limit == 0 || (http2 && declared.is_none()) {
+        return Ok(RequestBody::Streamed(body));
+    }
+    let mut body = body;
+    let mut first: Option<Bytes> = None;
+    let mut more = BytesMut::new();
+    let mut read = 0usize;
+    let mut trailers = None;
+    let mut ended = false;
+    while read < limit {
+        let Some(frame) = body.frame().await else {
+            ended = true;
+            break;
+        };
+        match frame?.into_data() {
+            Ok(data) => {
+                read += data.len();
+                // One frame (the usual case) is kept as it came; more are joined.
+                match first.take() {
+                    None if more.is_empty() => first = Some(data),
+                    None => more.extend_from_slice(&data),
+                    Some(f) => {
+                        more.reserve(f.len() + data.len());
+                        more.extend_from_slice(&f);
+                        more.extend_from_slice(&data);
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+        if body.is_end_stream() {
+            ended = true;
+            break;
+        }
+    }
+    let data = match first {
+        Some(f) => Some(f),
+        None if more.is_empty() => None,
+        None => Some(more.freeze()),
+    };
+    Ok(RequestBody::ReadAhead {
+        data,
+        trailers,
+        rest: (!ended).then_some(body),
+    })
 }

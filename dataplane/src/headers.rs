@@ -59,7 +59,7 @@ pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
     proto: &'static str,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
 ) {
     let mut chain = String::new();
     for v in headers
@@ -75,9 +75,9 @@ pub fn set_forwarded(
         headers.insert(&X_FORWARDED_FOR, v);
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    match host {
         Some(v) => {
-            headers.insert(&X_FORWARDED_HOST, v);
+            headers.insert(&X_FORWARDED_HOST, v.clone());
         }
         None => {
             headers.remove(&X_FORWARDED_HOST);
@@ -119,7 +119,7 @@ mod tests {
             &mut h,
             "127.0.0.1".parse().unwrap(),
             "http",
-            Some("api.example.org"),
+            Some(&HeaderValue::from_static("api.example.org")),
         );
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);

@@ -19,6 +19,7 @@ pub mod listener;
 pub mod mock;
 pub mod path;
 pub mod pool;
+pub mod request;
 pub mod router;
 pub mod server;
 pub mod server_tls;

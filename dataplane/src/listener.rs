@@ -126,6 +126,8 @@ fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
+        // A client that shuts down its sending side after the request still gets its answer.
+        .half_close(true)
         .max_buf_size(config.max_header_bytes.max(8192));
     builder
         .http2()

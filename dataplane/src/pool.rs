@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use crate::body::RequestBody;
 use crate::upstream::UpstreamError;
 use crate::upstream_tls::server_name;
 
@@ -62,18 +63,18 @@ pub(crate) fn now_millis() -> u64 {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
 /// A connection ready for one request; nothing has been sent on it yet.
 pub(crate) enum Conn {
     H1 {
-        sender: http1::SendRequest<Incoming>,
+        sender: http1::SendRequest<RequestBody>,
         reused: bool,
     },
     H2 {
-        sender: http2::SendRequest<Incoming>,
+        sender: http2::SendRequest<RequestBody>,
         reused: bool,
     },
 }
@@ -81,7 +82,7 @@ pub(crate) enum Conn {
 /// Why a send failed: with the request when it never left (safe to send again).
 pub(crate) enum Failed {
     // Boxed: the failure path may allocate, the success path carries the small variant.
-    Unsent(Box<Request<Incoming>>, UpstreamError),
+    Unsent(Box<Request<RequestBody>>, UpstreamError),
     Error(UpstreamError),
 }
 
@@ -103,7 +104,7 @@ pub struct HostPool {
     // Created on first release: most endpoint addresses of a big cluster never see a request
     // from this proxy, and the queue allocates all its slots up front.
     idle: OnceLock<ArrayQueue<Idle>>,
-    h2: ArcSwapOption<http2::SendRequest<Incoming>>,
+    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     speaks_h2: AtomicBool,
     h2_dial: tokio::sync::Mutex<()>,
     in_flight: AtomicUsize,
@@ -235,7 +236,7 @@ impl HostPool {
     /// the body streams on.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let _in_flight = Counting::new(self);
         let conn = self.connection().await?;
@@ -276,7 +277,7 @@ impl HostPool {
     pub(crate) async fn send_on(
         self: &Arc<Self>,
         conn: Conn,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let reused = conn.reused();
         match self.try_send(conn, req).await {
@@ -292,7 +293,7 @@ impl HostPool {
     /// which may be just as stale.
     async fn resend(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let conn = if self.speaks_h2() {
             self.connection().await?
@@ -309,7 +310,7 @@ impl HostPool {
     async fn try_send(
         self: &Arc<Self>,
         conn: Conn,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, Failed> {
         let result = match conn {
             Conn::H1 { mut sender, .. } => {
@@ -332,7 +333,7 @@ impl HostPool {
 
     /// HTTP/2 carries the host in `:authority`, which needs an absolute URI: the client's Host
     /// (what v2 forwarded) becomes the authority, the upstream's own when there is none.
-    fn h2_request(&self, req: Request<Incoming>) -> Result<Request<Incoming>, UpstreamError> {
+    fn h2_request(&self, req: Request<RequestBody>) -> Result<Request<RequestBody>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
         if parts.uri.scheme().is_none() {
             let authority = parts
@@ -350,7 +351,7 @@ impl HostPool {
         Ok(Request::from_parts(parts, body))
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
         let slot = self.h2.load();
         slot.as_ref()
             .filter(|sender| !sender.is_closed())
@@ -364,7 +365,7 @@ impl HostPool {
         }
     }
 
-    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
         let idle = self.idle.get()?;
         while let Some(conn) = idle.pop() {
             if conn.sender.is_ready() && conn.since.elapsed() < self.settings.idle_timeout {
@@ -375,7 +376,7 @@ impl HostPool {
         None
     }
 
-    fn release(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+    fn release(self: &Arc<Self>, mut sender: http1::SendRequest<RequestBody>) {
         if sender.is_ready() {
             self.push_idle(sender);
         } else if !sender.is_closed() {
@@ -389,7 +390,7 @@ impl HostPool {
         }
     }
 
-    fn push_idle(&self, sender: http1::SendRequest<Incoming>) {
+    fn push_idle(&self, sender: http1::SendRequest<RequestBody>) {
         let idle = self
             .idle
             .get_or_init(|| ArrayQueue::new(self.settings.max_idle.max(1)));
@@ -462,7 +463,7 @@ impl HostPool {
         })
     }
 
-    async fn h2_handshake<T>(&self, io: T) -> Result<http2::SendRequest<Incoming>, UpstreamError>
+    async fn h2_handshake<T>(&self, io: T) -> Result<http2::SendRequest<RequestBody>, UpstreamError>
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -495,7 +496,7 @@ fn drive(
 
 /// Undoes [`HostPool::h2_request`] for a request that has to go over HTTP/1.1 after all (the
 /// upstream stopped offering h2 between two connections).
-fn h1_request(req: Request<Incoming>) -> Request<Incoming> {
+fn h1_request(req: Request<RequestBody>) -> Request<RequestBody> {
     if req.uri().scheme().is_none() {
         return req;
     }

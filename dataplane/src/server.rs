@@ -13,11 +13,12 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody, read_ahead};
 use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
 use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
 use crate::path::upstream_path;
+use crate::request::Refusal;
 use crate::table::{Action, RouteTable};
 use crate::upstream::Upstream;
 
@@ -41,6 +42,10 @@ pub struct ServerConfig {
     pub http2_keep_alive_timeout: Duration,
     /// The HTTPS listener, if any (the cleartext one always runs).
     pub tls: Option<crate::server_tls::TlsConfig>,
+    /// Request bodies are read up to this many bytes before anything is sent upstream, so a
+    /// malformed one is refused (400) instead of reaching the upstream half sent; the rest of
+    /// a longer body streams. 0: stream from the first byte.
+    pub request_buffer_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +58,7 @@ impl Default for ServerConfig {
             http2_keep_alive_interval: Some(Duration::from_secs(30)),
             http2_keep_alive_timeout: Duration::from_secs(20),
             tls: None,
+            request_buffer_bytes: 64 * 1024,
         }
     }
 }
@@ -92,7 +98,10 @@ impl Proxy {
             let Some(table) = tables.as_ref() else {
                 return ErrorCode::NoApiProxy.response();
             };
-            let host = request_host(&req);
+            let host = match crate::request::host(&req) {
+                Ok(host) => host,
+                Err(refusal) => return refusal.response(req.version()),
+            };
             let path = req.uri().path();
             let Some(route) = table.router.lookup(host, path) else {
                 return ErrorCode::NoApiProxy.response();
@@ -148,22 +157,29 @@ impl Proxy {
             timeout,
             ..
         } = pass;
+        let deadline = tokio::time::Instant::now() + timeout;
         let (mut parts, body) = req.into_parts();
-        let host = request_host_parts(&parts.uri, &parts.headers).map(str::to_owned);
+        let version = parts.version;
+        // The host the request was routed by (`route` checked it): the target's authority
+        // (absolute-form, HTTP/2 `:authority`) or the Host header. The upstream and
+        // X-Forwarded-Host get that same name (RFC 9112 §3.2.2: an absolute-form target
+        // replaces Host).
+        let host = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
+        };
         strip_hop_by_hop(&mut parts.headers);
         let proto = crate::listener::forwarded_proto(&parts.extensions);
-        set_forwarded(&mut parts.headers, peer.ip(), proto, host.as_deref());
-        // The upstream sees the Host the client asked for (v2 behaviour); HTTP/2 clients send
-        // it as :authority, which HTTP/1.1 upstreams need as a header (an HTTP/2 upstream gets
-        // it back as :authority). A client that sent no host at all (HTTP/1.0) gets the
-        // upstream's own, since HTTP/1.1 requires one.
-        if !parts.headers.contains_key(header::HOST) {
-            let v = host
-                .as_deref()
-                .and_then(|h| HeaderValue::from_str(h).ok())
-                .or_else(|| HeaderValue::from_str(upstream.authority().as_str()).ok());
-            if let Some(v) = v {
+        set_forwarded(&mut parts.headers, peer.ip(), proto, host.as_ref());
+        // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a
+        // header (an HTTP/2 upstream gets it back as :authority). A client that named no
+        // host at all (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
+        match host.or_else(|| HeaderValue::from_str(upstream.authority().as_str()).ok()) {
+            Some(v) => {
                 parts.headers.insert(header::HOST, v);
+            }
+            None => {
+                parts.headers.remove(header::HOST);
             }
         }
         parts
@@ -171,9 +187,31 @@ impl Proxy {
             .insert(&X_KANALI_CORRELATION_ID, correlation_id.clone());
         parts.uri = uri;
         parts.version = Version::HTTP_11;
+
+        // Read ahead, so a malformed or truncated body is refused before anything is sent.
+        let read = tokio::time::timeout_at(
+            deadline,
+            read_ahead(
+                body,
+                self.config.request_buffer_bytes,
+                version == Version::HTTP_2,
+            ),
+        );
+        let body = match read.await {
+            Ok(Ok(body)) => body,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "request body refused");
+                return Refusal::BadBody.response(version);
+            }
+            Err(_) => return Refusal::BodyTimeout.response(version),
+        };
+        if matches!(body, RequestBody::ReadAhead { .. }) {
+            // Reading the body answered the client's 100-continue already.
+            parts.headers.remove(header::EXPECT);
+        }
         let request = Request::from_parts(parts, body);
 
-        match tokio::time::timeout(timeout, upstream.send(request)).await {
+        match tokio::time::timeout_at(deadline, upstream.send(request)).await {
             Ok(Ok((resp, in_flight))) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -221,18 +259,6 @@ pub async fn recover(handler: impl Future<Output = Response<ProxyBody>>) -> Resp
             resp
         }
     }
-}
-
-/// The authority the client addressed: the URI's (HTTP/2 `:authority`, absolute-form) or the
-/// Host header.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    request_host_parts(req.uri(), req.headers())
-}
-
-fn request_host_parts<'a>(uri: &'a Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
-    uri.authority()
-        .map(|a| a.as_str())
-        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// The request target sent upstream: `path[?query]`, the query exactly as the client sent it.

@@ -19,6 +19,7 @@ use kanali_proto::v1 as pb;
 use rustls::ClientConfig;
 
 use crate::balance::{ServiceBackend, ServiceKey};
+use crate::body::RequestBody;
 use crate::dynamic::HeaderDefaults;
 use crate::pool::{HostPool, InFlight, PoolKey, PoolSettings};
 use crate::upstream_tls::{TlsContext, TlsError};
@@ -136,7 +137,7 @@ impl Upstream {
     /// balancer's in-flight guard for a Service (keep it until the body is done).
     pub async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<InFlight>), UpstreamError> {
         match self {
             Upstream::Host(pool) => Ok((pool.send(req).await?, None)),

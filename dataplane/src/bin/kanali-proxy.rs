@@ -63,6 +63,11 @@ struct Args {
     /// Largest request head in bytes (at least 8192); larger ones get 431.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(8192..=16 * 1024 * 1024))]
     max_header_bytes: u64,
+    /// Request bodies are read up to this many bytes before anything is sent upstream, so a
+    /// malformed or truncated body gets 400 instead of reaching the upstream half sent; the
+    /// rest of a longer body streams. 0: stream every body from its first byte.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(..=64 * 1024 * 1024))]
+    request_buffer_bytes: u64,
     /// Seconds a connection may stay open with no request in flight (HTTP/1.1 keep-alive
     /// connections are also closed when the next request head takes longer than
     /// --header-read-timeout-secs).
@@ -218,6 +223,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server: ServerConfig {
             header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
             max_header_bytes: usize::try_from(args.max_header_bytes)?,
+            request_buffer_bytes: usize::try_from(args.request_buffer_bytes)?,
             upstream_timeout: Duration::from_secs(args.upstream_timeout_secs),
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
             http2_keep_alive_interval: (args.http2_keep_alive_interval_secs > 0)

@@ -1,0 +1,225 @@
+//! What the proxy demands of a request before it routes it: one host, named consistently.
+//!
+//! Routing, the `Host` sent upstream and `X-Forwarded-Host` must always name the same host, or
+//! a client could be routed by one name while the upstream (or its access rules) sees another.
+//! So, per RFC 9112 §3.2: an HTTP/1.1 request needs exactly one valid `Host`; an absolute-form
+//! target's authority replaces the `Host` header (§3.2.2); an HTTP/2 `:authority` and a `Host`
+//! that disagree are malformed (RFC 9113 §8.3.1). `CONNECT` is refused: Kanali does not tunnel,
+//! and a connection left open after refusing it would parse the tunnel's bytes as requests.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::Authority;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+
+use crate::body::ProxyBody;
+
+/// Why a request is refused before routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `CONNECT`: not a proxy for tunnels (405).
+    Connect,
+    /// More than one `Host` header (400).
+    TwoHosts,
+    /// HTTP/1.1 without `Host` (400).
+    NoHost,
+    /// A `Host` (or target authority) that is not `host[:port]` (400).
+    BadHost,
+    /// HTTP/2 `:authority` and `Host` name different hosts (400).
+    HostMismatch,
+    /// The body is malformed or ended early (400).
+    BadBody,
+    /// The body did not arrive in time (408).
+    BodyTimeout,
+}
+
+impl Refusal {
+    /// The status and the reason shown to the client.
+    fn describe(self) -> (StatusCode, &'static str) {
+        match self {
+            Refusal::Connect => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not supported: Kanali does not open tunnels\n",
+            ),
+            Refusal::TwoHosts => (
+                StatusCode::BAD_REQUEST,
+                "more than one Host header (RFC 9112 section 3.2)\n",
+            ),
+            Refusal::NoHost => (
+                StatusCode::BAD_REQUEST,
+                "an HTTP/1.1 request needs a Host header (RFC 9112 section 3.2)\n",
+            ),
+            Refusal::BadHost => (
+                StatusCode::BAD_REQUEST,
+                "the Host header (or the request target's authority) is not host[:port]\n",
+            ),
+            Refusal::HostMismatch => (
+                StatusCode::BAD_REQUEST,
+                "the :authority and the Host header name different hosts (RFC 9113 section 8.3.1)\n",
+            ),
+            Refusal::BadBody => (
+                StatusCode::BAD_REQUEST,
+                "the request body is malformed or shorter than announced\n",
+            ),
+            Refusal::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time\n",
+            ),
+        }
+    }
+
+    /// The response: plain text, and for HTTP/1.x the end of the connection, whose framing
+    /// can no longer be trusted (or, after CONNECT, whose next bytes belong to a tunnel).
+    pub fn response(self, version: Version) -> Response<ProxyBody> {
+        let (status, text) = self.describe();
+        let mut resp = Response::new(ProxyBody::from(Bytes::from_static(text.as_bytes())));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self == Refusal::Connect {
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
+            );
+        }
+        // HTTP/2 has no connection-level headers: the stream ends and the connection is fine.
+        if version < Version::HTTP_2 {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// The host the client addressed, after checking the request names it once and consistently:
+/// the target's authority (absolute-form, or HTTP/2 `:authority`) or the `Host` header.
+/// `None`: an HTTP/1.0 request that names no host (allowed).
+pub fn host<B>(req: &Request<B>) -> Result<Option<&str>, Refusal> {
+    if req.method() == Method::CONNECT {
+        return Err(Refusal::Connect);
+    }
+    host_of(req.version(), req.uri(), req.headers())
+}
+
+fn host_of<'a>(
+    version: Version,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Result<Option<&'a str>, Refusal> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::TwoHosts);
+    }
+    let header = match header {
+        Some(v) => Some(valid_host(v.as_bytes())?),
+        None if version == Version::HTTP_11 => return Err(Refusal::NoHost),
+        None => None,
+    };
+    match uri.authority() {
+        Some(authority) => {
+            let target = valid_host(authority.as_str().as_bytes())?;
+            // HTTP/1.1 absolute-form: the target wins over Host (RFC 9112 §3.2.2). HTTP/2: two
+            // names for one request must agree.
+            if version == Version::HTTP_2 && header.is_some_and(|h| !h.eq_ignore_ascii_case(target))
+            {
+                return Err(Refusal::HostMismatch);
+            }
+            Ok(Some(target))
+        }
+        None => Ok(header),
+    }
+}
+
+/// `host[:port]`: an authority without user information.
+fn valid_host(v: &[u8]) -> Result<&str, Refusal> {
+    let text = std::str::from_utf8(v).map_err(|_| Refusal::BadHost)?;
+    if text.is_empty() || text.contains('@') {
+        return Err(Refusal::BadHost);
+    }
+    let authority = Authority::try_from(text).map_err(|_| Refusal::BadHost)?;
+    // `Authority` accepts any port text; a port must be digits (or empty, RFC 3986).
+    match text.get(authority.host().len()..) {
+        Some("" | ":") => Ok(text),
+        Some(_) if authority.port_u16().is_some() => Ok(text),
+        _ => Err(Refusal::BadHost),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, target: &str, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::get(target).version(version);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn one_valid_host_is_required_of_http_1_1() {
+        let v11 = Version::HTTP_11;
+        assert_eq!(host(&req(v11, "/x", &["a.example"])), Ok(Some("a.example")));
+        assert_eq!(
+            host(&req(v11, "/x", &["a.example:8080"])),
+            Ok(Some("a.example:8080"))
+        );
+        assert_eq!(host(&req(v11, "/x", &[])), Err(Refusal::NoHost));
+        assert_eq!(host(&req(v11, "/x", &["a", "b"])), Err(Refusal::TwoHosts));
+        assert_eq!(host(&req(v11, "/x", &["a", "a"])), Err(Refusal::TwoHosts));
+        for bad in ["", "a b", "user@a.example", "a.example:port", "a/b"] {
+            assert_eq!(
+                host(&req(v11, "/x", &[bad])),
+                Err(Refusal::BadHost),
+                "{bad:?}"
+            );
+        }
+        // HTTP/1.0 may name no host.
+        assert_eq!(host(&req(Version::HTTP_10, "/x", &[])), Ok(None));
+    }
+
+    #[test]
+    fn an_absolute_form_target_names_the_host() {
+        let v11 = Version::HTTP_11;
+        let r = req(v11, "http://evil.example/vh/x", &["a.example"]);
+        assert_eq!(host(&r), Ok(Some("evil.example")));
+        let r = req(v11, "http://user@evil.example/vh/x", &["a.example"]);
+        assert_eq!(host(&r), Err(Refusal::BadHost));
+    }
+
+    #[test]
+    fn http_2_authority_and_host_must_agree() {
+        let v2 = Version::HTTP_2;
+        assert_eq!(
+            host(&req(v2, "http://a.example/x", &[])),
+            Ok(Some("a.example"))
+        );
+        assert_eq!(
+            host(&req(v2, "http://a.example/x", &["A.example"])),
+            Ok(Some("a.example"))
+        );
+        assert_eq!(
+            host(&req(v2, "http://a.example/x", &["b.example"])),
+            Err(Refusal::HostMismatch)
+        );
+    }
+
+    #[test]
+    fn connect_is_refused_and_closes_http_1() {
+        let r = Request::connect("a.example:443")
+            .header(header::HOST, "a.example:443")
+            .body(())
+            .unwrap();
+        assert_eq!(host(&r), Err(Refusal::Connect));
+        let resp = Refusal::Connect.response(Version::HTTP_11);
+        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+        assert!(resp.headers().contains_key(header::ALLOW));
+        let resp = Refusal::TwoHosts.response(Version::HTTP_2);
+        assert!(!resp.headers().contains_key(header::CONNECTION));
+    }
+}

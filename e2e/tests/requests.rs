@@ -1,0 +1,278 @@
+//! What the proxy refuses before routing or forwarding (issue #8), sent as raw bytes to a real
+//! proxy listener, with real echo upstreams that count what reached them: an absolute-form
+//! target names the host everywhere, Host must be there exactly once, CONNECT is refused and
+//! ends the connection, and a malformed or truncated body never reaches the upstream.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "proxy_upstreams/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use harness::{echo, endpoint, route, snapshot};
+use kanali_dataplane::client::ClientConfig;
+use kanali_dataplane::table::RouteTable;
+use kanali_dataplane::upstream::Upstreams;
+use kanali_dataplane::{ProxyConfig, RunningProxy};
+use kanali_e2e::Echo;
+use kanali_e2e::check::DEADLINE;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+struct Env {
+    proxy: RunningProxy,
+    /// Serves `/vh` for host `a.example` and everything else.
+    plain: Echo,
+    /// Serves `/vh` for host `evil.example`.
+    evil: Echo,
+    _upstreams: Upstreams,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let proxy = kanali_dataplane::start(ProxyConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            client: ClientConfig {
+                // No controller: the test installs the table itself.
+                controllers: vec!["http://127.0.0.1:9".to_owned()],
+                proxy_id: "requests".to_owned(),
+                min_backoff: Duration::from_secs(5),
+                max_backoff: Duration::from_secs(5),
+                tls: None,
+                tls_server_name: None,
+            },
+            server: Default::default(),
+            upstream: Default::default(),
+        })
+        .await
+        .unwrap();
+        let (plain, evil) = (echo("plain").await, echo("evil").await);
+        let upstreams = Upstreams::new(Default::default()).unwrap();
+        let to = |e: &Echo| endpoint("http", &e.addr.to_string(), "");
+        let mut evil_route = route("/vh", to(&evil));
+        evil_route.virtual_host = "evil.example".to_owned();
+        let mut plain_route = route("/vh", to(&plain));
+        plain_route.virtual_host = "a.example".to_owned();
+        let routes = vec![route("/api", to(&plain)), evil_route, plain_route];
+        let table =
+            RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
+        proxy.tables.store(Some(Arc::new(table)));
+        Env {
+            proxy,
+            plain,
+            evil,
+            _upstreams: upstreams,
+        }
+    }
+
+    fn forwarded(&self) -> usize {
+        self.plain.hits.load(Ordering::Relaxed) + self.evil.hits.load(Ordering::Relaxed)
+    }
+
+    fn dialled(&self) -> usize {
+        self.plain.connections.load(Ordering::Relaxed)
+            + self.evil.connections.load(Ordering::Relaxed)
+    }
+
+    /// Sends `bytes` (then, with `half_close`, ends the sending side) and reads until the
+    /// proxy closes the connection.
+    async fn exchange(&self, bytes: &[u8], half_close: bool) -> String {
+        exchange(self.proxy.addr, bytes, half_close).await
+    }
+}
+
+async fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes the connection")
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The JSON the echo upstream answered with, from a raw response.
+fn echoed(answer: &str) -> Value {
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// How many responses a raw exchange holds.
+fn responses(answer: &str) -> usize {
+    answer.lines().filter(|l| l.starts_with("HTTP/1.")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_names_the_host_for_routing_and_upstream_alike() {
+    let env = Env::start().await;
+    let answer = env
+        .exchange(
+            b"GET http://evil.example/vh/x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+            false,
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let echo = echoed(&answer);
+    assert_eq!(echo["upstream"], "evil", "routed by the target's host");
+    assert_eq!(echo["headers"]["host"], serde_json::json!(["evil.example"]));
+    assert_eq!(
+        echo["headers"]["x-forwarded-host"],
+        serde_json::json!(["evil.example"])
+    );
+    assert_eq!(echo["path"], "/x");
+
+    // The origin form with the same Host goes to the other route, with that name.
+    let answer = env
+        .exchange(
+            b"GET /vh/x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+            false,
+        )
+        .await;
+    let echo = echoed(&answer);
+    assert_eq!(echo["upstream"], "plain");
+    assert_eq!(echo["headers"]["host"], serde_json::json!(["a.example"]));
+    assert_eq!(
+        echo["headers"]["x-forwarded-host"],
+        serde_json::json!(["a.example"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_must_be_there_exactly_once_and_valid() {
+    let env = Env::start().await;
+    for (what, request) in [
+        (
+            "two Host headers",
+            &b"GET /api/x HTTP/1.1\r\nHost: a.example\r\nHost: evil.example\r\n\r\n"[..],
+        ),
+        ("no Host in HTTP/1.1", b"GET /api/x HTTP/1.1\r\n\r\n"),
+        (
+            "a Host with user information",
+            b"GET /api/x HTTP/1.1\r\nHost: me@a.example\r\n\r\n",
+        ),
+        (
+            "a Host with a port that is not a number",
+            b"GET /api/x HTTP/1.1\r\nHost: a.example:http\r\n\r\n",
+        ),
+        (
+            "an absolute-form target with user information",
+            b"GET http://me@a.example/api/x HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ),
+    ] {
+        let answer = env.exchange(request, false).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert!(answer.contains("connection: close"), "{what}: {answer}");
+        assert_eq!(responses(&answer), 1, "{what}: {answer}");
+    }
+    assert_eq!(env.forwarded(), 0, "nothing reached an upstream");
+    // HTTP/1.0 may still omit Host.
+    let answer = env.exchange(b"GET /api/old HTTP/1.0\r\n\r\n", false).await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+}
+
+/// The bytes after a refused CONNECT belong to the tunnel the client wanted, not to the
+/// proxy: the connection ends after the 405, so they are never parsed as a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_and_its_connection_closed() {
+    let env = Env::start().await;
+    let answer = env
+        .exchange(
+            b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            false,
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(answer.contains("allow: GET"), "{answer}");
+    assert_eq!(responses(&answer), 1, "{answer}");
+    assert_eq!(env.forwarded(), 0, "the tunnel's bytes were not forwarded");
+}
+
+/// A chunk size that overflows, or a body shorter than its Content-Length, is refused before
+/// the upstream is even dialled; a valid body of the same shapes goes through whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_truncated_bodies_are_refused_before_anything_is_forwarded() {
+    let env = Env::start().await;
+    let chunked = "POST /api/x HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (what, request, half_close) in [
+        (
+            "a chunk size that overflows",
+            format!("{chunked}5\r\nhello\r\nfffffffffffffffffffff\r\nx\r\n0\r\n\r\n"),
+            false,
+        ),
+        (
+            "a chunk size that is not hex",
+            format!("{chunked}zz\r\nhello\r\n0\r\n\r\n"),
+            false,
+        ),
+        (
+            "a body shorter than its Content-Length",
+            "POST /api/x HTTP/1.1\r\nHost: a.example\r\nContent-Length: 100\r\n\r\nonly ten b"
+                .to_owned(),
+            true,
+        ),
+        ("chunks cut short", format!("{chunked}5\r\nhello\r\n"), true),
+    ] {
+        let answer = env.exchange(request.as_bytes(), half_close).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert_eq!(env.dialled(), 0, "{what}: the upstream was dialled");
+    }
+
+    let answer = env
+        .exchange(
+            format!("{chunked}5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").as_bytes(),
+            true,
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(echoed(&answer)["body"], "hello world");
+}
+
+/// Bodies larger than the read-ahead limit still stream through whole, and a client waiting
+/// for 100-continue gets it from the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_bodies_stream_and_expect_100_continue_is_answered() {
+    let env = Env::start().await;
+    let big = "x".repeat(200 * 1024);
+    let request = format!(
+        "POST /api/big HTTP/1.1\r\nHost: a.example\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+        big.len()
+    );
+    let answer = env.exchange(request.as_bytes(), false).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.200}");
+    assert_eq!(echoed(&answer)["body"].as_str().unwrap().len(), big.len());
+
+    let mut s = TcpStream::connect(env.proxy.addr).await.unwrap();
+    s.write_all(b"PUT /api/x HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let interim = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    s.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&rest).into_owned();
+    let answer = answer.trim_start_matches("\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let echo = echoed(answer);
+    assert_eq!(echo["body"], "hello");
+    assert!(echo["headers"].get("expect").is_none(), "{echo}");
+}
