@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod compile;
+pub mod crypto;
 pub mod lease;
 pub mod peers;
 pub mod serve;
