@@ -59,7 +59,22 @@ fn handle(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             ),
         },
         "/status" => {
-            let body = serde_json::to_vec_pretty(&*shared.status()).unwrap_or_default();
+            let mut view = serde_json::to_value(&*shared.status()).unwrap_or_default();
+            // Which key revisions this controller's proxies saw used, newest first: in
+            // standalone mode there is no ApiKey status to show it in.
+            let mut usage: Vec<((String, u64), u64)> = shared.usage().into_iter().collect();
+            usage.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            view["keyUsage"] = usage
+                .into_iter()
+                .map(|((key, revision), at)| {
+                    serde_json::json!({
+                        "key": key,
+                        "revision": format!("{revision:016x}"),
+                        "lastUsed": crate::usage::rfc3339(at),
+                    })
+                })
+                .collect();
+            let body = serde_json::to_vec_pretty(&view).unwrap_or_default();
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -8,12 +8,14 @@
 pub mod admin;
 pub mod compile;
 pub mod crypto;
+pub mod keys;
 pub mod lease;
 pub mod peers;
 pub mod serve;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,7 +43,12 @@ pub struct StandaloneConfig {
     pub debounce: Debounce,
     /// TLS for the gRPC listener; `None`: plaintext.
     pub grpc_tls: Option<GrpcTls>,
+    /// Where the RSA key that decrypts ApiKeys comes from (a file here).
+    pub decryption: keys::KeySource,
 }
+
+/// How often a decryption key file is checked for a new key.
+const KEY_FILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// TLS for the snapshot stream. Snapshots carry the private keys of upstream client
 /// certificates, so outside a trusted loopback the stream should be encrypted, and with a
@@ -102,6 +109,13 @@ impl Controller {
             let _ = task.await;
         }
     }
+}
+
+/// Decrypts what is new, then compiles and publishes.
+async fn decrypt_and_publish(shared: &Shared, vault: &keys::SharedVault, mut scan: Scan) {
+    let decrypted = keys::decrypt(vault, scan.objects.api_keys.clone()).await;
+    scan.objects.decrypted = Arc::new(decrypted);
+    publish(shared, scan);
 }
 
 fn publish(shared: &Shared, scan: Scan) {
@@ -192,7 +206,19 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         source,
     })?;
     let shared = Arc::new(Shared::default());
-    publish(&shared, scan);
+    let vault = Arc::new(std::sync::Mutex::new(keys::KeyVault::new(
+        config.decryption.clone(),
+    )));
+    if let keys::KeySource::File(path) = &config.decryption {
+        let pem = std::fs::read(path).map_err(|e| {
+            format!(
+                "cannot read the decryption key file {}: {e}",
+                path.display()
+            )
+        });
+        keys::lock(&vault).set_key(pem.as_deref().map_err(Clone::clone));
+    }
+    decrypt_and_publish(&shared, &vault, scan.clone()).await;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (grpc_addr, admin_addr, mut tasks) = serve_all(
@@ -203,13 +229,44 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         &shutdown_rx,
     )
     .await?;
-    let watch_shared = shared.clone();
+    // The newest scan, recompiled when a file or the decryption key changes.
+    let (scans, mut latest) = watch::channel(scan);
     tasks.push(tokio::spawn(source::watch::watch_dir(
         source,
         config.debounce,
-        move |scan| publish(&watch_shared, scan),
-        shutdown_rx,
+        move |scan| {
+            scans.send_replace(scan);
+        },
+        shutdown_rx.clone(),
     )));
+    let (rekeyed, mut rekeys) = watch::channel(());
+    if let keys::KeySource::File(path) = &config.decryption {
+        let rekeyed = rekeyed.clone();
+        tasks.push(tokio::spawn(keys::watch_file(
+            path.clone(),
+            vault.clone(),
+            KEY_FILE_INTERVAL,
+            move || {
+                rekeyed.send_replace(());
+            },
+            shutdown_rx.clone(),
+        )));
+    }
+    let compile_shared = shared.clone();
+    let mut stop = shutdown_rx;
+    tasks.push(tokio::spawn(async move {
+        // Held here, so `rekeys` stays open even without a key file to watch.
+        let _rekeyed = rekeyed;
+        loop {
+            tokio::select! {
+                changed = latest.changed() => if changed.is_err() { return },
+                changed = rekeys.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let scan = latest.borrow_and_update().clone();
+            decrypt_and_publish(&compile_shared, &vault, scan).await;
+        }
+    }));
     tracing::info!(%grpc_addr, %admin_addr, dir = %config.manifests.display(), "controller running in standalone mode");
     Ok(Controller {
         grpc_addr,
@@ -236,6 +293,10 @@ pub struct ClusterConfig {
     pub debounce: Debounce,
     /// TLS for the gRPC listener; `None`: plaintext.
     pub grpc_tls: Option<GrpcTls>,
+    /// Where the RSA key that decrypts ApiKeys comes from.
+    pub decryption: keys::KeySource,
+    /// The shortest time between two writes of one ApiKey's usage to its status.
+    pub key_usage_interval: std::time::Duration,
 }
 
 /// Starts cluster mode: watches the API server, compiles on every (debounced) change, serves
@@ -259,9 +320,37 @@ pub async fn start_cluster(
     )
     .await?;
     tasks.extend(served);
+    let vault = Arc::new(std::sync::Mutex::new(keys::KeyVault::new(
+        config.decryption.clone(),
+    )));
+    let wake = {
+        let cache = cache.clone();
+        move || cache.changed.notify_one()
+    };
+    match &config.decryption {
+        keys::KeySource::None => {}
+        keys::KeySource::File(path) => tasks.push(tokio::spawn(keys::watch_file(
+            path.clone(),
+            vault.clone(),
+            KEY_FILE_INTERVAL,
+            wake,
+            shutdown_rx.clone(),
+        ))),
+        keys::KeySource::Secret { namespace, name } => {
+            tasks.push(tokio::spawn(keys::watch_secret(
+                client.clone(),
+                namespace.clone(),
+                name.clone(),
+                vault.clone(),
+                wake,
+                shutdown_rx.clone(),
+            )))
+        }
+    }
     tasks.push(tokio::spawn(compile_loop(
         cache.clone(),
         shared.clone(),
+        vault,
         config.debounce,
         shutdown_rx.clone(),
     )));
@@ -281,6 +370,13 @@ pub async fn start_cluster(
         client.clone(),
         peers.clone(),
         shared.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(usage::run_writer(
+        client.clone(),
+        cache.clone(),
+        shared.clone(),
+        config.key_usage_interval,
         shutdown_rx.clone(),
     )));
     tasks.push(tokio::spawn(status::run_writer(
@@ -308,6 +404,7 @@ const SYNC_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 async fn compile_loop(
     cache: Arc<source::kube::Cache>,
     shared: Arc<Shared>,
+    vault: keys::SharedVault,
     debounce: Debounce,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -328,13 +425,15 @@ async fn compile_loop(
         }
     }
     loop {
-        publish(
+        decrypt_and_publish(
             &shared,
+            &vault,
             Scan {
                 objects: cache.objects(),
                 ..Scan::default()
             },
-        );
+        )
+        .await;
         tokio::select! {
             () = cache.changed.notified() => {}
             _ = shutdown.wait_for(|s| *s) => return,

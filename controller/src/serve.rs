@@ -1,5 +1,11 @@
-//! The gRPC side: streams the newest snapshot to every subscribed proxy and records their
-//! ACK/NACK answers.
+//! The gRPC side: streams the newest configuration to every subscribed proxy and records their
+//! ACK/NACK answers and key usage.
+//!
+//! Each stream remembers what its proxy holds — the routing snapshot's version and each
+//! credential shard's — starting from what the proxy said in `Subscribe`, and sends only what
+//! differs: a route edit does not resend the keys, a key edit not the routes. Shards go in
+//! messages of at most [`MAX_MESSAGE_BYTES`], and the last message of an update carries the
+//! `Commit`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,7 +17,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::state::{Rejection, Shared};
+use crate::state::{Published, Rejection, Shared};
+
+/// The most shard bytes put in one message: well under gRPC's default 4 MiB limit.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// The `SnapshotService` implementation.
 #[derive(Clone)]
@@ -70,7 +79,13 @@ impl SnapshotService for SnapshotServer {
         // Capacity 1 + a watch receiver = latest wins: while a slow proxy is still receiving
         // one snapshot, newer ones overwrite each other in the watch and only the newest is sent.
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(forward(self.shared.subscribe(), tx, self.shutdown.clone()));
+        let holds = Holds::from(&subscribe);
+        tokio::spawn(forward(
+            self.shared.subscribe(),
+            holds,
+            tx,
+            self.shutdown.clone(),
+        ));
 
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -97,27 +112,82 @@ impl SnapshotService for SnapshotServer {
 
 type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
 
-/// Sends the newest snapshot whenever it changes, until the stream or the server goes away.
-/// With a capacity-1 channel, at most one snapshot waits for a slow proxy; every version
-/// published meanwhile only replaces the watch value, so the proxy gets the newest next.
+/// What a proxy holds, as far as its stream knows.
+#[derive(Debug, Default)]
+pub struct Holds {
+    /// `Snapshot.version` of its routing section.
+    pub snapshot: String,
+    /// `CredentialShard.version` by index.
+    pub shards: Vec<String>,
+}
+
+impl From<&pb::Subscribe> for Holds {
+    fn from(s: &pb::Subscribe) -> Self {
+        Holds {
+            snapshot: s.snapshot_version.clone(),
+            shards: s.credential_versions.clone(),
+        }
+    }
+}
+
+/// The messages that bring a proxy holding `holds` to `published`, the last with the
+/// commit, and what it holds afterwards.
+pub fn update(published: &Published, holds: &mut Holds) -> Vec<pb::ControllerMessage> {
+    use prost::Message as _;
+    let mut messages = Vec::new();
+    let mut current = pb::ControllerMessage::default();
+    if holds.snapshot != published.snapshot.version {
+        current.snapshot = Some((*published.snapshot).clone());
+        holds.snapshot = published.snapshot.version.clone();
+    }
+    holds
+        .shards
+        .resize(published.credentials.len(), String::new());
+    let mut bytes = 0;
+    for (held, shard) in holds.shards.iter_mut().zip(published.credentials.iter()) {
+        if *held == shard.version {
+            continue;
+        }
+        let len = shard.encoded_len();
+        if bytes > 0 && bytes + len > MAX_MESSAGE_BYTES {
+            messages.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        current.credentials.push(shard.clone());
+        bytes += len;
+        held.clone_from(&shard.version);
+    }
+    current.commit = Some(pb::Commit {
+        version: published.version.clone(),
+        snapshot_version: published.snapshot.version.clone(),
+        credentials_version: published.credentials_version.clone(),
+    });
+    messages.push(current);
+    messages
+}
+
+/// Sends the newest configuration whenever it changes, until the stream or the server goes
+/// away. With a capacity-1 channel, a slow proxy holds back at most one message; every
+/// version published meanwhile only replaces the watch value, so the proxy gets the newest
+/// next, as the difference from what it was last sent.
 async fn forward(
-    mut snapshots: watch::Receiver<Option<Arc<pb::Snapshot>>>,
+    mut published: watch::Receiver<Option<Arc<Published>>>,
+    mut holds: Holds,
     tx: Outbound,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let next = snapshots.borrow_and_update().clone();
-        if let Some(snapshot) = next {
-            let msg = pb::ControllerMessage {
-                snapshot: Some((*snapshot).clone()),
-            };
-            tokio::select! {
-                sent = tx.send(Ok(msg)) => if sent.is_err() { return },
-                () = stopped(&mut shutdown) => return,
+        let next = published.borrow_and_update().clone();
+        if let Some(next) = next {
+            for msg in update(&next, &mut holds) {
+                tokio::select! {
+                    sent = tx.send(Ok(msg)) => if sent.is_err() { return },
+                    () = stopped(&mut shutdown) => return,
+                }
             }
         }
         tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { return },
+            changed = published.changed() => if changed.is_err() { return },
             () = stopped(&mut shutdown) => return,
             () = tx.closed() => return,
         }
@@ -158,6 +228,10 @@ fn record(shared: &Shared, id: &str, msg: pb::ProxyMessage) {
                 })
             });
         }
+        Some(Message::Usage(usage)) => {
+            tracing::debug!(proxy = %id, keys = usage.keys.len(), "key usage");
+            shared.record_usage(&usage);
+        }
         Some(Message::Subscribe(_)) | None => {
             tracing::debug!(proxy = %id, "ignoring unexpected message on an open stream");
         }
@@ -168,12 +242,105 @@ fn record(shared: &Shared, id: &str, msg: pb::ProxyMessage) {
 mod tests {
     use super::*;
 
-    fn snapshot(version: &str) -> Option<Arc<pb::Snapshot>> {
-        Some(Arc::new(pb::Snapshot {
+    fn shard(index: u32, version: &str, entries: usize) -> pb::CredentialShard {
+        pb::CredentialShard {
+            index,
             version: version.to_owned(),
-            routes: Vec::new(),
+            entries: (0..entries)
+                .map(|i| pb::Credential {
+                    digest: vec![0; 32],
+                    key: format!("key-{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn published(routes: &str, shards: Vec<pb::CredentialShard>) -> Published {
+        Published {
+            version: format!(
+                "{routes}+{}",
+                shards
+                    .iter()
+                    .map(|s| s.version.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            snapshot: Arc::new(pb::Snapshot {
+                version: routes.to_owned(),
+                ..Default::default()
+            }),
+            credentials: Arc::new(shards),
+            credentials_version: String::new(),
+        }
+    }
+
+    fn snapshot(version: &str) -> Option<Arc<Published>> {
+        Some(Arc::new(published(version, vec![shard(0, "s", 1)])))
+    }
+
+    #[test]
+    fn only_what_differs_is_sent_and_the_last_message_commits() {
+        let shards = |v: &str| (0..4).map(|i| shard(i, &format!("{v}{i}"), 1)).collect();
+        let mut holds = Holds::default();
+        let first = update(&published("r1", shards("a")), &mut holds);
+        assert_eq!(first.len(), 1);
+        assert!(first[0].snapshot.is_some());
+        assert_eq!(first[0].credentials.len(), 4);
+        assert!(first[0].commit.is_some());
+
+        // A route edit: the snapshot, no shard.
+        let edit = update(&published("r2", shards("a")), &mut holds);
+        assert!(edit[0].snapshot.is_some());
+        assert!(edit[0].credentials.is_empty());
+        // One shard changed: that shard, no snapshot.
+        let mut changed: Vec<pb::CredentialShard> = shards("a");
+        changed[2] = shard(2, "b2", 1);
+        let key = update(&published("r2", changed.clone()), &mut holds);
+        assert!(key[0].snapshot.is_none());
+        assert_eq!(key[0].credentials.len(), 1);
+        assert_eq!(key[0].credentials[0].index, 2);
+        // Nothing changed: an empty update that still commits (a new stream, say).
+        let same = update(&published("r2", changed), &mut holds);
+        assert!(same[0].snapshot.is_none() && same[0].credentials.is_empty());
+        assert!(same[0].commit.is_some());
+
+        // A proxy that resubscribes says what it holds and gets only the rest.
+        let mut holds = Holds::from(&pb::Subscribe {
+            snapshot_version: "r2".into(),
+            credential_versions: vec!["a0".into(), "a1".into(), "x".into(), "a3".into()],
             ..Default::default()
-        }))
+        });
+        let again = update(&published("r2", shards("a")), &mut holds);
+        assert_eq!(again[0].credentials.len(), 1);
+        assert!(again[0].snapshot.is_none());
+    }
+
+    #[test]
+    fn large_credential_sets_are_split_under_the_message_limit() {
+        use prost::Message as _;
+        // 256 shards of ~8 000 entries, about 100 000 keys' worth of bytes in all.
+        let shards: Vec<pb::CredentialShard> =
+            (0..256).map(|i| shard(i, &format!("v{i}"), 400)).collect();
+        let total: usize = shards.iter().map(|s| s.encoded_len()).sum();
+        let messages = update(&published("r", shards), &mut Holds::default());
+        assert!(messages.len() > 1);
+        for m in &messages {
+            assert!(
+                m.encoded_len() <= MAX_MESSAGE_BYTES + 64 * 1024,
+                "{}",
+                m.encoded_len()
+            );
+        }
+        assert!(
+            messages[..messages.len() - 1]
+                .iter()
+                .all(|m| m.commit.is_none())
+        );
+        assert!(messages.last().unwrap().commit.is_some());
+        let sent: usize = messages.iter().map(|m| m.credentials.len()).sum();
+        assert_eq!(sent, 256);
+        assert!(total > MAX_MESSAGE_BYTES);
     }
 
     #[tokio::test]
@@ -181,7 +348,7 @@ mod tests {
         let (publish, snapshots) = watch::channel(snapshot("v0"));
         let (_stop, shutdown) = watch::channel(false);
         let (tx, mut rx) = mpsc::channel(1);
-        tokio::spawn(forward(snapshots, tx, shutdown));
+        tokio::spawn(forward(snapshots, Holds::default(), tx, shutdown));
         tokio::task::yield_now().await;
         for i in 1..=50 {
             publish.send_replace(snapshot(&format!("v{i}")));
@@ -202,7 +369,7 @@ mod tests {
         let (publish, snapshots) = watch::channel(None);
         let (stop, shutdown) = watch::channel(false);
         let (tx, mut rx) = mpsc::channel(1);
-        let task = tokio::spawn(forward(snapshots, tx, shutdown));
+        let task = tokio::spawn(forward(snapshots, Holds::default(), tx, shutdown));
         tokio::task::yield_now().await;
         assert!(rx.try_recv().is_err());
         publish.send_replace(snapshot("v1"));

@@ -110,10 +110,30 @@ fn fingerprints(compiled: &Compiled) -> Fingerprints {
         .collect()
 }
 
+/// What the proxies are sent: the routing snapshot and the credential shards, with the
+/// version that names both.
+#[derive(Debug)]
+pub struct Published {
+    /// The version proxies Ack (of the snapshot and the credentials together).
+    pub version: String,
+    /// The routing section.
+    pub snapshot: Arc<pb::Snapshot>,
+    /// The 256 credential shards, by index.
+    pub credentials: Arc<Vec<pb::CredentialShard>>,
+    /// The version of `credentials` as a whole.
+    pub credentials_version: String,
+}
+
+/// When a proxy last saw a request with each key revision: (ApiKey name, revision id) →
+/// seconds since the Unix epoch.
+pub type Usage = HashMap<(String, u64), u64>;
+
 /// Shared between the source loop, the gRPC server, the admin server and the status writer.
 #[derive(Debug)]
 pub struct Shared {
-    snapshots: watch::Sender<Option<Arc<pb::Snapshot>>>,
+    snapshots: watch::Sender<Option<Arc<Published>>>,
+    usage: Mutex<Usage>,
+    usage_changes: watch::Sender<u64>,
     status: Mutex<StatusView>,
     history: Mutex<VecDeque<(String, Arc<Fingerprints>)>>,
     changes: watch::Sender<u64>,
@@ -124,6 +144,8 @@ impl Default for Shared {
     fn default() -> Self {
         Shared {
             snapshots: watch::Sender::new(None),
+            usage: Mutex::new(HashMap::new()),
+            usage_changes: watch::Sender::new(0),
             status: Mutex::new(StatusView::default()),
             history: Mutex::new(VecDeque::new()),
             changes: watch::Sender::new(0),
@@ -135,7 +157,7 @@ impl Default for Shared {
 impl Shared {
     /// Publishes a compile result. Proxies are only sent a snapshot when its version changed.
     pub fn publish(&self, compiled: Compiled, source_errors: Vec<FileError>, ignored: Vec<String>) {
-        let version = compiled.snapshot.version.clone();
+        let version = compiled.version.clone();
         self.compiles
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fingerprints = fingerprints(&compiled);
@@ -168,7 +190,12 @@ impl Shared {
             if current.as_ref().is_some_and(|s| s.version == version) {
                 return false;
             }
-            *current = Some(Arc::new(compiled.snapshot));
+            *current = Some(Arc::new(Published {
+                version: version.clone(),
+                snapshot: Arc::new(compiled.snapshot),
+                credentials: Arc::new(compiled.credentials),
+                credentials_version: compiled.credentials_version,
+            }));
             true
         });
         if changed {
@@ -198,14 +225,51 @@ impl Shared {
         self.changes.subscribe()
     }
 
-    /// Receiver of the newest snapshot, for one proxy stream.
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<pb::Snapshot>>> {
+    /// Receiver of what proxies are sent, for one proxy stream.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Published>>> {
         self.snapshots.subscribe()
     }
 
-    /// The newest snapshot, if any was compiled yet.
-    pub fn snapshot(&self) -> Option<Arc<pb::Snapshot>> {
+    /// What proxies are sent now, if anything was compiled yet.
+    pub fn published(&self) -> Option<Arc<Published>> {
         self.snapshots.borrow().clone()
+    }
+
+    /// The newest routing snapshot, if any was compiled yet.
+    pub fn snapshot(&self) -> Option<Arc<pb::Snapshot>> {
+        self.published().map(|p| p.snapshot.clone())
+    }
+
+    /// The version proxies are sent now (what they Ack), if any.
+    pub fn version(&self) -> Option<String> {
+        self.published().map(|p| p.version.clone())
+    }
+
+    /// Records which key revisions a proxy saw used (the latest time wins).
+    pub fn record_usage(&self, usage: &pb::Usage) {
+        let mut known = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let mut newer = false;
+        for u in &usage.keys {
+            let at = known.entry((u.key.clone(), u.revision)).or_insert(0);
+            if u.last_used_unix > *at {
+                *at = u.last_used_unix;
+                newer = true;
+            }
+        }
+        drop(known);
+        if newer {
+            self.usage_changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// When each key revision was last used, as far as this replica's proxies said.
+    pub fn usage(&self) -> Usage {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Ticks when a proxy reported newer usage.
+    pub fn usage_changes(&self) -> watch::Receiver<u64> {
+        self.usage_changes.subscribe()
     }
 
     /// Locks the status view. Poisoning is ignored: the view is plain data, always consistent.

@@ -122,8 +122,19 @@ pub fn desired(d: &Diagnostic, programmed: Condition, current: Option<&Value>, n
     status
 }
 
-/// Whether `desired` says something `current` does not (timestamps aside).
+/// Whether `desired` says something `current` does not (timestamps aside). Only the fields
+/// this writer owns count: an ApiKey's usage fields are written by [`crate::usage`].
 pub fn differs(desired: &Value, current: Option<&Value>) -> bool {
+    let current = current.map(|c| match (desired.as_object(), c.as_object()) {
+        (Some(want), Some(have)) => Value::Object(
+            have.iter()
+                .filter(|(k, _)| want.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        _ => c.clone(),
+    });
+    let current = current.as_ref();
     fn strip(v: &Value) -> Value {
         let mut v = v.clone();
         if let Some(cs) = v.get_mut("conditions").and_then(Value::as_array_mut) {
@@ -227,9 +238,7 @@ pub async fn run_writer(
             }
         }
         let now = rfc3339_now();
-        let latest = shared
-            .snapshot()
-            .and_then(|s| shared.fingerprints(&s.version));
+        let latest = shared.version().and_then(|v| shared.fingerprints(&v));
         let mut todo = Vec::new();
         for o in objects {
             let d = &o.diagnostic;

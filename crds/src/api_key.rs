@@ -4,7 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::status::Status;
+use crate::status::Condition;
 
 /// Desired state of an ApiKey: its revisions.
 // Each `printcolumn(...)` repeats `type_ = ...`; clippy mistakes that for a duplicate attribute.
@@ -17,7 +17,7 @@ use crate::status::Status;
     plural = "apikeys",
     singular = "apikey",
     shortname = "ak",
-    status = "Status",
+    status = "ApiKeyStatus",
     derive = "PartialEq",
     doc = "An ApiKey is one API key, identified by its name. The key itself is stored only encrypted with the Kanali controller's RSA public key. ApiKeyBindings grant a key access to ApiProxies by naming it; clients send the plaintext key in the `apikey` request header.",
     printcolumn(
@@ -29,6 +29,18 @@ use crate::status::Status;
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Last Used",
+        type_ = "date",
+        json_path = ".status.lastUsed",
+        description = "When a request last presented any revision of this key"
+    ),
+    printcolumn(
+        name = "Older Used",
+        type_ = "date",
+        json_path = ".status.olderRevisionsLastUsed",
+        description = "When a request last presented a revision other than the newest Active one: once stale after a rotation, the older revisions can go"
     ),
     printcolumn(
         name = "Age",
@@ -57,7 +69,55 @@ pub struct Revision {
     /// Whether this revision is accepted: `Active` or `Inactive`. Requests with an `Inactive`
     /// revision get error 13 (401).
     pub status: RevisionStatus,
-    /// When the revision was last used (RFC 3339 timestamp), informational.
+    /// Kanali v2's field, kept for compatibility and never written: the controller reports
+    /// use in `status.revisions[].lastUsed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
+}
+
+/// Observed state of an ApiKey, written by the Kanali controller only: conditions, and when
+/// each revision was last used, so a rotation can be finished safely (rotate, watch the older
+/// revisions' use stop, remove them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::structural)]
+pub struct ApiKeyStatus {
+    /// The `metadata.generation` of the ApiKey that the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Current conditions, at most one per `type`: `Accepted` (every revision decrypts with
+    /// the controller's key; `DecryptionFailed` names the revisions that do not), `ResolvedRefs`,
+    /// `Programmed` and `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Per revision, in `spec.revisions` order: when requests last presented it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<RevisionUsage>,
+    /// When a request last presented any revision (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
+    /// When a request last presented a revision other than the newest (last listed) Active
+    /// one (RFC 3339). After a rotation, clients still on an older revision keep this recent;
+    /// once it is stale, the older revisions can be removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_revisions_last_used: Option<String>,
+}
+
+/// The use of one revision, as the proxies report it (at most once a minute per key).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionUsage {
+    /// Index in `spec.revisions`.
+    pub index: u32,
+    /// Identifies the revision whatever its position: the first 16 hex digits of SHA-256 of
+    /// its `data`.
+    pub id: String,
+    /// `Active` or `Inactive`, as in the spec (a request with an Inactive revision is refused
+    /// but still counts as a use: a client that has not switched yet).
+    pub status: RevisionStatus,
+    /// When a request last presented this revision (RFC 3339); absent: not since the
+    /// controller started watching usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used: Option<String>,
 }

@@ -21,7 +21,7 @@ mod status;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-pub use api_key::{ApiKey, ApiKeySpec, Revision, RevisionStatus};
+pub use api_key::{ApiKey, ApiKeySpec, ApiKeyStatus, Revision, RevisionStatus, RevisionUsage};
 pub use api_key_binding::{
     ApiKeyBinding, ApiKeyBindingSpec, GranularRule, Key, Rate, RateUnit, Rule, Subpath,
 };

@@ -11,8 +11,27 @@ use kanali_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::filter::credentials::UsageLog;
+use crate::filter::rate_limit::RateLimits;
 use crate::table::RouteTable;
 use crate::upstream::Upstreams;
+
+/// How often, by default, the keys used meanwhile are reported to the controller.
+pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What applying an update needs besides the update: the upstream pools and TLS, the rate
+/// limiters the credentials share across updates, and where key usage is logged.
+#[derive(Clone)]
+pub struct Context {
+    /// The serving table, swapped whole by every update.
+    pub tables: Arc<ArcSwapOption<RouteTable>>,
+    /// Upstream pools, shared across tables.
+    pub upstreams: Arc<Upstreams>,
+    /// Rate limiters, shared across credential updates.
+    pub limits: Arc<RateLimits>,
+    /// Key revisions used since the last report.
+    pub usage: Arc<UsageLog>,
+}
 
 /// Subscription settings.
 #[derive(Clone, Debug)]
@@ -30,6 +49,8 @@ pub struct ClientConfig {
     /// Name the controller's certificate must carry; default: the host of its URL (the
     /// configured name, even after it was resolved to addresses).
     pub tls_server_name: Option<String>,
+    /// How often the key revisions used meanwhile are reported ([`USAGE_INTERVAL`]).
+    pub usage_interval: Duration,
 }
 
 /// Why a stream ended.
@@ -43,15 +64,13 @@ enum StreamError {
     Status(#[from] tonic::Status),
     #[error("the controller closed the stream")]
     Closed,
+    #[error("out of sync with the controller")]
+    OutOfSync,
 }
 
 /// Runs until `shutdown` turns true.
-pub async fn run(
-    config: ClientConfig,
-    tables: Arc<ArcSwapOption<RouteTable>>,
-    upstreams: Arc<Upstreams>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(config: ClientConfig, ctx: Context, mut shutdown: watch::Receiver<bool>) {
+    let tables = &ctx.tables;
     if config.controllers.is_empty() {
         tracing::error!("no controller configured");
         return;
@@ -63,7 +82,7 @@ pub async fn run(
         for (url, host) in candidates(&config.controllers).await {
             let mut received = false;
             let result = tokio::select! {
-                r = subscribe(&url, host.as_deref(), &config, &tables, &upstreams, &mut received) => r,
+                r = subscribe(&url, host.as_deref(), &config, &ctx, &mut received) => r,
                 () = crate::stopped(&mut shutdown) => return,
             };
             let error = match result {
@@ -150,8 +169,7 @@ async fn subscribe(
     url: &str,
     host: Option<&str>,
     config: &ClientConfig,
-    tables: &ArcSwapOption<RouteTable>,
-    upstreams: &Upstreams,
+    ctx: &Context,
     received: &mut bool,
 ) -> Result<(), StreamError> {
     let proxy_id = config.proxy_id.as_str();
@@ -175,67 +193,136 @@ async fn subscribe(
         SnapshotServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
 
     let (tx, rx) = mpsc::channel(4);
-    let current_version = tables
-        .load()
-        .as_ref()
-        .map(|t| t.version.clone())
-        .unwrap_or_default();
-    let subscribe = pb::proxy_message::Message::Subscribe(pb::Subscribe {
-        proxy_id: proxy_id.to_owned(),
-        current_version,
-    });
-    let _ = tx
-        .send(pb::ProxyMessage {
-            message: Some(subscribe),
-        })
-        .await;
+    // What this proxy holds, so the controller (any replica: versions are content hashes)
+    // sends only what differs.
+    let subscribe = {
+        let current = ctx.tables.load();
+        pb::Subscribe {
+            proxy_id: proxy_id.to_owned(),
+            current_version: current
+                .as_ref()
+                .map(|t| t.version.clone())
+                .unwrap_or_default(),
+            snapshot_version: current
+                .as_ref()
+                .map(|t| t.snapshot_version.clone())
+                .unwrap_or_default(),
+            credential_versions: current
+                .as_ref()
+                .map(|t| t.credentials.versions())
+                .unwrap_or_default(),
+        }
+    };
+    let send = |message| {
+        let tx = tx.clone();
+        async move {
+            tx.send(pb::ProxyMessage {
+                message: Some(message),
+            })
+            .await
+            .map_err(|_| StreamError::Closed)
+        }
+    };
+    send(pb::proxy_message::Message::Subscribe(subscribe)).await?;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(controller = %url, "subscribed to controller");
 
-    while let Some(msg) = inbound.message().await? {
-        let Some(snapshot) = msg.snapshot else {
+    let mut pending = Pending::default();
+    let mut report = tokio::time::interval(config.usage_interval);
+    report.tick().await;
+    loop {
+        let msg = tokio::select! {
+            msg = inbound.message() => msg?,
+            _ = report.tick() => {
+                if let Some(usage) = ctx.usage.drain() {
+                    send(pb::proxy_message::Message::Usage(usage)).await?;
+                }
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
+        let Some(commit) = pending.add(msg) else {
             continue;
         };
         *received = true;
-        let answer = apply(&snapshot, tables, upstreams);
-        if tx
-            .send(pb::ProxyMessage {
-                message: Some(answer),
-            })
-            .await
-            .is_err()
-        {
-            return Err(StreamError::Closed);
+        let update = std::mem::take(&mut pending);
+        let (answer, in_sync) = apply(update, &commit, ctx);
+        send(answer).await?;
+        if !in_sync {
+            // Resubscribing says what this proxy holds, and the controller sends the rest.
+            return Err(StreamError::OutOfSync);
         }
     }
     Ok(())
 }
 
-/// Builds the new table (or, when only endpoints changed, updates the addresses and keeps the
-/// router) and swaps it in, or keeps the old one and explains why.
-pub fn apply(
-    snapshot: &pb::Snapshot,
-    tables: &ArcSwapOption<RouteTable>,
-    upstreams: &Upstreams,
-) -> pb::proxy_message::Message {
-    use pb::proxy_message::Message;
-    let version = snapshot.version.clone();
-    let current = tables.load_full();
-    if current.as_ref().is_some_and(|t| t.version == version) {
-        return Message::Ack(pb::Ack { version });
-    }
-    match RouteTable::apply(snapshot, upstreams, current.as_deref()) {
-        Ok(table) => {
-            let routes = table.router.len();
-            let endpoints_only = current
-                .as_ref()
-                .is_some_and(|c| Arc::ptr_eq(&c.router, &table.router));
-            tables.store(Some(Arc::new(table)));
-            tracing::info!(%version, routes, endpoints_only, "applied snapshot");
-            Message::Ack(pb::Ack { version })
+/// What arrived since the last commit.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// The routing snapshot, if it changed.
+    pub snapshot: Option<pb::Snapshot>,
+    /// The credential shards that changed.
+    pub shards: Vec<pb::CredentialShard>,
+}
+
+impl Pending {
+    /// Adds a message; returns its commit when it completes an update.
+    pub fn add(&mut self, msg: pb::ControllerMessage) -> Option<pb::Commit> {
+        if msg.snapshot.is_some() {
+            self.snapshot = msg.snapshot;
         }
+        self.shards.extend(msg.credentials);
+        msg.commit
+    }
+}
+
+/// Applies an update and swaps in the result, or keeps the current table and explains why.
+/// The second value is false when the proxy's state no longer adds up to what the controller
+/// committed (it then resubscribes, so the controller learns what it holds).
+pub fn apply(
+    update: Pending,
+    commit: &pb::Commit,
+    ctx: &Context,
+) -> (pb::proxy_message::Message, bool) {
+    use pb::proxy_message::Message;
+    let version = commit.version.clone();
+    let nack = |errors: Vec<pb::ResourceError>| {
+        tracing::error!(%version, ?errors, "rejected an update; keeping the previous configuration");
+        Message::Nack(pb::Nack {
+            version: version.clone(),
+            errors,
+        })
+    };
+    let current = ctx.tables.load_full();
+    if update.snapshot.is_none()
+        && update.shards.is_empty()
+        && current.as_ref().is_some_and(|t| t.version == version)
+    {
+        return (Message::Ack(pb::Ack { version }), true);
+    }
+    let routing = match (&update.snapshot, &current) {
+        (Some(snapshot), _) => RouteTable::apply(snapshot, &ctx.upstreams, current.as_deref()),
+        (None, Some(current)) => Ok(RouteTable {
+            version: current.version.clone(),
+            snapshot_version: current.snapshot_version.clone(),
+            routes_version: current.routes_version.clone(),
+            router: current.router.clone(),
+            credentials: current.credentials.clone(),
+        }),
+        (None, None) => {
+            return (
+                nack(vec![pb::ResourceError {
+                    resource: None,
+                    message: "the update has no routing snapshot and the proxy holds none"
+                        .to_owned(),
+                }]),
+                false,
+            );
+        }
+    };
+    let mut table = match routing {
+        Ok(table) => table,
         Err(errors) => {
-            tracing::error!(%version, ?errors, "rejected snapshot; keeping the previous one");
             let errors = errors
                 .into_iter()
                 .map(|e| pb::ResourceError {
@@ -243,14 +330,59 @@ pub fn apply(
                     message: e.message,
                 })
                 .collect();
-            Message::Nack(pb::Nack { version, errors })
+            return (nack(errors), true);
         }
+    };
+    let base = current
+        .as_ref()
+        .map(|t| t.credentials.clone())
+        .unwrap_or_default();
+    let credentials = if update.shards.is_empty() {
+        base
+    } else {
+        match base.update(&update.shards, &ctx.limits) {
+            Ok(c) => Arc::new(c),
+            Err(message) => {
+                return (
+                    nack(vec![pb::ResourceError {
+                        resource: None,
+                        message: format!("credentials: {message}"),
+                    }]),
+                    true,
+                );
+            }
+        }
+    };
+    if table.snapshot_version != commit.snapshot_version
+        || credentials.version() != commit.credentials_version
+    {
+        return (
+            nack(vec![pb::ResourceError {
+                resource: None,
+                message: "out of sync with the controller (what this proxy holds does not add up to the committed version); resubscribing".to_owned(),
+            }]),
+            false,
+        );
     }
+    let keys = credentials.len();
+    let routes = table.router.len();
+    let endpoints_only = current
+        .as_ref()
+        .is_some_and(|c| Arc::ptr_eq(&c.router, &table.router));
+    table.version = version.clone();
+    table.credentials = credentials;
+    let old = ctx.tables.swap(Some(Arc::new(table)));
+    // Limiters no credential refers to any more go (after in-flight requests drop theirs).
+    drop(old);
+    ctx.limits.prune();
+    tracing::info!(%version, routes, keys, endpoints_only, "applied update");
+    (Message::Ack(pb::Ack { version }), true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::credentials::Credentials;
 
     #[tokio::test]
     async fn candidates_expand_host_names_and_keep_addresses() {
@@ -290,10 +422,27 @@ mod tests {
         }
     }
 
+    fn context() -> Context {
+        Context {
+            tables: Arc::new(ArcSwapOption::empty()),
+            upstreams: Arc::new(Upstreams::new(Default::default()).unwrap()),
+            limits: Arc::new(RateLimits::new(Default::default()).unwrap()),
+            usage: Arc::default(),
+        }
+    }
+
+    fn commit(snapshot: &str, credentials: &Credentials) -> pb::Commit {
+        let credentials_version = credentials.version();
+        pb::Commit {
+            version: kanali_proto::version::combined_version(snapshot, &credentials_version),
+            snapshot_version: snapshot.into(),
+            credentials_version,
+        }
+    }
+
     #[test]
     fn a_bad_snapshot_is_nacked_and_the_old_table_kept() {
-        let tables = ArcSwapOption::empty();
-        let upstreams = Upstreams::new(Default::default()).unwrap();
+        let ctx = context();
         let route = |path: &str, code| pb::Route {
             source: Some(pb::ResourceRef {
                 kind: "ApiProxy".into(),
@@ -306,29 +455,121 @@ mod tests {
             target_path: "/".into(),
             backend: Some(pb::route::Backend::Failure(pb::Failure { code })),
             timeout_ms: 0,
+            plugins: Vec::new(),
         };
         let good = pb::Snapshot {
             version: "v1".into(),
             routes: vec![route("/a", 2)],
             ..Default::default()
         };
+        let empty = Credentials::default();
+        let c1 = commit("v1", &empty);
+        let update = Pending {
+            snapshot: Some(good),
+            shards: Vec::new(),
+        };
         assert!(matches!(
-            apply(&good, &tables, &upstreams),
-            pb::proxy_message::Message::Ack(_)
+            apply(update, &c1, &ctx),
+            (pb::proxy_message::Message::Ack(_), true)
         ));
         let bad = pb::Snapshot {
             version: "v2".into(),
             routes: vec![route("/a", 99)],
             ..Default::default()
         };
-        match apply(&bad, &tables, &upstreams) {
-            pb::proxy_message::Message::Nack(n) => {
-                assert_eq!(n.version, "v2");
+        let c2 = commit("v2", &empty);
+        let update = Pending {
+            snapshot: Some(bad),
+            shards: Vec::new(),
+        };
+        match apply(update, &c2, &ctx) {
+            (pb::proxy_message::Message::Nack(n), true) => {
+                assert_eq!(n.version, c2.version);
                 assert_eq!(n.errors[0].resource.as_ref().unwrap().name, "/a");
                 assert!(n.errors[0].message.contains("99"));
             }
             other => panic!("expected NACK, got {other:?}"),
         }
-        assert_eq!(tables.load().as_ref().unwrap().version, "v1");
+        assert_eq!(ctx.tables.load().as_ref().unwrap().version, c1.version);
+    }
+
+    #[test]
+    fn credential_shards_apply_on_their_own_and_a_mismatch_resubscribes() {
+        let ctx = context();
+        let snapshot = pb::Snapshot {
+            version: "v1".into(),
+            ..Default::default()
+        };
+        let empty = Credentials::default();
+        let first = apply(
+            Pending {
+                snapshot: Some(snapshot),
+                shards: Vec::new(),
+            },
+            &commit("v1", &empty),
+            &ctx,
+        );
+        assert!(matches!(first, (pb::proxy_message::Message::Ack(_), true)));
+        let router = ctx.tables.load_full().unwrap().router.clone();
+
+        let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            b"secret",
+        ))
+        .into();
+        let shard = pb::CredentialShard {
+            index: u32::from(digest[0]),
+            version: "s1".into(),
+            entries: vec![pb::Credential {
+                digest: digest.to_vec(),
+                key: "k".into(),
+                revision: 7,
+                active: true,
+                grants: Vec::new(),
+            }],
+        };
+        let expected = empty
+            .update(std::slice::from_ref(&shard), &ctx.limits)
+            .unwrap();
+        let c = commit("v1", &expected);
+        let answer = apply(
+            Pending {
+                snapshot: None,
+                shards: vec![shard.clone()],
+            },
+            &c,
+            &ctx,
+        );
+        assert!(matches!(answer, (pb::proxy_message::Message::Ack(_), true)));
+        let table = ctx.tables.load_full().unwrap();
+        assert!(
+            Arc::ptr_eq(&table.router, &router),
+            "routes were not rebuilt"
+        );
+        assert_eq!(
+            table.credentials.lookup(b"secret").unwrap().key.as_ref(),
+            "k"
+        );
+        assert!(table.credentials.lookup(b"other").is_none());
+
+        // A commit the proxy's shards do not add up to: NACK, and resubscribe.
+        let wrong = pb::Commit {
+            version: "x".into(),
+            snapshot_version: "v1".into(),
+            credentials_version: "not this".into(),
+        };
+        let answer = apply(
+            Pending {
+                snapshot: None,
+                shards: vec![shard],
+            },
+            &wrong,
+            &ctx,
+        );
+        assert!(matches!(
+            answer,
+            (pb::proxy_message::Message::Nack(_), false)
+        ));
+        assert_eq!(ctx.tables.load().as_ref().unwrap().version, c.version);
     }
 }

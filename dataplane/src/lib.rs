@@ -14,6 +14,7 @@ pub mod body;
 pub mod client;
 pub mod dynamic;
 pub mod errors;
+pub mod filter;
 pub mod headers;
 pub mod listener;
 pub mod mock;
@@ -50,6 +51,8 @@ pub struct ProxyConfig {
     pub server: server::ServerConfig,
     /// Upstream pool settings.
     pub upstream: upstream::UpstreamConfig,
+    /// Rate limits: local, or shared through Redis.
+    pub rate_limits: filter::rate_limit::RateLimitConfig,
 }
 
 /// Why the proxy could not start.
@@ -71,6 +74,9 @@ pub enum StartError {
     /// The HTTPS listener's certificate, key or client CA does not load.
     #[error("HTTPS listener: {0}")]
     Tls(#[from] server_tls::TlsError),
+    /// The rate-limit settings are unusable (e.g. a bad Redis URL).
+    #[error("rate limits: {0}")]
+    RateLimit(#[from] filter::rate_limit::RateLimitError),
 }
 
 /// A running proxy.
@@ -141,7 +147,13 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 
     let tables = Arc::new(ArcSwapOption::empty());
     let upstreams = Arc::new(upstream::Upstreams::new(config.upstream)?);
-    let proxy = Arc::new(server::Proxy::new(tables.clone(), config.server));
+    let limits = Arc::new(filter::rate_limit::RateLimits::new(config.rate_limits)?);
+    let usage = Arc::new(filter::credentials::UsageLog::default());
+    let proxy = Arc::new(server::Proxy::new(
+        tables.clone(),
+        config.server,
+        usage.clone(),
+    ));
     let mut https_tasks = Vec::new();
     if let Some((listener, _, server_tls, reload)) = https {
         let serve = server::serve(listener, Some(server_tls), proxy.clone(), rx.clone());
@@ -151,7 +163,17 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let mut tasks = vec![
         tokio::spawn(server::serve(listener, None, proxy, rx.clone())),
         tokio::spawn(admin::serve(admin, tables.clone(), rx.clone())),
-        tokio::spawn(client::run(config.client, tables.clone(), upstreams, rx)),
+        tokio::spawn(limits.clone().run(rx.clone())),
+        tokio::spawn(client::run(
+            config.client,
+            client::Context {
+                tables: tables.clone(),
+                upstreams,
+                limits,
+                usage,
+            },
+            rx,
+        )),
     ];
     tasks.extend(https_tasks);
     tracing::info!(%addr, ?tls_addr, %admin_addr, "proxy listening");

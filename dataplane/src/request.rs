@@ -100,10 +100,18 @@ pub fn host<B>(req: &Request<B>) -> Result<Option<&str>, Refusal> {
     if req.method() == Method::CONNECT {
         return Err(Refusal::Connect);
     }
-    host_of(req.version(), req.uri(), req.headers())
+    checked_host(req.version(), req.uri(), req.headers())
 }
 
-fn host_of<'a>(
+/// [`host`], on a request taken apart.
+pub fn host_of(parts: &http::request::Parts) -> Result<Option<&str>, Refusal> {
+    if parts.method == Method::CONNECT {
+        return Err(Refusal::Connect);
+    }
+    checked_host(parts.version, &parts.uri, &parts.headers)
+}
+
+fn checked_host<'a>(
     version: Version,
     uri: &'a Uri,
     headers: &'a HeaderMap,

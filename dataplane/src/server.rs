@@ -16,6 +16,8 @@ use tokio::sync::watch;
 use crate::body::{ProxyBody, RequestBody, read_ahead};
 use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
+use crate::filter::credentials::UsageLog;
+use crate::filter::{self, RequestInfo};
 use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
 use crate::path::upstream_path;
 use crate::request::Refusal;
@@ -68,12 +70,21 @@ pub struct Proxy {
     /// The current routing table; `None` until the first snapshot is applied.
     pub tables: Arc<ArcSwapOption<RouteTable>>,
     config: ServerConfig,
+    usage: Arc<UsageLog>,
 }
 
 impl Proxy {
-    /// A proxy serving from `tables`.
-    pub fn new(tables: Arc<ArcSwapOption<RouteTable>>, config: ServerConfig) -> Self {
-        Proxy { tables, config }
+    /// A proxy serving from `tables`, logging key usage into `usage`.
+    pub fn new(
+        tables: Arc<ArcSwapOption<RouteTable>>,
+        config: ServerConfig,
+        usage: Arc<UsageLog>,
+    ) -> Self {
+        Proxy {
+            tables,
+            config,
+            usage,
+        }
     }
 
     /// Handles one request. Never fails: every problem becomes a Kanali error response.
@@ -93,55 +104,84 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         // The guard is dropped before any await: in-flight requests keep what they computed,
         // and a snapshot swap never waits for them.
-        let pass = {
+        let (mut parts, body) = req.into_parts();
+        let (pass, extra) = {
             let tables = self.tables.load();
             let Some(table) = tables.as_ref() else {
                 return ErrorCode::NoApiProxy.response();
             };
-            let host = match crate::request::host(&req) {
+            let host = match crate::request::host_of(&parts) {
                 Ok(host) => host,
-                Err(refusal) => return refusal.response(req.version()),
+                Err(refusal) => return refusal.response(parts.version),
             };
-            let path = req.uri().path();
+            let path = parts.uri.path();
             let Some(route) = table.router.lookup(host, path) else {
                 return ErrorCode::NoApiProxy.response();
             };
+            let target = upstream_path(&route.path, &route.target_path, path);
+            // The plugins see every request the route takes, whatever its backend (v2 ran them
+            // before the mock step too).
+            let extra = if route.filters.is_empty() {
+                None
+            } else {
+                let info = RequestInfo {
+                    method: &parts.method,
+                    upstream_path: &target,
+                };
+                match filter::run(
+                    &route.filters,
+                    &info,
+                    &mut parts.headers,
+                    &table.credentials,
+                    &self.usage,
+                ) {
+                    Ok(headers) => Some(headers),
+                    Err(refused) => {
+                        let mut resp = refused.code.response::<ProxyBody>();
+                        resp.headers_mut().extend(refused.headers);
+                        return resp;
+                    }
+                }
+            };
             let (upstream, cardinality) = match &route.action {
-                Action::Fail(code) => return code.response(),
+                Action::Fail(code) => return with_headers(code.response(), extra),
                 Action::Mock(mock) => {
-                    let target = upstream_path(&route.path, &route.target_path, path);
-                    return mock
-                        .respond(&target, req.method())
+                    let resp = mock
+                        .respond(&target, &parts.method)
                         .unwrap_or_else(|| ErrorCode::NoMockTarget.response());
+                    return with_headers(resp, extra);
                 }
                 Action::Proxy(upstream) => (upstream.clone(), None),
-                Action::Dynamic(dynamic) => match dynamic.select(req.headers()) {
+                Action::Dynamic(dynamic) => match dynamic.select(&parts.headers) {
                     Some(chosen) => (
                         Upstream::Service(chosen.target.clone()),
                         (chosen.matches > 1).then_some(chosen.matches),
                     ),
-                    None => return ErrorCode::NoService.response(),
+                    None => return with_headers(ErrorCode::NoService.response(), extra),
                 },
             };
-            let target = upstream_path(&route.path, &route.target_path, path);
-            let Some(uri) = origin_form(&target, req.uri().query()) else {
+            let Some(uri) = origin_form(&target, parts.uri.query()) else {
                 return ErrorCode::Upstream.response();
             };
-            Pass {
-                upstream,
-                uri,
-                timeout: route.timeout.unwrap_or(self.config.upstream_timeout),
-                cardinality,
-            }
+            (
+                Pass {
+                    upstream,
+                    uri,
+                    timeout: route.timeout.unwrap_or(self.config.upstream_timeout),
+                    cardinality,
+                },
+                extra,
+            )
         };
         let cardinality = pass.cardinality;
+        let req = Request::from_parts(parts, body);
         let mut resp = self.proxy_pass(req, peer, pass, correlation_id).await;
         if let Some(n) = cardinality {
             // Said on errors too: v2 set it before proxying.
             resp.headers_mut()
                 .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
         }
-        resp
+        with_headers(resp, extra)
     }
 
     async fn proxy_pass(
@@ -169,6 +209,11 @@ impl Proxy {
             None => parts.headers.get(header::HOST).cloned(),
         };
         strip_hop_by_hop(&mut parts.headers);
+        // Never forward an API key (v2 did the same): on routes with the apikey plugin the
+        // plugin has removed its header already; this is for the others.
+        parts
+            .headers
+            .remove(&crate::filter::api_key::DEFAULT_HEADER);
         let proto = crate::listener::forwarded_proto(&parts.extensions);
         set_forwarded(&mut parts.headers, peer.ip(), proto, host.as_ref());
         // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a
@@ -229,6 +274,17 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Adds the headers the plugins set for the response (e.g. the rate limit's).
+fn with_headers(
+    mut resp: Response<ProxyBody>,
+    extra: Option<http::HeaderMap>,
+) -> Response<ProxyBody> {
+    if let Some(extra) = extra {
+        resp.headers_mut().extend(extra);
+    }
+    resp
 }
 
 /// Where a proxied request goes, decided while the table guard was held.

@@ -12,9 +12,13 @@ use kanali_proto::v1 as pb;
 use crate::balance::{ServiceBackend, ServiceKey};
 use crate::dynamic::DynamicService;
 use crate::errors::ErrorCode;
+use crate::filter::Filter;
+use crate::filter::api_key::ApiKeyFilter;
+use crate::filter::credentials::Credentials;
 use crate::mock::MockTable;
 use crate::router::{Router, RouterBuilder};
 use crate::upstream::{TlsSet, Upstream, Upstreams};
+use http::header::HeaderName;
 
 /// The resource a route came from, for logs and NACKs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +44,8 @@ pub struct Route {
     pub action: Action,
     /// Upstream response timeout for this route; `None`: the proxy's default.
     pub timeout: Option<Duration>,
+    /// The plugins, in order, run before the action.
+    pub filters: Box<[Filter]>,
 }
 
 /// What a route does.
@@ -55,15 +61,20 @@ pub enum Action {
     Fail(ErrorCode),
 }
 
-/// The routing table of one snapshot.
+/// What the request path serves from: the routing table of one snapshot and the credentials
+/// of one update.
 #[derive(Debug)]
 pub struct RouteTable {
-    /// The snapshot version.
+    /// The configuration's version (what the proxy Acked).
     pub version: String,
+    /// The version of the routing snapshot.
+    pub snapshot_version: String,
     /// The snapshot's `routes_version`: while it stays the same, so does `router`.
     pub routes_version: String,
     /// Routes by path and host; shared with the previous table when only endpoints changed.
     pub router: Arc<Router<Route>>,
+    /// The API key credentials; shared with the previous table when only routes changed.
+    pub credentials: Arc<Credentials>,
 }
 
 /// A part of a snapshot this proxy cannot apply.
@@ -93,8 +104,10 @@ impl RouteTable {
             upstreams.prune();
             return Ok(RouteTable {
                 version: snapshot.version.clone(),
+                snapshot_version: snapshot.version.clone(),
                 routes_version: current.routes_version.clone(),
                 router: current.router.clone(),
+                credentials: current.credentials.clone(),
             });
         }
         let tls = upstreams.tls_set(&snapshot.tls);
@@ -138,6 +151,13 @@ impl RouteTable {
                     continue;
                 }
             };
+            let filters = match build.filters(route) {
+                Ok(f) => f,
+                Err(message) => {
+                    errors.push(fail(message));
+                    continue;
+                }
+            };
             let source = route
                 .source
                 .as_ref()
@@ -158,6 +178,7 @@ impl RouteTable {
                 target_path: route.target_path.clone().into_boxed_str(),
                 action,
                 timeout: (route.timeout_ms > 0).then(|| Duration::from_millis(route.timeout_ms)),
+                filters,
             };
             if let Err(e) = builder.insert(&route.path, host, value) {
                 errors.push(fail(e.to_string()));
@@ -166,8 +187,10 @@ impl RouteTable {
         if errors.is_empty() {
             Ok(RouteTable {
                 version: snapshot.version.clone(),
+                snapshot_version: snapshot.version.clone(),
                 routes_version: snapshot.routes_version.clone(),
                 router: Arc::new(builder.build()),
+                credentials: Arc::default(),
             })
         } else {
             Err(errors)
@@ -191,6 +214,35 @@ fn is_https(scheme: &str) -> Result<bool, String> {
 }
 
 impl Build<'_> {
+    fn filters(&self, route: &pb::Route) -> Result<Box<[Filter]>, String> {
+        use pb::plugin::Kind;
+        let namespace = route.source.as_ref().map_or("", |s| s.namespace.as_str());
+        route
+            .plugins
+            .iter()
+            .map(|p| match &p.kind {
+                Some(Kind::ApiKey(a)) => {
+                    let header = if a.header.is_empty() {
+                        self.upstreams.config().api_key_header.clone()
+                    } else {
+                        HeaderName::from_bytes(a.header.as_bytes())
+                            .map_err(|_| format!("invalid API key header {:?}", a.header))?
+                    };
+                    Ok(Filter::ApiKey(ApiKeyFilter {
+                        binding: (!a.binding.is_empty())
+                            .then(|| (Arc::from(namespace), Arc::from(a.binding.as_str()))),
+                        header,
+                        check_options: a.check_options,
+                    }))
+                }
+                None => Err(
+                    "a plugin of an unknown kind (is this proxy older than the controller?)"
+                        .to_owned(),
+                ),
+            })
+            .collect()
+    }
+
     fn action(&self, route: &pb::Route) -> Result<Action, String> {
         use pb::route::Backend;
         if !route.path.starts_with('/') || !route.target_path.starts_with('/') {
@@ -301,6 +353,7 @@ mod tests {
             target_path: "/".into(),
             backend: Some(backend),
             timeout_ms: 0,
+            plugins: Vec::new(),
         }
     }
 

@@ -54,6 +54,8 @@ pub struct UpstreamConfig {
     pub verify_hostname: bool,
     /// Values for dynamic-Service header labels when a request lacks the header.
     pub default_header_values: HeaderDefaults,
+    /// The header that carries API keys, unless a route's `apikey` plugin names another.
+    pub api_key_header: http::HeaderName,
 }
 
 impl Default for UpstreamConfig {
@@ -68,6 +70,7 @@ impl Default for UpstreamConfig {
             cluster_domain: "cluster.local".to_owned(),
             verify_hostname: true,
             default_header_values: HeaderDefaults::default(),
+            api_key_header: crate::filter::api_key::DEFAULT_HEADER,
         }
     }
 }

@@ -20,7 +20,9 @@ trap cleanup EXIT
 trap 'exit 0' INT TERM
 
 "$bin/kanali-echo" --listen "$ECHO" & pids+=($!)
-"$bin/kanali-controller" --manifests "$EXAMPLES" --grpc-listen "$GRPC" --admin-listen "$ADMIN" & pids+=($!)
+# The demo key pair (manifests/examples/apikey.yaml explains it): never use it for real keys.
+"$bin/kanali-controller" --manifests "$EXAMPLES" --grpc-listen "$GRPC" --admin-listen "$ADMIN" \
+  --decryption-key-file "$EXAMPLES/demo-decryption-key.pem" & pids+=($!)
 "$bin/kanali-proxy" --controller "http://$GRPC" --listen "$PROXY" --admin-listen "$PROXY_ADMIN" & pids+=($!)
 
 ready=0
@@ -36,6 +38,8 @@ Kanali is running. Try:
   curl -i http://$PROXY/mock/users         # 200, answered by the users-mock MockTarget
   curl -i http://$PROXY/nothing            # 404, Kanali error 00 (no ApiProxy matches)
   curl -i http://$PROXY/orders             # 404, Kanali error 02 (its MockTarget is missing)
+  curl -i -H 'apikey: kanali-demo-key' http://$PROXY/keyed/hi   # 200, the API key checked
+  curl -i http://$PROXY/keyed/hi           # 403, Kanali error 12 (no API key)
   curl -s http://$ADMIN/status             # every resource's conditions, as JSON
 Ctrl-C to stop.
 MSG

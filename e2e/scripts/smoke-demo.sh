@@ -6,6 +6,7 @@ cd "$(dirname "$0")/../.."
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 dir=$(mktemp -d)
 echo_port=$(free_port)
+cp manifests/examples/demo-decryption-key.pem "$dir/"
 for f in manifests/examples/*.yaml; do sed -e "s/127.0.0.1:18000/127.0.0.1:$echo_port/g" -e "s/port: 18000/port: $echo_port/g" "$f" > "$dir/$(basename "$f")"; done
 export EXAMPLES=$dir ECHO=127.0.0.1:$echo_port PROXY=127.0.0.1:$(free_port) PROXY_ADMIN=127.0.0.1:$(free_port)
 export GRPC=127.0.0.1:$(free_port) ADMIN=127.0.0.1:$(free_port)
@@ -32,5 +33,8 @@ check "/orders" 404 '"code":2,'
 check "/svc/hello" 200 '"path":"/hello"'
 check "/tracks/x" 200 '"path":"/x"' -H 'x-track: stable'
 check "/tracks/x" 500 '"code":10,' -H 'x-track: nightly'
+check "/keyed/hi" 200 '"path":"/hi"' -H 'apikey: kanali-demo-key'
+check "/keyed/hi" 403 '"code":12,'
+check "/keyed/hi" 401 '"code":13,' -H 'apikey: wrong'
 curl -s "http://$ADMIN/status" | grep -q MockTargetNotFound && echo "ok   /status reports MockTargetNotFound" || { echo "FAIL /status"; fail=1; }
-[ $fail = 0 ] && echo "smoke: 8 passed, 0 failed" || { cat "$dir/demo.log"; echo "smoke: failed"; exit 1; }
+[ $fail = 0 ] && echo "smoke: 11 passed, 0 failed" || { cat "$dir/demo.log"; echo "smoke: failed"; exit 1; }

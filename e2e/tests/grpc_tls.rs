@@ -45,6 +45,7 @@ async fn controller(dir: &std::path::Path, server: &Issued, clients: &Ca) -> Con
             key_pem: server.key_pem.clone().into_bytes(),
             client_ca_pem: Some(clients.cert_pem().into_bytes()),
         }),
+        decryption: Default::default(),
     })
     .await
     .unwrap()
@@ -66,9 +67,11 @@ async fn proxy(url: String, id: &str, trust: &Ca, client: Option<&Issued>) -> Ru
             max_backoff: Duration::from_millis(100),
             tls: Some(tls),
             tls_server_name: None,
+            usage_interval: Duration::from_millis(200),
         },
         server: Default::default(),
         upstream: Default::default(),
+        rate_limits: Default::default(),
     })
     .await
     .unwrap()
@@ -111,7 +114,7 @@ async fn only_verified_proxies_with_a_client_certificate_get_snapshots() {
     )
     .await;
 
-    let want = ctl.shared.snapshot().unwrap().version.clone();
+    let want = ctl.shared.version().unwrap();
     eventually("the verified proxy gets the snapshot", || async {
         good.version().as_deref() == Some(want.as_str())
     })
@@ -143,6 +146,7 @@ async fn unusable_grpc_tls_files_are_a_clear_start_up_error() {
                 key_pem: key.as_bytes().to_vec(),
                 client_ca_pem: client_ca.map(|c| c.as_bytes().to_vec()),
             }),
+            decryption: Default::default(),
         })
     };
     let error = |r: Result<Controller, kanali_controller::StartError>| match r {

@@ -47,9 +47,11 @@ impl Env {
                 max_backoff: Duration::from_secs(5),
                 tls: None,
                 tls_server_name: None,
+                usage_interval: Duration::from_millis(200),
             },
             server: Default::default(),
             upstream: Default::default(),
+            rate_limits: Default::default(),
         })
         .await
         .unwrap();

@@ -52,9 +52,11 @@ fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
             max_backoff: Duration::from_millis(200),
             tls: None,
             tls_server_name: None,
+            usage_interval: Duration::from_millis(200),
         },
         server,
         upstream: Default::default(),
+        rate_limits: Default::default(),
     }
 }
 
@@ -110,6 +112,7 @@ spec:
                 resync: Duration::from_secs(5),
             },
             grpc_tls: None,
+            decryption: Default::default(),
         })
         .await
         .unwrap();
@@ -124,7 +127,7 @@ spec:
         let proxy = kanali_dataplane::start(proxy_config(controller.grpc_addr, server))
             .await
             .unwrap();
-        let version = controller.shared.snapshot().unwrap().version.clone();
+        let version = controller.shared.version().unwrap();
         eventually("the proxy applies the snapshot", || async {
             proxy.version().as_deref() == Some(version.as_str())
         })

@@ -39,6 +39,7 @@ async fn controller(dir: &Path, grpc: SocketAddr) -> Controller {
         admin_listen: ANY.parse().unwrap(),
         debounce: debounce(),
         grpc_tls: None,
+        decryption: Default::default(),
     })
     .await
     .unwrap()
@@ -55,9 +56,11 @@ async fn proxy(grpc: SocketAddr, id: &str) -> RunningProxy {
             max_backoff: Duration::from_millis(200),
             tls: None,
             tls_server_name: None,
+            usage_interval: Duration::from_millis(200),
         },
         server: Default::default(),
         upstream: Default::default(),
+        rate_limits: Default::default(),
     })
     .await
     .unwrap()
@@ -134,7 +137,7 @@ impl Env {
             grpc,
             proxies,
         };
-        let version = env.controller().shared.snapshot().unwrap().version.clone();
+        let version = env.controller().shared.version().unwrap();
         env.wait_for_version(&version).await;
         env
     }
@@ -411,15 +414,15 @@ async fn http2_cleartext_clients_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_reaches_both_proxies_and_a_broken_file_keeps_the_last_good_routes() {
     let env = Env::start().await;
-    let before = env.controller().shared.snapshot().unwrap().version.clone();
+    let before = env.controller().shared.version().unwrap();
 
     // Move /api to /v2.
     env.write("routes.yaml", &manifests(env.echo.addr, "/v2"));
     eventually("the controller compiles the move", || async {
-        env.controller().shared.snapshot().unwrap().version != before
+        env.controller().shared.version().unwrap() != before
     })
     .await;
-    let after = env.controller().shared.snapshot().unwrap().version.clone();
+    let after = env.controller().shared.version().unwrap();
     env.wait_for_version(&after).await;
     for p in &env.proxies {
         assert_eq!(get(p.addr, "/v2/x").await.json()["path"], "/x");
@@ -500,7 +503,7 @@ async fn proxies_keep_serving_without_the_controller_and_resubscribe_to_a_new_on
     )
     .unwrap();
     let controller = controller(env.dir.path(), env.grpc).await;
-    let version = controller.shared.snapshot().unwrap().version.clone();
+    let version = controller.shared.version().unwrap();
     assert_ne!(version, before);
     env.controller = Some(controller);
     env.wait_for_version(&version).await;
@@ -656,9 +659,9 @@ async fn a_proxy_fails_over_between_controller_replicas() {
     std::fs::write(dir.path().join("routes.yaml"), manifests(echo.addr, "/api")).unwrap();
     let a = controller(dir.path(), ANY.parse().unwrap()).await;
     let b = controller(dir.path(), ANY.parse().unwrap()).await;
-    let version = a.shared.snapshot().unwrap().version.clone();
+    let version = a.shared.version().unwrap();
     assert_eq!(
-        b.shared.snapshot().unwrap().version,
+        b.shared.version().unwrap(),
         version,
         "replicas compile the same version"
     );
@@ -676,9 +679,11 @@ async fn a_proxy_fails_over_between_controller_replicas() {
             max_backoff: Duration::from_millis(200),
             tls: None,
             tls_server_name: None,
+            usage_interval: Duration::from_millis(200),
         },
         server: Default::default(),
         upstream: Default::default(),
+        rate_limits: Default::default(),
     })
     .await
     .unwrap();

@@ -23,6 +23,7 @@ async fn controller(dir: &std::path::Path) -> Controller {
             resync: Duration::from_secs(5),
         },
         grpc_tls: None,
+        decryption: Default::default(),
     })
     .await
     .unwrap()
@@ -51,7 +52,7 @@ async fn open(
     let (tx, rx) = mpsc::channel(8);
     let subscribe = pb::proxy_message::Message::Subscribe(pb::Subscribe {
         proxy_id: id.into(),
-        current_version: String::new(),
+        ..Default::default()
     });
     tx.send(pb::ProxyMessage {
         message: Some(subscribe),
@@ -84,9 +85,10 @@ async fn a_new_subscriber_gets_the_current_snapshot_at_once_and_then_the_latest(
     let c = controller(dir.path()).await;
     let (_tx, mut inbound) = open(&c, "slow").await;
 
-    // At once: the current snapshot.
-    let first = inbound.message().await.unwrap().unwrap().snapshot.unwrap();
-    assert_eq!(first.version, c.shared.snapshot().unwrap().version);
+    // At once: the current snapshot, in one update that commits the current version.
+    let msg = inbound.message().await.unwrap().unwrap();
+    assert_eq!(msg.commit.unwrap().version, c.shared.version().unwrap());
+    let first = msg.snapshot.unwrap();
     assert_eq!(first.routes[0].path, "/v0");
 
     // Ten versions while this subscriber reads nothing.
@@ -94,7 +96,7 @@ async fn a_new_subscriber_gets_the_current_snapshot_at_once_and_then_the_latest(
         std::fs::write(dir.path().join("p.yaml"), proxy_yaml(&format!("/v{i}"))).unwrap();
         eventually(|| c.shared.snapshot().unwrap().routes[0].path == format!("/v{i}")).await;
     }
-    let latest = c.shared.snapshot().unwrap().version.clone();
+    let latest = c.shared.version().unwrap();
 
     // Reading now ends with the latest. (How many stale ones come first depends on what the
     // HTTP/2 windows buffered; the skipping itself is unit-tested in serve.rs.)
@@ -105,7 +107,7 @@ async fn a_new_subscriber_gets_the_current_snapshot_at_once_and_then_the_latest(
             .unwrap()
             .unwrap()
             .unwrap();
-        received.push(msg.snapshot.unwrap().version);
+        received.push(msg.commit.unwrap().version);
     }
     assert!(received.len() <= 10);
 }
@@ -117,18 +119,21 @@ async fn acks_and_nacks_are_recorded_per_proxy() {
     let c = controller(dir.path()).await;
 
     let (tx, mut inbound) = open(&c, "good").await;
-    let snap = inbound.message().await.unwrap().unwrap().snapshot.unwrap();
+    let msg = inbound.message().await.unwrap().unwrap();
+    let version = msg.commit.unwrap().version;
     let ack = pb::proxy_message::Message::Ack(pb::Ack {
-        version: snap.version.clone(),
+        version: version.clone(),
     });
     tx.send(pb::ProxyMessage { message: Some(ack) })
         .await
         .unwrap();
 
     let (tx2, mut inbound2) = open(&c, "picky").await;
-    let snap2 = inbound2.message().await.unwrap().unwrap().snapshot.unwrap();
+    let msg2 = inbound2.message().await.unwrap().unwrap();
+    let version2 = msg2.commit.unwrap().version;
+    let snap2 = msg2.snapshot.unwrap();
     let nack = pb::proxy_message::Message::Nack(pb::Nack {
-        version: snap2.version.clone(),
+        version: version2.clone(),
         errors: vec![pb::ResourceError {
             resource: snap2.routes[0].source.clone(),
             message: "cannot apply".into(),
@@ -145,7 +150,7 @@ async fn acks_and_nacks_are_recorded_per_proxy() {
         status
             .proxies
             .get("good")
-            .is_some_and(|p| p.applied_version.as_deref() == Some(&snap.version))
+            .is_some_and(|p| p.applied_version.as_deref() == Some(&version))
             && status
                 .proxies
                 .get("picky")
@@ -156,7 +161,7 @@ async fn acks_and_nacks_are_recorded_per_proxy() {
         let status = c.shared.status();
         let picky = &status.proxies["picky"];
         let rejected = picky.rejected.as_ref().unwrap();
-        assert_eq!(rejected.version, snap2.version);
+        assert_eq!(rejected.version, version2);
         assert_eq!(rejected.errors, ["ApiProxy ns/p: cannot apply"]);
         assert!(picky.connected && picky.applied_version.is_none());
     }

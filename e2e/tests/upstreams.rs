@@ -52,6 +52,7 @@ impl Env {
                 resync: Duration::from_secs(5),
             },
             grpc_tls: None,
+            decryption: Default::default(),
         })
         .await
         .unwrap();
@@ -65,9 +66,11 @@ impl Env {
                 max_backoff: Duration::from_millis(200),
                 tls: None,
                 tls_server_name: None,
+                usage_interval: Duration::from_millis(200),
             },
             server: Default::default(),
             upstream: Default::default(),
+            rate_limits: Default::default(),
         };
         tweak(&mut config);
         let proxy = kanali_dataplane::start(config).await.unwrap();
@@ -87,7 +90,7 @@ impl Env {
     /// Waits until the proxy serves the controller's newest snapshot.
     async fn wait_applied(&self) {
         eventually("the proxy applies the newest snapshot", || async {
-            let want = self.controller.shared.snapshot().map(|s| s.version.clone());
+            let want = self.controller.shared.version();
             want.is_some() && self.proxy.version() == want
         })
         .await;
@@ -95,12 +98,12 @@ impl Env {
 
     /// Replaces the manifests and waits until the proxy serves the result.
     async fn rewrite(&self, manifests: &str) {
-        let before = self.controller.shared.snapshot().map(|s| s.version.clone());
+        let before = self.controller.shared.version();
         let tmp = self.dir.path().join(".api.yaml.tmp");
         std::fs::write(&tmp, manifests).unwrap();
         std::fs::rename(tmp, self.dir.path().join("api.yaml")).unwrap();
         eventually("the controller compiles the edit", || async {
-            self.controller.shared.snapshot().map(|s| s.version.clone()) != before
+            self.controller.shared.version() != before
         })
         .await;
         self.wait_applied().await;

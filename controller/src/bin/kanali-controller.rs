@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use std::time::Duration;
 
+use kanali_controller::keys::KeySource;
 use kanali_controller::lease::LeaseConfig;
 use kanali_controller::source::watch::Debounce;
 use kanali_controller::{
@@ -63,6 +64,23 @@ struct Args {
     /// Cluster mode: seconds a leader's Lease stays valid without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration_secs: u64,
+    /// PEM RSA private key (PKCS#1 or PKCS#8) that decrypts ApiKeys, re-read when the file
+    /// changes. Without it (or --decryption-key-secret) the controller runs, and every ApiKey
+    /// says it cannot be used.
+    #[arg(
+        long,
+        env = "KANALI_DECRYPTION_KEY_FILE",
+        conflicts_with = "decryption_key_secret"
+    )]
+    decryption_key_file: Option<PathBuf>,
+    /// Cluster mode: the Secret NAMESPACE/NAME whose data key `key.pem` holds that private key
+    /// (as `kanalictl keypair generate` makes it); watched, so a replaced key applies at once.
+    #[arg(long, env = "KANALI_DECRYPTION_KEY_SECRET", value_parser = parse_secret_ref)]
+    decryption_key_secret: Option<(String, String)>,
+    /// Cluster mode: the shortest time, in seconds, between two writes of one ApiKey's
+    /// `status.revisions[].lastUsed` (the proxies report use every few seconds).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    key_usage_interval_secs: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `kanali_controller=debug`.
     #[arg(long, env = "KANALI_LOG", default_value = "info")]
     log: String,
@@ -86,6 +104,18 @@ async fn main() -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    let decryption = match (args.decryption_key_file, args.decryption_key_secret) {
+        (Some(path), _) => KeySource::File(path),
+        (None, Some((namespace, name))) => {
+            if args.manifests.is_some() {
+                anyhow::bail!(
+                    "--decryption-key-secret needs cluster mode; in standalone mode use --decryption-key-file"
+                );
+            }
+            KeySource::Secret { namespace, name }
+        }
+        (None, None) => KeySource::None,
+    };
     let controller = match args.manifests {
         Some(manifests) => {
             start_standalone(StandaloneConfig {
@@ -94,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
                 admin_listen: args.admin_listen,
                 debounce: Debounce::default(),
                 grpc_tls,
+                decryption,
             })
             .await?
         }
@@ -123,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
                     grpc_listen: args.grpc_listen,
                     admin_listen: args.admin_listen,
                     grpc_tls,
+                    decryption,
+                    key_usage_interval: Duration::from_secs(args.key_usage_interval_secs),
                     lease: LeaseConfig {
                         name: "kanali-controller".to_owned(),
                         namespace: lease_namespace,
@@ -147,6 +180,15 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     controller.shutdown().await;
     Ok(())
+}
+
+fn parse_secret_ref(v: &str) -> Result<(String, String), String> {
+    match v.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("{v:?} is not NAMESPACE/NAME")),
+    }
 }
 
 fn init_logging(filter: &str, json: bool) -> anyhow::Result<()> {

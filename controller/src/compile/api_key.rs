@@ -1,10 +1,46 @@
-//! ApiKey and ApiKeyBinding validation. Keys are enforced by a later proxy feature; until then
-//! these objects are checked so their status already tells the truth about their spec.
+//! ApiKeys and ApiKeyBindings: validation, and the credentials the proxies check keys against.
+//!
+//! Proxies never see a key: each revision becomes the SHA-256 digest of its plaintext (decrypted
+//! by the controller before compile, see [`crate::keys`]), with the grants of every valid
+//! ApiKeyBinding that lists the key. The credentials are split into 256 shards by the first byte
+//! of the digest, each with a content version, so one changed key resends one or two shards of
+//! a hundred thousand keys, never all of them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use base64::Engine as _;
-use kanali_crds::{ApiKey, ApiKeyBinding, Rule};
+use kanali_crds::{ApiKey, ApiKeyBinding, RateUnit, RevisionStatus, Rule};
+use kanali_proto::v1 as pb;
+use kube::ResourceExt as _;
+use prost::Message as _;
+use sha2::{Digest as _, Sha256};
+
+use super::diagnostics::{Condition, Diagnostic, Kind, condition};
+use super::{Objects, accepted, namespace_of, object_ref};
+use kanali_proto::version::hex;
+
+/// Number of credential shards: one per first byte of a key digest.
+pub const SHARDS: usize = 256;
+
+/// What compile knows of the revisions' plaintexts, filled in by [`crate::keys::KeyVault`].
+#[derive(Clone, Debug, Default)]
+pub struct Decrypted {
+    /// Why no revision can be decrypted, when that is so (no key configured, or it is
+    /// unusable); `None`: the controller holds a key.
+    pub no_key: Option<String>,
+    /// The SHA-256 digest of the plaintext of each revision `data` (trimmed), or why that
+    /// revision could not be decrypted.
+    pub digests: HashMap<String, Result<[u8; 32], String>>,
+}
+
+/// The identity of a revision: the first 8 bytes of SHA-256 of its `data`. It survives
+/// reordering of the revisions, and names one without revealing anything.
+pub fn revision_id(data: &str) -> u64 {
+    let digest = Sha256::digest(data.trim().as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
 
 /// Problems with an ApiKey's spec.
 pub fn validate_api_key(key: &ApiKey) -> Vec<String> {
@@ -12,6 +48,7 @@ pub fn validate_api_key(key: &ApiKey) -> Vec<String> {
     if key.spec.revisions.is_empty() {
         errors.push("spec.revisions must list at least one revision".to_owned());
     }
+    let mut seen = BTreeMap::new();
     for (i, rev) in key.spec.revisions.iter().enumerate() {
         if rev.data.is_empty() {
             errors.push(format!("spec.revisions[{i}].data must not be empty"));
@@ -21,6 +58,10 @@ pub fn validate_api_key(key: &ApiKey) -> Vec<String> {
         {
             errors.push(format!(
                 "spec.revisions[{i}].data is not base64 (expected the output of kanalictl apikey generate)"
+            ));
+        } else if let Some(first) = seen.insert(rev.data.trim(), i) {
+            errors.push(format!(
+                "spec.revisions[{i}] repeats spec.revisions[{first}]"
             ));
         }
     }
@@ -85,4 +126,274 @@ fn check_rule(rule: &Rule, at: &str, errors: &mut Vec<String>) {
         }
         (Some(_), None) => {}
     }
+}
+
+fn rule(rule: &Rule) -> pb::Rule {
+    match (&rule.global, &rule.granular) {
+        (Some(all), _) => pb::Rule {
+            all: *all,
+            methods: Vec::new(),
+        },
+        (None, Some(g)) => {
+            let methods: BTreeSet<String> =
+                g.verbs.iter().map(|v| v.to_ascii_uppercase()).collect();
+            pb::Rule {
+                all: false,
+                methods: methods.into_iter().collect(),
+            }
+        }
+        (None, None) => pb::Rule::default(),
+    }
+}
+
+/// The credentials of one compile and what each ApiKey and ApiKeyBinding gets as status.
+pub struct CompiledKeys {
+    /// The 256 shards, by index, versions filled in.
+    pub shards: Vec<pb::CredentialShard>,
+    /// Hash of the shard versions in index order.
+    pub version: String,
+    /// One per ApiKey and ApiKeyBinding.
+    pub diagnostics: Vec<Diagnostic>,
+    /// (namespace, name) of every ApiKeyBinding, and whether it is valid.
+    pub bindings: HashMap<(String, String), bool>,
+}
+
+/// Compiles the ApiKeys and ApiKeyBindings into credential shards and diagnostics.
+pub fn compile_keys(objects: &Objects) -> CompiledKeys {
+    let mut diagnostics = Vec::new();
+
+    // Grants per key name, from every valid binding.
+    let mut grants: HashMap<&str, Vec<pb::Grant>> = HashMap::new();
+    let mut bindings = HashMap::new();
+    let key_names: BTreeSet<&str> = objects
+        .api_keys
+        .iter()
+        .filter_map(|k| k.metadata.name.as_deref())
+        .collect();
+    let mut listed_by: HashMap<&str, Vec<String>> = HashMap::new();
+    for binding in &objects.api_key_bindings {
+        let namespace = namespace_of(binding);
+        let name = binding.name_any();
+        let errors = validate_binding(binding);
+        let valid = errors.is_empty();
+        bindings.insert((namespace.clone(), name.clone()), valid);
+        let missing: Vec<&str> = binding
+            .spec
+            .keys
+            .iter()
+            .map(|k| k.name.as_str())
+            .filter(|n| !key_names.contains(n))
+            .collect();
+        let refs = if missing.is_empty() {
+            Condition::ok(
+                condition::RESOLVED_REFS,
+                "ResolvedRefs",
+                "every listed ApiKey exists",
+            )
+        } else {
+            Condition::failed(
+                condition::RESOLVED_REFS,
+                "ApiKeyNotFound",
+                format!(
+                    "ApiKey {} does not exist; requests with it get error 13",
+                    missing.join(", ")
+                ),
+            )
+        };
+        diagnostics.push(Diagnostic {
+            object: object_ref(Kind::ApiKeyBinding, binding),
+            generation: binding.metadata.generation,
+            conditions: vec![accepted(errors, "ApiKeyBinding"), refs],
+            backend: None,
+        });
+        if !valid {
+            continue;
+        }
+        for key in &binding.spec.keys {
+            listed_by
+                .entry(key.name.as_str())
+                .or_default()
+                .push(format!("{namespace}/{name}"));
+            grants
+                .entry(key.name.as_str())
+                .or_default()
+                .push(pb::Grant {
+                    namespace: namespace.clone(),
+                    binding: name.clone(),
+                    default_rule: key.default_rule.as_ref().map(rule),
+                    subpaths: key
+                        .subpaths
+                        .iter()
+                        .map(|s| pb::SubpathRule {
+                            pattern: s.path.clone(),
+                            rule: Some(rule(&s.rule)),
+                        })
+                        .collect(),
+                    rate: key.rate.as_ref().map(|r| pb::RateLimit {
+                        amount: u64::try_from(r.amount).unwrap_or(1),
+                        unit: match r.unit {
+                            RateUnit::Second => pb::RateUnit::Second,
+                            RateUnit::Minute => pb::RateUnit::Minute,
+                            RateUnit::Hour => pb::RateUnit::Hour,
+                        } as i32,
+                    }),
+                });
+        }
+    }
+    for list in grants.values_mut() {
+        list.sort_by(|a, b| (&a.namespace, &a.binding).cmp(&(&b.namespace, &b.binding)));
+    }
+
+    // Older keys first: when two ApiKeys hold the same plaintext, the older one keeps it.
+    let mut keys: Vec<&ApiKey> = objects.api_keys.iter().collect();
+    keys.sort_by(|a, b| {
+        let key = |k: &ApiKey| {
+            (
+                k.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                k.name_any(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let decrypted = &objects.decrypted;
+    let mut owner: HashMap<[u8; 32], (String, usize)> = HashMap::new();
+    let mut shards: Vec<Vec<pb::Credential>> = vec![Vec::new(); SHARDS];
+    for key in keys {
+        let name = key.name_any();
+        let errors = validate_api_key(key);
+        let object = object_ref(Kind::ApiKey, key);
+        let generation = key.metadata.generation;
+        if !errors.is_empty() {
+            diagnostics.push(Diagnostic {
+                object,
+                generation,
+                conditions: vec![accepted(errors, "ApiKey")],
+                backend: None,
+            });
+            continue;
+        }
+        if let Some(why) = &decrypted.no_key {
+            diagnostics.push(Diagnostic {
+                object,
+                generation,
+                conditions: vec![Condition::failed(
+                    condition::ACCEPTED,
+                    "NoDecryptionKey",
+                    format!("{why}; requests with this key get error 13"),
+                )],
+                backend: None,
+            });
+            continue;
+        }
+        let mut failed = Vec::new();
+        let mut duplicates = Vec::new();
+        let mut usable = 0;
+        let mut active = 0;
+        for (i, rev) in key.spec.revisions.iter().enumerate() {
+            let digest = match decrypted.digests.get(rev.data.trim()) {
+                Some(Ok(digest)) => *digest,
+                Some(Err(e)) => {
+                    failed.push(format!("spec.revisions[{i}]: {e}"));
+                    continue;
+                }
+                None => {
+                    failed.push(format!("spec.revisions[{i}] has not been decrypted"));
+                    continue;
+                }
+            };
+            match owner.get(&digest) {
+                Some((other, j)) => {
+                    duplicates.push(format!(
+                        "spec.revisions[{i}] holds the same key as ApiKey {other} spec.revisions[{j}], which is older and keeps it"
+                    ));
+                    continue;
+                }
+                None => {
+                    owner.insert(digest, (name.clone(), i));
+                }
+            }
+            let is_active = rev.status == RevisionStatus::Active;
+            usable += 1;
+            active += usize::from(is_active);
+            shards[usize::from(digest[0])].push(pb::Credential {
+                digest: digest.to_vec(),
+                key: name.clone(),
+                revision: revision_id(&rev.data),
+                active: is_active,
+                grants: grants.get(name.as_str()).cloned().unwrap_or_default(),
+            });
+        }
+        let accepted = if !failed.is_empty() {
+            Condition::failed(
+                condition::ACCEPTED,
+                "DecryptionFailed",
+                format!(
+                    "{}; requests with those revisions get error 13, the other revisions keep working",
+                    failed.join("; ")
+                ),
+            )
+        } else if !duplicates.is_empty() {
+            Condition::failed(
+                condition::ACCEPTED,
+                "DuplicateKey",
+                format!(
+                    "{}; requests with it authenticate as that ApiKey",
+                    duplicates.join("; ")
+                ),
+            )
+        } else {
+            Condition::ok(
+                condition::ACCEPTED,
+                "Accepted",
+                format!("{usable} revision(s), {active} active"),
+            )
+        };
+        let refs = match listed_by.get_mut(name.as_str()) {
+            Some(by) => Condition::ok(
+                condition::RESOLVED_REFS,
+                "ResolvedRefs",
+                format!("granted by ApiKeyBinding {}", {
+                    by.sort();
+                    by.join(", ")
+                }),
+            ),
+            None => Condition::ok(
+                condition::RESOLVED_REFS,
+                "ResolvedRefs",
+                "no valid ApiKeyBinding lists this key yet",
+            ),
+        };
+        diagnostics.push(Diagnostic {
+            object,
+            generation,
+            conditions: vec![accepted, refs],
+            backend: None,
+        });
+    }
+
+    let shards: Vec<pb::CredentialShard> = shards
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut entries)| {
+            entries.sort_by(|a, b| a.digest.cmp(&b.digest));
+            let mut shard = pb::CredentialShard {
+                index: u32::try_from(index).unwrap_or(0),
+                version: String::new(),
+                entries,
+            };
+            shard.version = hex(&Sha256::digest(shard.encode_to_vec()));
+            shard
+        })
+        .collect();
+    CompiledKeys {
+        version: credentials_version(&shards),
+        shards,
+        diagnostics,
+        bindings,
+    }
+}
+
+/// The version of a whole set of shards (the proxy computes it the same way).
+pub fn credentials_version(shards: &[pb::CredentialShard]) -> String {
+    kanali_proto::version::credentials_version(shards.iter().map(|s| s.version.as_str()))
 }

@@ -1,5 +1,7 @@
 //! ApiProxy validation (spec only, no references) and backend resolution (references).
 
+use std::collections::HashMap;
+
 use kanali_crds::{ApiProxy, Backend};
 use kanali_proto::v1 as pb;
 
@@ -35,6 +37,92 @@ pub struct ValidProxy<'a> {
     pub backend: ValidBackend<'a>,
     /// `spec.target.timeout` in milliseconds; 0 when unset.
     pub timeout_ms: u64,
+    /// The plugins, in order.
+    pub plugins: Vec<ValidPlugin>,
+}
+
+/// A plugin entry whose own settings are valid.
+#[derive(Debug)]
+pub enum ValidPlugin {
+    /// The built-in API key check.
+    ApiKey {
+        /// `config.apiKeyBindingName`, if set.
+        binding: Option<String>,
+        /// `config.header`: the request header with the key, if not the proxies' default.
+        header: Option<String>,
+        /// `config.checkOptions: "true"`: OPTIONS requests need a key too.
+        check_options: bool,
+    },
+    /// Any other plugin: a WebAssembly module the proxies load.
+    Module {
+        /// `name`.
+        name: String,
+    },
+}
+
+/// The `config` keys the `apikey` plugin understands.
+const APIKEY_CONFIG: [&str; 3] = ["apiKeyBindingName", "header", "checkOptions"];
+
+fn validate_plugin(
+    i: usize,
+    plugin: &kanali_crds::Plugin,
+    errors: &mut Vec<String>,
+) -> Option<ValidPlugin> {
+    let at = format!("spec.plugins[{i}]");
+    let name = plugin.name.trim();
+    if name.is_empty() {
+        errors.push(format!("{at}.name must not be empty"));
+        return None;
+    }
+    if !name.eq_ignore_ascii_case("apikey") {
+        return Some(ValidPlugin::Module {
+            name: name.to_owned(),
+        });
+    }
+    let mut ok = true;
+    for key in plugin.config.keys() {
+        if !APIKEY_CONFIG.contains(&key.as_str()) {
+            errors.push(format!(
+                "{at}.config: the apikey plugin has no setting {key:?} (it has {})",
+                APIKEY_CONFIG.join(", ")
+            ));
+            ok = false;
+        }
+    }
+    let binding = plugin
+        .config
+        .get("apiKeyBindingName")
+        .map(|b| b.trim().to_owned())
+        .filter(|b| !b.is_empty());
+    let header = match plugin.config.get("header").map(|h| h.trim()) {
+        None | Some("") => None,
+        Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) => Some(name.as_str().to_owned()),
+            Err(_) => {
+                errors.push(format!(
+                    "{at}.config.header {h:?} is not an HTTP header name"
+                ));
+                ok = false;
+                None
+            }
+        },
+    };
+    let check_options = match plugin.config.get("checkOptions").map(|v| v.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            errors.push(format!(
+                "{at}.config.checkOptions must be \"true\" or \"false\", not {other:?}"
+            ));
+            ok = false;
+            false
+        }
+    };
+    ok.then_some(ValidPlugin::ApiKey {
+        binding,
+        header,
+        check_options,
+    })
 }
 
 /// A validated backend choice.
@@ -96,10 +184,17 @@ pub fn validate(ap: &ApiProxy) -> Result<ValidProxy<'_>, Vec<String>> {
             .map_err(|e| errors.push(format!("spec.target.timeout: {e}")))
             .unwrap_or_default(),
     };
+    let mut plugins = Vec::new();
     for (i, plugin) in spec.plugins.iter().enumerate() {
-        if plugin.name.trim().is_empty() {
-            errors.push(format!("spec.plugins[{i}].name must not be empty"));
-        }
+        plugins.extend(validate_plugin(i, plugin, &mut errors));
+    }
+    if plugins
+        .iter()
+        .filter(|p| matches!(p, ValidPlugin::ApiKey { .. }))
+        .count()
+        > 1
+    {
+        errors.push("spec.plugins lists the apikey plugin more than once".to_owned());
     }
     match backend {
         Some(backend) if errors.is_empty() => Ok(ValidProxy {
@@ -109,6 +204,7 @@ pub fn validate(ap: &ApiProxy) -> Result<ValidProxy<'_>, Vec<String>> {
             target_path,
             backend,
             timeout_ms,
+            plugins,
         }),
         _ => Err(errors),
     }
@@ -276,6 +372,8 @@ pub struct Resolved {
     pub tls: Option<pb::TlsMaterial>,
     /// Service ports whose addresses the proxies need for this route.
     pub services: Vec<ServiceKey>,
+    /// The plugins the proxies run, in order.
+    pub plugins: Vec<pb::Plugin>,
 }
 
 fn failure(code: u32, reason: &str, message: String, summary: String) -> Resolved {
@@ -285,7 +383,67 @@ fn failure(code: u32, reason: &str, message: String, summary: String) -> Resolve
         summary,
         tls: None,
         services: Vec::new(),
+        plugins: Vec::new(),
     }
+}
+
+/// The plugins as the proxies run them, and what is wrong with their references (a missing
+/// or invalid ApiKeyBinding: requests with a key get error 13, none passes unchecked).
+fn resolve_plugins(
+    plugins: &[ValidPlugin],
+    namespace: &str,
+    bindings: &HashMap<(String, String), bool>,
+) -> (Vec<pb::Plugin>, Option<(&'static str, String)>) {
+    let mut out = Vec::new();
+    let mut problem = None;
+    for plugin in plugins {
+        let ValidPlugin::ApiKey {
+            binding,
+            header,
+            check_options,
+        } = plugin
+        else {
+            continue;
+        };
+        let binding = match binding {
+            None => {
+                problem = Some((
+                    "NoApiKeyBinding",
+                    "the apikey plugin names no ApiKeyBinding (config.apiKeyBindingName); requests get error 12 without a key and 13 with one".to_owned(),
+                ));
+                String::new()
+            }
+            Some(b) => match bindings.get(&(namespace.to_owned(), b.clone())) {
+                None => {
+                    problem = Some((
+                        "ApiKeyBindingNotFound",
+                        format!(
+                            "ApiKeyBinding {namespace}/{b} does not exist; requests with a key get error 13"
+                        ),
+                    ));
+                    String::new()
+                }
+                Some(false) => {
+                    problem = Some((
+                        "ApiKeyBindingNotAccepted",
+                        format!(
+                            "ApiKeyBinding {namespace}/{b} is invalid (see its status); requests with a key get error 13"
+                        ),
+                    ));
+                    String::new()
+                }
+                Some(true) => b.clone(),
+            },
+        };
+        out.push(pb::Plugin {
+            kind: Some(pb::plugin::Kind::ApiKey(pb::ApiKeyPlugin {
+                binding,
+                header: header.clone().unwrap_or_default(),
+                check_options: *check_options,
+            })),
+        });
+    }
+    (out, problem)
 }
 
 fn summary(backend: &ValidBackend<'_>) -> String {
@@ -315,18 +473,42 @@ pub fn resolve(
     namespace: &str,
     objects: &Objects,
     mocks: &super::MockIndex,
+    bindings: &HashMap<(String, String), bool>,
+) -> Resolved {
+    let mut resolved = resolve_backend(p, namespace, objects, mocks);
+    let (plugins, problem) = resolve_plugins(&p.plugins, namespace, bindings);
+    resolved.plugins = plugins;
+    if let Some((reason, message)) = problem {
+        if resolved.condition.status {
+            resolved.condition = Condition::failed(condition::RESOLVED_REFS, reason, message);
+        } else {
+            resolved.condition.message.push_str("; ");
+            resolved.condition.message.push_str(&message);
+        }
+    }
+    resolved
+}
+
+fn resolve_backend(
+    p: &ValidProxy<'_>,
+    namespace: &str,
+    objects: &Objects,
+    mocks: &super::MockIndex,
 ) -> Resolved {
     let summary = summary(&p.backend);
     let spec = &p.object.spec;
-    // Plugins are enforced by the proxy; until a plugin can run there, fail closed rather than
-    // serve a route without the check its owner asked for.
-    if let Some(plugin) = spec.plugins.first() {
+    // Custom plugins run on the proxies as WebAssembly; until they can, fail closed rather
+    // than serve a route without the check its owner asked for.
+    if let Some(ValidPlugin::Module { name }) = p
+        .plugins
+        .iter()
+        .find(|p| matches!(p, ValidPlugin::Module { .. }))
+    {
         return failure(
             code::PLUGIN_OPEN,
             "PluginNotAvailable",
             format!(
-                "plugin {:?} is not available on the proxies of this version; requests get error 03 until it is",
-                plugin.name
+                "plugin {name:?} is not available on the proxies of this version; requests get error 03 until it is"
             ),
             summary,
         );
@@ -385,6 +567,7 @@ pub fn resolve(
             summary: summary.clone(),
             tls: tls.clone(),
             services,
+            plugins: Vec::new(),
         }
     };
     match &p.backend {

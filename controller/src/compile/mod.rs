@@ -7,7 +7,7 @@
 //! dangling reference compiles into a route that answers the contract's error code with
 //! `ResolvedRefs=False`, and one bad object never affects another.
 
-mod api_key;
+pub mod api_key;
 mod api_proxy;
 pub mod diagnostics;
 mod mock_target;
@@ -51,6 +51,9 @@ pub struct Objects {
     /// Objects of the four Kanali kinds that could not even be decoded (the API server
     /// stored something the types reject); each gets `Accepted=False`.
     pub undecodable: Vec<Undecodable>,
+    /// The digests of the ApiKey revisions (decrypted before compile, which does no crypto
+    /// beyond hashing), or why there are none.
+    pub decrypted: std::sync::Arc<api_key::Decrypted>,
 }
 
 /// An object that failed to decode, with what is known about it.
@@ -67,8 +70,14 @@ pub struct Undecodable {
 /// The result of one compile.
 #[derive(Clone, Debug)]
 pub struct Compiled {
+    /// The version proxies Ack: of the snapshot and the credentials together.
+    pub version: String,
     /// The routing snapshot, `version` filled in.
     pub snapshot: pb::Snapshot,
+    /// The 256 credential shards, by index, versions filled in.
+    pub credentials: Vec<pb::CredentialShard>,
+    /// The version of `credentials` as a whole.
+    pub credentials_version: String,
     /// One entry per ApiProxy, MockTarget, ApiKey and ApiKeyBinding, sorted by object.
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -146,64 +155,16 @@ pub fn compile(objects: &Objects) -> Compiled {
         });
     }
 
+    let keys = api_key::compile_keys(objects);
     let mut routes = Routes::default();
-    compile_api_proxies(objects, &mocks, &mut diagnostics, &mut routes);
-
-    for key in &objects.api_keys {
-        diagnostics.push(Diagnostic {
-            object: object_ref(Kind::ApiKey, key),
-            generation: key.metadata.generation,
-            conditions: vec![
-                accepted(api_key::validate_api_key(key), "ApiKey"),
-                Condition::ok(
-                    condition::RESOLVED_REFS,
-                    "ResolvedRefs",
-                    "ApiKeys have no references",
-                ),
-            ],
-            backend: None,
-        });
-    }
-
-    for binding in &objects.api_key_bindings {
-        let missing: Vec<&str> = binding
-            .spec
-            .keys
-            .iter()
-            .map(|k| k.name.as_str())
-            .filter(|name| {
-                !objects
-                    .api_keys
-                    .iter()
-                    .any(|k| k.metadata.name.as_deref() == Some(*name))
-            })
-            .collect();
-        let refs = if missing.is_empty() {
-            Condition::ok(
-                condition::RESOLVED_REFS,
-                "ResolvedRefs",
-                "every listed ApiKey exists",
-            )
-        } else {
-            Condition::failed(
-                condition::RESOLVED_REFS,
-                "ApiKeyNotFound",
-                format!(
-                    "ApiKey {} does not exist; requests with it get error 13",
-                    missing.join(", ")
-                ),
-            )
-        };
-        diagnostics.push(Diagnostic {
-            object: object_ref(Kind::ApiKeyBinding, binding),
-            generation: binding.metadata.generation,
-            conditions: vec![
-                accepted(api_key::validate_binding(binding), "ApiKeyBinding"),
-                refs,
-            ],
-            backend: None,
-        });
-    }
+    compile_api_proxies(
+        objects,
+        &mocks,
+        &keys.bindings,
+        &mut diagnostics,
+        &mut routes,
+    );
+    diagnostics.extend(keys.diagnostics);
 
     for bad in &objects.undecodable {
         diagnostics.push(Diagnostic {
@@ -224,7 +185,10 @@ pub fn compile(objects: &Objects) -> Compiled {
     let services = upstream::service_endpoints(objects, &routes.services);
     let snapshot = seal(routes.routes, routes.tls.into_values().collect(), services);
     Compiled {
+        version: kanali_proto::version::combined_version(&snapshot.version, &keys.version),
         snapshot,
+        credentials: keys.shards,
+        credentials_version: keys.version,
         diagnostics,
     }
 }
@@ -242,6 +206,7 @@ struct Routes {
 fn compile_api_proxies(
     objects: &Objects,
     mocks: &MockIndex,
+    bindings: &HashMap<(String, String), bool>,
     diagnostics: &mut Vec<Diagnostic>,
     routes: &mut Routes,
 ) {
@@ -282,7 +247,7 @@ fn compile_api_proxies(
                 continue;
             }
         };
-        let resolved = api_proxy::resolve(&valid, &namespace, objects, mocks);
+        let resolved = api_proxy::resolve(&valid, &namespace, objects, mocks, bindings);
         let key = (
             valid.path.clone(),
             valid.virtual_host.clone().unwrap_or_default(),
@@ -320,6 +285,7 @@ fn compile_api_proxies(
             target_path: valid.target_path.clone(),
             backend: Some(resolved.backend.clone()),
             timeout_ms: valid.timeout_ms,
+            plugins: resolved.plugins.clone(),
         };
         let d = Diagnostic {
             object: object.clone(),
@@ -349,12 +315,7 @@ fn seal(
     services: Vec<pb::ServiceEndpoints>,
 ) -> pb::Snapshot {
     routes.sort_by(|a, b| (&a.path, &a.virtual_host).cmp(&(&b.path, &b.virtual_host)));
-    let hex = |bytes: Vec<u8>| -> String {
-        Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let hex = |bytes: Vec<u8>| kanali_proto::version::hex(&Sha256::digest(bytes));
     let mut snapshot = pb::Snapshot {
         routes,
         tls,

@@ -120,6 +120,19 @@ fn mk_api_key(name: &str, data: &str) -> ApiKey {
     )
 }
 
+/// What the vault would give for these revision `data`: a digest each (SHA-256 of the data
+/// itself, as if that were the plaintext).
+fn digests(data: &[&str]) -> std::sync::Arc<crate::compile::api_key::Decrypted> {
+    use sha2::{Digest as _, Sha256};
+    std::sync::Arc::new(crate::compile::api_key::Decrypted {
+        no_key: None,
+        digests: data
+            .iter()
+            .map(|d| ((*d).to_owned(), Ok(Sha256::digest(d.as_bytes()).into())))
+            .collect(),
+    })
+}
+
 /// A binding entry granting `name` every method.
 fn mk_key(name: &str) -> Key {
     Key {
@@ -227,6 +240,7 @@ fn accepted_objects_get_accepted_then_resolved_refs() {
         mock_targets: vec![mk_mock_target("ns", "m", vec![mk_mock_route("/", 200)])],
         api_keys: vec![mk_api_key("k", "YWJj")],
         api_key_bindings: vec![mk_binding("ns", "b", vec![mk_key("k")])],
+        decrypted: digests(&["YWJj"]),
         ..Objects::default()
     };
     let c = compile(&objects);

@@ -98,7 +98,16 @@ impl Cache {
                 .filter(|k| !inner.synced.contains(*k))
                 .map(|k| (*k).to_owned())
                 .collect(),
+            decrypted: Default::default(),
         }
+    }
+
+    /// The cached ApiKey `name`.
+    pub fn api_key(&self, name: &str) -> Option<ApiKey> {
+        self.lock()
+            .api_keys
+            .get(&(String::new(), name.to_owned()))
+            .cloned()
     }
 
     /// A reference to the object (with its uid) for Events, if it is cached.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::dynamic::HeaderDefaults;
+use kanali_dataplane::filter::rate_limit::{RateLimitConfig, RedisConfig};
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::server_tls::{DEFAULT_RELOAD_INTERVAL, TlsConfig};
 use kanali_dataplane::upstream::{AddressMode, UpstreamConfig};
@@ -114,6 +115,27 @@ struct Args {
     /// labels when a request lacks it; repeatable.
     #[arg(long = "default-header-value", value_name = "NAME=VALUE", value_parser = parse_header_default)]
     default_header_values: Vec<(String, String)>,
+    /// Request header that carries API keys for the `apikey` plugin (a route's plugin config
+    /// `header` overrides it). The header is never forwarded upstream.
+    #[arg(long, env = "KANALI_APIKEY_HEADER", default_value = "apikey", value_parser = parse_header_name)]
+    apikey_header: http::HeaderName,
+    /// Share rate limits across all proxies through this Redis
+    /// (`redis://[user[:password]@]host[:port][/db]`): each proxy counts locally and
+    /// synchronises every --rate-limit-sync-ms, so no request waits for Redis. Without it,
+    /// each proxy enforces every limit on its own (exact for one proxy). While Redis is down
+    /// or slow, limits fall back to per proxy.
+    #[arg(long, env = "KANALI_RATE_LIMIT_REDIS")]
+    rate_limit_redis: Option<String>,
+    /// Prefix of the rate-limit keys in Redis.
+    #[arg(
+        long,
+        env = "KANALI_RATE_LIMIT_REDIS_PREFIX",
+        default_value = "kanali:rl:"
+    )]
+    rate_limit_redis_prefix: String,
+    /// Milliseconds between synchronisations with Redis.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    rate_limit_sync_ms: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "KANALI_LOG", default_value = "info")]
     log: String,
@@ -214,11 +236,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_listen: args.admin_listen,
         client: ClientConfig {
             controllers: args.controllers,
-            proxy_id,
+            proxy_id: proxy_id.clone(),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             tls: controller_tls,
             tls_server_name: args.controller_server_name,
+            usage_interval: kanali_dataplane::client::USAGE_INTERVAL,
         },
         server: ServerConfig {
             header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
@@ -248,7 +271,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             cluster_domain: args.cluster_domain,
             verify_hostname: !args.upstream_tls_insecure_skip_hostname_verification,
             default_header_values: HeaderDefaults::new(args.default_header_values),
+            api_key_header: args.apikey_header,
             ..UpstreamConfig::default()
+        },
+        rate_limits: RateLimitConfig {
+            redis: args.rate_limit_redis.map(|url| RedisConfig {
+                key_prefix: args.rate_limit_redis_prefix,
+                sync_interval: Duration::from_millis(args.rate_limit_sync_ms),
+                proxy_id: proxy_id.clone(),
+                ..RedisConfig::new(url)
+            }),
         },
     };
     let proxy = start(config).await?;
@@ -256,6 +288,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down: draining in-flight requests");
     proxy.shutdown().await;
     Ok(())
+}
+
+fn parse_header_name(v: &str) -> Result<http::HeaderName, String> {
+    http::HeaderName::from_bytes(v.as_bytes()).map_err(|_| format!("{v:?} is not a header name"))
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,8 @@
 //! Cluster mode end to end, against a real Kubernetes API server: the `kanali-controller` and
 //! `kanali-proxy` executables run as child processes on 127.0.0.1, the resources are applied,
 //! patched and deleted with `kubectl`, and requests go through the proxies to in-process echo
-//! upstreams (on 127.0.0.1, or on this host's address when a Service's Endpoints lead to them).
+//! upstreams (on 127.0.0.1, or on a test host in a network namespace of the test's when a
+//! Service's Endpoints lead to them).
 //!
 //! Configuration (environment):
 //! - `KANALI_E2E_KUBECONFIG`: an admin kubeconfig (`e2e/k8s/start.sh DIR` writes
@@ -22,6 +23,7 @@
 
 mod support;
 
+mod api_keys;
 mod install;
 mod lifecycle;
 mod replicas;

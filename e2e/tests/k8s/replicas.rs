@@ -220,7 +220,7 @@ async fn programmed_waits_for_the_snapshot_that_resolves_a_reference() {
     // The MockTarget appears; the proxy receives the new snapshot but has not applied it yet.
     env.apply(&users_mock("orders-mock")).await;
     let resolved = laggard
-        .snapshot_where(|s| s.version != failing.version)
+        .snapshot_where(|s| s.version != failing.snapshot.version)
         .await;
     let obj = env
         .wait_condition("apiproxy", "orders", "ResolvedRefs", "True", None)

@@ -77,6 +77,7 @@ impl Harness {
                 upstream_timeout: Duration::from_secs(10),
                 ..Default::default()
             },
+            Default::default(),
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -160,6 +161,7 @@ pub fn route(path: &str, backend: Backend) -> pb::Route {
         target_path: "/".into(),
         backend: Some(backend),
         timeout_ms: 0,
+        plugins: Vec::new(),
     }
 }
 

@@ -400,14 +400,14 @@ fn missing_service_routes_with_error_10() {
 }
 
 #[test]
-fn plugins_route_with_error_03() {
+fn custom_plugins_route_with_error_03() {
     let mut ap = mk_api_proxy("ns", "p", "/p", endpoint("http://up"));
     ap.spec.plugins = vec![Plugin {
-        name: "apikey".to_owned(),
+        name: "cors".to_owned(),
         ..Plugin::default()
     }];
     let message = assert_failure(&proxies(vec![ap]), "PluginNotAvailable", 3);
-    assert!(message.contains("apikey"), "{message}");
+    assert!(message.contains("cors"), "{message}");
 }
 
 #[test]

@@ -46,6 +46,7 @@ fn sample() -> Objects {
         ],
         endpoints: Vec::new(),
         unavailable: Vec::new(),
+        decrypted: digests(&["YWJj", "ZGVm"]),
     }
 }
 

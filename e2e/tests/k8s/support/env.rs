@@ -29,6 +29,8 @@ pub struct Env {
     pub proxies: Vec<Proc>,
     /// Extra arguments every proxy started from now on gets.
     proxy_args: Vec<String>,
+    /// Extra arguments every controller started from now on gets.
+    pub controller_args: Vec<String>,
     /// An echo upstream on 127.0.0.1, named `echo` (see [`Env::endpoint`]).
     echo: Echo,
     pub http: Http,
@@ -44,7 +46,7 @@ impl Drop for Env {
             if let Ok(objects) = self.k.run_sync(
                 &[
                     "get",
-                    "apiproxies,mocktargets,apikeybindings,leases,services,endpoints",
+                    "apiproxies,mocktargets,apikeybindings,leases,services,endpoints,secrets",
                     "-n",
                     &self.ns,
                     "-o",
@@ -103,6 +105,7 @@ impl Env {
             controllers: Vec::new(),
             proxies: Vec::new(),
             proxy_args: Vec::new(),
+            controller_args: Vec::new(),
             echo,
             http: Client::builder(TokioExecutor::new()).build_http(),
         })
@@ -155,6 +158,7 @@ impl Env {
             ]
             .iter()
             .map(|s| (*s).to_owned())
+            .chain(self.controller_args.iter().cloned())
             .collect();
             let log = self.logs.path().join(format!("{identity}-{attempt}.log"));
             let proc = Proc::spawn(

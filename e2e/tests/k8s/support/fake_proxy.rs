@@ -11,6 +11,14 @@ use super::DEADLINE;
 pub struct FakeProxy {
     tx: tokio::sync::mpsc::Sender<pb::ProxyMessage>,
     inbound: tonic::Streaming<pb::ControllerMessage>,
+    /// The routing snapshot as of the last message (updates resend it only when it changed).
+    snapshot: Option<pb::Snapshot>,
+}
+
+/// A complete update: the routing snapshot it leaves the proxy with, and the version to Ack.
+pub struct Received {
+    pub snapshot: pb::Snapshot,
+    pub version: String,
 }
 
 impl FakeProxy {
@@ -25,7 +33,7 @@ impl FakeProxy {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let subscribe = pb::proxy_message::Message::Subscribe(pb::Subscribe {
             proxy_id: id.into(),
-            current_version: String::new(),
+            ..Default::default()
         });
         tx.send(pb::ProxyMessage {
             message: Some(subscribe),
@@ -37,21 +45,31 @@ impl FakeProxy {
             .await
             .unwrap()
             .into_inner();
-        FakeProxy { tx, inbound }
+        FakeProxy {
+            tx,
+            inbound,
+            snapshot: None,
+        }
     }
 
-    /// The next snapshot whose routes satisfy `want`.
-    pub async fn snapshot_where(&mut self, want: impl Fn(&pb::Snapshot) -> bool) -> pb::Snapshot {
+    /// The next complete update whose routing snapshot satisfies `want`.
+    pub async fn snapshot_where(&mut self, want: impl Fn(&pb::Snapshot) -> bool) -> Received {
         loop {
             let msg = tokio::time::timeout(DEADLINE, self.inbound.message())
                 .await
                 .expect("a snapshot within the deadline")
                 .unwrap()
                 .expect("the stream stays open");
-            if let Some(s) = msg.snapshot
-                && want(&s)
+            if msg.snapshot.is_some() {
+                self.snapshot = msg.snapshot;
+            }
+            if let (Some(commit), Some(s)) = (msg.commit, &self.snapshot)
+                && want(s)
             {
-                return s;
+                return Received {
+                    snapshot: s.clone(),
+                    version: commit.version,
+                };
             }
         }
     }
