@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::filter::credentials::UsageLog;
 use crate::filter::rate_limit::RateLimits;
+use crate::filter::wasm::Plugins;
 use crate::table::RouteTable;
 use crate::upstream::Upstreams;
 
@@ -31,6 +32,8 @@ pub struct Context {
     pub limits: Arc<RateLimits>,
     /// Key revisions used since the last report.
     pub usage: Arc<UsageLog>,
+    /// The plugin runtime the routes' Wasm plugins run in.
+    pub plugins: Arc<Plugins>,
 }
 
 /// Subscription settings.
@@ -230,12 +233,25 @@ async fn subscribe(
     let mut pending = Pending::default();
     let mut report = tokio::time::interval(config.usage_interval);
     report.tick().await;
+    let mut plugin_changes = ctx.plugins.changes();
     loop {
         let msg = tokio::select! {
             msg = inbound.message() => msg?,
             _ = report.tick() => {
                 if let Some(usage) = ctx.usage.drain() {
                     send(pb::proxy_message::Message::Usage(usage)).await?;
+                }
+                continue;
+            }
+            _ = plugin_changes.changed() => {
+                // A module file changed: the version served is the same, what works of it
+                // is not. Ack it again with the problems as they are now.
+                if let Some(table) = ctx.tables.load_full() {
+                    send(pb::proxy_message::Message::Ack(pb::Ack {
+                        version: table.version.clone(),
+                        problems: table.problems(),
+                    }))
+                    .await?;
                 }
                 continue;
             }
@@ -246,6 +262,12 @@ async fn subscribe(
         };
         *received = true;
         let update = std::mem::take(&mut pending);
+        // Module files are loaded and plugins started off the runtime's threads; the slots
+        // stay alive until the new table holds them.
+        let _staged = match &update.snapshot {
+            Some(snapshot) => ctx.plugins.prepare(snapshot).await,
+            None => Vec::new(),
+        };
         let (answer, in_sync) = apply(update, &commit, ctx);
         send(answer).await?;
         if !in_sync {
@@ -296,18 +318,25 @@ pub fn apply(
     let current = ctx.tables.load_full();
     if update.snapshot.is_none()
         && update.shards.is_empty()
-        && current.as_ref().is_some_and(|t| t.version == version)
+        && let Some(current) = current.as_ref().filter(|t| t.version == version)
     {
-        return (Message::Ack(pb::Ack { version }), true);
+        let problems = current.problems();
+        return (Message::Ack(pb::Ack { version, problems }), true);
     }
     let routing = match (&update.snapshot, &current) {
-        (Some(snapshot), _) => RouteTable::apply(snapshot, &ctx.upstreams, current.as_deref()),
+        (Some(snapshot), _) => RouteTable::apply_with_plugins(
+            snapshot,
+            &ctx.upstreams,
+            Some(&ctx.plugins),
+            current.as_deref(),
+        ),
         (None, Some(current)) => Ok(RouteTable {
             version: current.version.clone(),
             snapshot_version: current.snapshot_version.clone(),
             routes_version: current.routes_version.clone(),
             router: current.router.clone(),
             credentials: current.credentials.clone(),
+            plugins: current.plugins.clone(),
         }),
         (None, None) => {
             return (
@@ -315,6 +344,7 @@ pub fn apply(
                     resource: None,
                     message: "the update has no routing snapshot and the proxy holds none"
                         .to_owned(),
+                    reason: String::new(),
                 }]),
                 false,
             );
@@ -328,6 +358,7 @@ pub fn apply(
                 .map(|e| pb::ResourceError {
                     resource: e.resource,
                     message: e.message,
+                    reason: String::new(),
                 })
                 .collect();
             return (nack(errors), true);
@@ -347,6 +378,7 @@ pub fn apply(
                     nack(vec![pb::ResourceError {
                         resource: None,
                         message: format!("credentials: {message}"),
+                        reason: String::new(),
                     }]),
                     true,
                 );
@@ -360,12 +392,14 @@ pub fn apply(
             nack(vec![pb::ResourceError {
                 resource: None,
                 message: "out of sync with the controller (what this proxy holds does not add up to the committed version); resubscribing".to_owned(),
+                reason: String::new(),
             }]),
             false,
         );
     }
     let keys = credentials.len();
     let routes = table.router.len();
+    let problems = table.problems();
     let endpoints_only = current
         .as_ref()
         .is_some_and(|c| Arc::ptr_eq(&c.router, &table.router));
@@ -375,8 +409,8 @@ pub fn apply(
     // Limiters no credential refers to any more go (after in-flight requests drop theirs).
     drop(old);
     ctx.limits.prune();
-    tracing::info!(%version, routes, keys, endpoints_only, "applied update");
-    (Message::Ack(pb::Ack { version }), true)
+    tracing::info!(%version, routes, keys, endpoints_only, problems = problems.len(), "applied update");
+    (Message::Ack(pb::Ack { version, problems }), true)
 }
 
 #[cfg(test)]
@@ -428,6 +462,7 @@ mod tests {
             upstreams: Arc::new(Upstreams::new(Default::default()).unwrap()),
             limits: Arc::new(RateLimits::new(Default::default()).unwrap()),
             usage: Arc::default(),
+            plugins: Arc::new(Plugins::new(&Default::default()).unwrap()),
         }
     }
 

@@ -7,6 +7,8 @@
 //! is either answered by a [`mock`], proxied through the pooled [`upstream`] client, or answered
 //! with a Kanali error from [`errors`]. The [`listener`] accepts the connections: cleartext, and
 //! optionally TLS with a certificate from [`server_tls`], reloaded when its files change.
+//! A route's plugins ([`filter`]) run before its backend and, for custom plugins (WebAssembly
+//! modules from `--plugins-dir`, [`filter::wasm`]), on its bodies and responses too.
 
 pub mod admin;
 pub mod balance;
@@ -53,6 +55,8 @@ pub struct ProxyConfig {
     pub upstream: upstream::UpstreamConfig,
     /// Rate limits: local, or shared through Redis.
     pub rate_limits: filter::rate_limit::RateLimitConfig,
+    /// Custom plugins: where their modules are, and their budgets.
+    pub plugins: filter::wasm::WasmConfig,
 }
 
 /// Why the proxy could not start.
@@ -77,6 +81,9 @@ pub enum StartError {
     /// The rate-limit settings are unusable (e.g. a bad Redis URL).
     #[error("rate limits: {0}")]
     RateLimit(#[from] filter::rate_limit::RateLimitError),
+    /// The WebAssembly runtime for plugins could not be created.
+    #[error("plugins: {0}")]
+    Plugins(#[from] filter::wasm::WasmError),
 }
 
 /// A running proxy.
@@ -149,6 +156,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let upstreams = Arc::new(upstream::Upstreams::new(config.upstream)?);
     let limits = Arc::new(filter::rate_limit::RateLimits::new(config.rate_limits)?);
     let usage = Arc::new(filter::credentials::UsageLog::default());
+    let plugins = Arc::new(filter::wasm::Plugins::new(&config.plugins)?);
     let proxy = Arc::new(server::Proxy::new(
         tables.clone(),
         config.server,
@@ -164,6 +172,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tokio::spawn(server::serve(listener, None, proxy, rx.clone())),
         tokio::spawn(admin::serve(admin, tables.clone(), rx.clone())),
         tokio::spawn(limits.clone().run(rx.clone())),
+        tokio::spawn(plugins.clone().watch(rx.clone())),
         tokio::spawn(client::run(
             config.client,
             client::Context {
@@ -171,6 +180,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
                 upstreams,
                 limits,
                 usage,
+                plugins,
             },
             rx,
         )),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -17,6 +18,7 @@ use crate::body::{ProxyBody, RequestBody, read_ahead};
 use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
 use crate::filter::credentials::UsageLog;
+use crate::filter::wasm::Exchange;
 use crate::filter::{self, RequestInfo};
 use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
 use crate::path::upstream_path;
@@ -105,7 +107,7 @@ impl Proxy {
         // The guard is dropped before any await: in-flight requests keep what they computed,
         // and a snapshot swap never waits for them.
         let (mut parts, body) = req.into_parts();
-        let (pass, extra) = {
+        let (next, mut passed) = {
             let tables = self.tables.load();
             let Some(table) = tables.as_ref() else {
                 return ErrorCode::NoApiProxy.response();
@@ -121,12 +123,20 @@ impl Proxy {
             let target = upstream_path(&route.path, &route.target_path, path);
             // The plugins see every request the route takes, whatever its backend (v2 ran them
             // before the mock step too).
-            let extra = if route.filters.is_empty() {
+            let passed = if route.filters.is_empty() {
                 None
             } else {
+                let host = host.unwrap_or_default().to_owned();
                 let info = RequestInfo {
                     method: &parts.method,
                     upstream_path: &target,
+                    uri: &parts.uri,
+                    host: &host,
+                    peer,
+                    version: parts.version,
+                    https: crate::listener::forwarded_proto(&parts.extensions) == "https",
+                    correlation_id,
+                    end_of_stream: body.is_end_stream(),
                 };
                 match filter::run(
                     &route.filters,
@@ -135,53 +145,62 @@ impl Proxy {
                     &table.credentials,
                     &self.usage,
                 ) {
-                    Ok(headers) => Some(headers),
-                    Err(refused) => {
-                        let mut resp = refused.code.response::<ProxyBody>();
-                        resp.headers_mut().extend(refused.headers);
-                        return resp;
-                    }
+                    Ok(passed) => Some(passed),
+                    Err(stop) => return stop.into_response(),
                 }
             };
             let (upstream, cardinality) = match &route.action {
-                Action::Fail(code) => return with_headers(code.response(), extra),
+                Action::Fail(code) => (Err(code.response()), None),
                 Action::Mock(mock) => {
                     let resp = mock
                         .respond(&target, &parts.method)
                         .unwrap_or_else(|| ErrorCode::NoMockTarget.response());
-                    return with_headers(resp, extra);
+                    (Err(resp), None)
                 }
-                Action::Proxy(upstream) => (upstream.clone(), None),
+                Action::Proxy(upstream) => (Ok(upstream.clone()), None),
                 Action::Dynamic(dynamic) => match dynamic.select(&parts.headers) {
                     Some(chosen) => (
-                        Upstream::Service(chosen.target.clone()),
+                        Ok(Upstream::Service(chosen.target.clone())),
                         (chosen.matches > 1).then_some(chosen.matches),
                     ),
-                    None => return with_headers(ErrorCode::NoService.response(), extra),
+                    None => (Err(ErrorCode::NoService.response()), None),
                 },
             };
-            let Some(uri) = origin_form(&target, parts.uri.query()) else {
-                return ErrorCode::Upstream.response();
+            let next = match upstream {
+                Ok(upstream) => {
+                    let Some(uri) = origin_form(&target, parts.uri.query()) else {
+                        return ErrorCode::Upstream.response();
+                    };
+                    Ok(Pass {
+                        upstream,
+                        uri,
+                        timeout: route.timeout.unwrap_or(self.config.upstream_timeout),
+                        cardinality,
+                    })
+                }
+                Err(answer) => Err(answer),
             };
-            (
-                Pass {
-                    upstream,
-                    uri,
-                    timeout: route.timeout.unwrap_or(self.config.upstream_timeout),
-                    cardinality,
-                },
-                extra,
-            )
+            (next, passed)
         };
-        let cardinality = pass.cardinality;
-        let req = Request::from_parts(parts, body);
-        let mut resp = self.proxy_pass(req, peer, pass, correlation_id).await;
-        if let Some(n) = cardinality {
-            // Said on errors too: v2 set it before proxying.
-            resp.headers_mut()
-                .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
+        let resp = match next {
+            Ok(pass) => {
+                let cardinality = pass.cardinality;
+                let req = Request::from_parts(parts, body);
+                let wasm = passed.as_mut().and_then(|p| p.wasm.as_mut());
+                let mut resp = self.proxy_pass(req, peer, pass, correlation_id, wasm).await;
+                if let Some(n) = cardinality {
+                    // Said on errors too: v2 set it before proxying.
+                    resp.headers_mut()
+                        .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
+                }
+                resp
+            }
+            Err(answer) => answer,
+        };
+        match passed {
+            None => resp,
+            Some(passed) => passed.respond(resp).await,
         }
-        with_headers(resp, extra)
     }
 
     async fn proxy_pass(
@@ -190,6 +209,7 @@ impl Proxy {
         peer: SocketAddr,
         pass: Pass,
         correlation_id: &HeaderValue,
+        wasm: Option<&mut Exchange>,
     ) -> Response<ProxyBody> {
         let Pass {
             upstream,
@@ -254,6 +274,13 @@ impl Proxy {
             // Reading the body answered the client's 100-continue already.
             parts.headers.remove(header::EXPECT);
         }
+        let body = match wasm {
+            None => body,
+            Some(exchange) => match exchange.request_body(&mut parts.headers, body) {
+                Ok(body) => body,
+                Err(stop) => return stop.into_response(),
+            },
+        };
         let request = Request::from_parts(parts, body);
 
         match tokio::time::timeout_at(deadline, upstream.send(request)).await {
@@ -274,17 +301,6 @@ impl Proxy {
             }
         }
     }
-}
-
-/// Adds the headers the plugins set for the response (e.g. the rate limit's).
-fn with_headers(
-    mut resp: Response<ProxyBody>,
-    extra: Option<http::HeaderMap>,
-) -> Response<ProxyBody> {
-    if let Some(extra) = extra {
-        resp.headers_mut().extend(extra);
-    }
-    resp
 }
 
 /// Where a proxied request goes, decided while the table guard was held.

@@ -15,6 +15,7 @@ use crate::errors::ErrorCode;
 use crate::filter::Filter;
 use crate::filter::api_key::ApiKeyFilter;
 use crate::filter::credentials::Credentials;
+use crate::filter::wasm::{LoadError, Plugins, WasmFilter, WasmUse};
 use crate::mock::MockTable;
 use crate::router::{Router, RouterBuilder};
 use crate::upstream::{TlsSet, Upstream, Upstreams};
@@ -75,6 +76,9 @@ pub struct RouteTable {
     pub router: Arc<Router<Route>>,
     /// The API key credentials; shared with the previous table when only routes changed.
     pub credentials: Arc<Credentials>,
+    /// The Wasm plugins the routes run, by route: what the proxy reports when they do not
+    /// load.
+    pub plugins: Arc<[WasmUse]>,
 }
 
 /// A part of a snapshot this proxy cannot apply.
@@ -95,6 +99,17 @@ impl RouteTable {
         upstreams: &Upstreams,
         current: Option<&RouteTable>,
     ) -> Result<RouteTable, Vec<ApplyError>> {
+        Self::apply_with_plugins(snapshot, upstreams, None, current)
+    }
+
+    /// [`RouteTable::apply`] with a plugin runtime for the routes' Wasm plugins (without
+    /// one, they answer error 03).
+    pub fn apply_with_plugins(
+        snapshot: &pb::Snapshot,
+        upstreams: &Upstreams,
+        plugins: Option<&Plugins>,
+        current: Option<&RouteTable>,
+    ) -> Result<RouteTable, Vec<ApplyError>> {
         if let Some(current) = current
             && !snapshot.routes_version.is_empty()
             && current.routes_version == snapshot.routes_version
@@ -108,10 +123,11 @@ impl RouteTable {
                 routes_version: current.routes_version.clone(),
                 router: current.router.clone(),
                 credentials: current.credentials.clone(),
+                plugins: current.plugins.clone(),
             });
         }
         let tls = upstreams.tls_set(&snapshot.tls);
-        let table = Self::build_with(snapshot, upstreams, &tls)?;
+        let table = Self::build_with(snapshot, upstreams, plugins, &tls)?;
         upstreams.keep_tls(&tls);
         // Backends the new table shares with the old one still hold the old addresses.
         upstreams.refresh_services(&snapshot.services);
@@ -124,19 +140,28 @@ impl RouteTable {
         snapshot: &pb::Snapshot,
         upstreams: &Upstreams,
     ) -> Result<RouteTable, Vec<ApplyError>> {
-        Self::build_with(snapshot, upstreams, &upstreams.tls_set(&snapshot.tls))
+        Self::build_with(snapshot, upstreams, None, &upstreams.tls_set(&snapshot.tls))
+    }
+
+    /// What the proxy reports about this table besides applying it: its plugins that do
+    /// not load.
+    pub fn problems(&self) -> Vec<pb::ResourceError> {
+        crate::filter::wasm::problems(&self.plugins)
     }
 
     fn build_with(
         snapshot: &pb::Snapshot,
         upstreams: &Upstreams,
+        plugins: Option<&Plugins>,
         tls: &TlsSet,
     ) -> Result<RouteTable, Vec<ApplyError>> {
         let mut builder = RouterBuilder::new();
         let mut errors = Vec::new();
+        let mut uses = Vec::new();
         let build = Build {
             snapshot,
             upstreams,
+            plugins,
             tls,
         };
         for route in &snapshot.routes {
@@ -171,6 +196,13 @@ impl RouteTable {
                     namespace: String::new(),
                     name: String::new(),
                 });
+            uses.extend(filters.iter().filter_map(|f| match f {
+                Filter::Wasm(w) => Some(WasmUse {
+                    source: route.source.clone(),
+                    slot: w.slot.clone(),
+                }),
+                Filter::ApiKey(_) => None,
+            }));
             let host = Some(route.virtual_host.as_str()).filter(|h| !h.is_empty());
             let value = Route {
                 source,
@@ -191,6 +223,7 @@ impl RouteTable {
                 routes_version: snapshot.routes_version.clone(),
                 router: Arc::new(builder.build()),
                 credentials: Arc::default(),
+                plugins: uses.into(),
             })
         } else {
             Err(errors)
@@ -202,6 +235,7 @@ impl RouteTable {
 struct Build<'a> {
     snapshot: &'a pb::Snapshot,
     upstreams: &'a Upstreams,
+    plugins: Option<&'a Plugins>,
     tls: &'a TlsSet,
 }
 
@@ -235,6 +269,14 @@ impl Build<'_> {
                         check_options: a.check_options,
                     }))
                 }
+                // A module that does not load is not a reason to reject the snapshot: its
+                // routes answer the load error, and the Ack reports it.
+                Some(Kind::Wasm(w)) => Ok(Filter::Wasm(match self.plugins {
+                    Some(plugins) => WasmFilter {
+                        slot: plugins.slot(w),
+                    },
+                    None => WasmFilter::failed(w, LoadError::NoPluginsDir),
+                })),
                 None => Err(
                     "a plugin of an unknown kind (is this proxy older than the controller?)"
                         .to_owned(),

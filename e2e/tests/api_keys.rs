@@ -174,6 +174,7 @@ impl Env {
                             ..RedisConfig::new(url.clone())
                         }),
                     },
+                    plugins: Default::default(),
                 })
                 .await
                 .unwrap(),

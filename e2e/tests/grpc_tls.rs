@@ -72,6 +72,7 @@ async fn proxy(url: String, id: &str, trust: &Ca, client: Option<&Issued>) -> Ru
         server: Default::default(),
         upstream: Default::default(),
         rate_limits: Default::default(),
+        plugins: Default::default(),
     })
     .await
     .unwrap()

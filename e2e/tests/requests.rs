@@ -52,6 +52,7 @@ impl Env {
             server: Default::default(),
             upstream: Default::default(),
             rate_limits: Default::default(),
+            plugins: Default::default(),
         })
         .await
         .unwrap();

@@ -57,6 +57,7 @@ fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
         server,
         upstream: Default::default(),
         rate_limits: Default::default(),
+        plugins: Default::default(),
     }
 }
 

@@ -61,6 +61,7 @@ async fn proxy(grpc: SocketAddr, id: &str) -> RunningProxy {
         server: Default::default(),
         upstream: Default::default(),
         rate_limits: Default::default(),
+        plugins: Default::default(),
     })
     .await
     .unwrap()
@@ -684,6 +685,7 @@ async fn a_proxy_fails_over_between_controller_replicas() {
         server: Default::default(),
         upstream: Default::default(),
         rate_limits: Default::default(),
+        plugins: Default::default(),
     })
     .await
     .unwrap();

@@ -123,6 +123,7 @@ async fn acks_and_nacks_are_recorded_per_proxy() {
     let version = msg.commit.unwrap().version;
     let ack = pb::proxy_message::Message::Ack(pb::Ack {
         version: version.clone(),
+        problems: Vec::new(),
     });
     tx.send(pb::ProxyMessage { message: Some(ack) })
         .await
@@ -137,6 +138,7 @@ async fn acks_and_nacks_are_recorded_per_proxy() {
         errors: vec![pb::ResourceError {
             resource: snap2.routes[0].source.clone(),
             message: "cannot apply".into(),
+            reason: String::new(),
         }],
     });
     tx2.send(pb::ProxyMessage {
@@ -187,6 +189,7 @@ async fn a_stream_must_start_with_subscribe() {
     tx.send(pb::ProxyMessage {
         message: Some(pb::proxy_message::Message::Ack(pb::Ack {
             version: "x".into(),
+            problems: Vec::new(),
         })),
     })
     .await

@@ -71,6 +71,7 @@ impl Env {
             server: Default::default(),
             upstream: Default::default(),
             rate_limits: Default::default(),
+            plugins: Default::default(),
         };
         tweak(&mut config);
         let proxy = kanali_dataplane::start(config).await.unwrap();

@@ -8,6 +8,7 @@ use clap::Parser;
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::dynamic::HeaderDefaults;
 use kanali_dataplane::filter::rate_limit::{RateLimitConfig, RedisConfig};
+use kanali_dataplane::filter::wasm::WasmConfig;
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::server_tls::{DEFAULT_RELOAD_INTERVAL, TlsConfig};
 use kanali_dataplane::upstream::{AddressMode, UpstreamConfig};
@@ -136,6 +137,28 @@ struct Args {
     /// Milliseconds between synchronisations with Redis.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
     rate_limit_sync_ms: u64,
+    /// Directory of custom plugin modules (`<name>.wasm` or `<name>_<version>.wasm`,
+    /// proxy-wasm ABI 0.2.x); checked for changes every --plugins-poll-ms. Without it, routes
+    /// with custom plugins answer error 03.
+    #[arg(long, env = "KANALI_PLUGINS_DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// Milliseconds between checks of --plugins-dir for new, changed or removed modules.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    plugins_poll_ms: u64,
+    /// WebAssembly instructions one plugin may execute per request (all its callbacks
+    /// together); a plugin that needs more gets error 11.
+    #[arg(long, default_value_t = 20_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    plugin_fuel: u64,
+    /// Milliseconds one plugin callback may run; a longer one gets error 11.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    plugin_timeout_ms: u64,
+    /// Largest memory of one plugin VM, in MiB; growing past it gets error 11.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    plugin_memory_mib: u64,
+    /// Responses of a known length up to this many bytes are buffered for plugins'
+    /// `proxy_on_response_body`; longer or unsized ones stream without that callback.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(..=64 * 1024 * 1024))]
+    plugin_response_buffer_bytes: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "KANALI_LOG", default_value = "info")]
     log: String,
@@ -231,6 +254,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map(|h| h.trim().to_owned())
         })
         .unwrap_or_else(|| format!("proxy-{}", std::process::id()));
+    let plugins = WasmConfig {
+        dir: args.plugins_dir,
+        poll_interval: Duration::from_millis(args.plugins_poll_ms),
+        fuel_per_request: args.plugin_fuel,
+        call_timeout: Duration::from_millis(args.plugin_timeout_ms),
+        memory_limit: usize::try_from(args.plugin_memory_mib * 1024 * 1024)?,
+        response_buffer_bytes: usize::try_from(args.plugin_response_buffer_bytes)?,
+        // One VM per worker thread.
+        vms_per_plugin: args
+            .worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
     let config = ProxyConfig {
         listen: args.listen,
         admin_listen: args.admin_listen,
@@ -282,6 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ..RedisConfig::new(url)
             }),
         },
+        plugins,
     };
     let proxy = start(config).await?;
     shutdown_signal().await;

@@ -77,6 +77,7 @@ impl FakeProxy {
     pub async fn ack(&self, version: &str) {
         let ack = pb::proxy_message::Message::Ack(pb::Ack {
             version: version.to_owned(),
+            problems: Vec::new(),
         });
         self.tx
             .send(pb::ProxyMessage { message: Some(ack) })
