@@ -59,7 +59,7 @@ fn handle(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             ),
         },
         "/status" => {
-            let mut view = serde_json::to_value(&*shared.status()).unwrap_or_default();
+            let mut view = serde_json::to_value(with_programmed(shared)).unwrap_or_default();
             // Which key revisions this controller's proxies saw used, newest first: in
             // standalone mode there is no ApiKey status to show it in.
             let mut usage: Vec<((String, u64), u64)> = shared.usage().into_iter().collect();
@@ -84,6 +84,23 @@ fn handle(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         }
         _ => text(StatusCode::NOT_FOUND, "try /status, /healthz or /readyz\n"),
     }
+}
+
+/// The status view with each object's `Programmed` condition (and `ready` including it), as
+/// the status writer computes it for a cluster: files have no status to show it in, so in
+/// standalone mode this is where a plugin that does not load on a proxy shows.
+fn with_programmed(shared: &Shared) -> crate::state::StatusView {
+    let mut view = shared.status().clone();
+    let latest = shared.version().and_then(|v| shared.fingerprints(&v));
+    for o in &mut view.objects {
+        let d = &o.diagnostic;
+        let current = latest.as_ref().and_then(|f| f.get(&d.object).copied());
+        let programmed =
+            crate::status::programmed(d, current, &view.proxies, |v| shared.fingerprints(v));
+        o.ready = o.ready && programmed.status;
+        o.diagnostic.conditions.push(programmed);
+    }
+    view
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

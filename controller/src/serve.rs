@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::state::{Published, Rejection, Shared};
+use crate::state::{Problem, Published, Rejection, Shared};
 
 /// The most shard bytes put in one message: well under gRPC's default 4 MiB limit.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -202,10 +202,26 @@ fn record(shared: &Shared, id: &str, msg: pb::ProxyMessage) {
     use pb::proxy_message::Message;
     match msg.message {
         Some(Message::Ack(ack)) => {
-            tracing::debug!(proxy = %id, version = %ack.version, "ACK");
+            let problems: Vec<Problem> = ack
+                .problems
+                .iter()
+                .filter_map(|e| {
+                    Some(Problem {
+                        object: object_name(e.resource.as_ref()?),
+                        reason: e.reason.clone(),
+                        message: e.message.clone(),
+                    })
+                })
+                .collect();
+            if problems.is_empty() {
+                tracing::debug!(proxy = %id, version = %ack.version, "ACK");
+            } else {
+                tracing::warn!(proxy = %id, version = %ack.version, ?problems, "proxy applied a snapshot, but parts of it do not work there");
+            }
             shared.update_proxy(id, |p| {
                 p.applied_version = Some(ack.version);
                 p.rejected = None;
+                p.problems = problems;
             });
         }
         Some(Message::Nack(nack)) => {
@@ -213,10 +229,7 @@ fn record(shared: &Shared, id: &str, msg: pb::ProxyMessage) {
                 .errors
                 .iter()
                 .map(|e| match &e.resource {
-                    Some(r) if r.namespace.is_empty() => {
-                        format!("{} {}: {}", r.kind, r.name, e.message)
-                    }
-                    Some(r) => format!("{} {}/{}: {}", r.kind, r.namespace, r.name, e.message),
+                    Some(r) => format!("{}: {}", object_name(r), e.message),
                     None => e.message.clone(),
                 })
                 .collect();
@@ -238,9 +251,62 @@ fn record(shared: &Shared, id: &str, msg: pb::ProxyMessage) {
     }
 }
 
+/// `Kind ns/name` (`Kind name` when cluster-scoped), as `ObjectRef` displays it, so status
+/// can match what proxies report to the objects it describes.
+fn object_name(r: &pb::ResourceRef) -> String {
+    if r.namespace.is_empty() {
+        format!("{} {}", r.kind, r.name)
+    } else {
+        format!("{} {}/{}", r.kind, r.namespace, r.name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acks_carry_problems_and_the_next_ack_replaces_them() {
+        let shared = Shared::default();
+        let problem = pb::ResourceError {
+            resource: Some(pb::ResourceRef {
+                kind: "ApiProxy".into(),
+                namespace: "shop".into(),
+                name: "orders".into(),
+                generation: 3,
+            }),
+            message: "plugin \"auth\": auth.wasm does not exist".into(),
+            reason: "PluginNotFound".into(),
+        };
+        let ack = |problems| pb::ProxyMessage {
+            message: Some(pb::proxy_message::Message::Ack(pb::Ack {
+                version: "v1".into(),
+                problems,
+            })),
+        };
+        record(&shared, "p1", ack(vec![problem]));
+        let state = shared.status().proxies["p1"].clone();
+        assert_eq!(state.applied_version.as_deref(), Some("v1"));
+        assert_eq!(
+            state.problems,
+            [Problem {
+                object: "ApiProxy shop/orders".into(),
+                reason: "PluginNotFound".into(),
+                message: "plugin \"auth\": auth.wasm does not exist".into(),
+            }]
+        );
+        // Reports to the Lease holder carry them.
+        let json = serde_json::to_string(&state).unwrap();
+        let back: crate::state::ProxyState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.problems, state.problems);
+        // The module was fixed: the same version, Acked again without problems.
+        record(&shared, "p1", ack(Vec::new()));
+        assert!(shared.status().proxies["p1"].problems.is_empty());
+        // A report from a replica that predates problems still reads.
+        let old: crate::state::ProxyState =
+            serde_json::from_str(r#"{"connected":true,"streams":1,"last_seen_unix":0}"#).unwrap();
+        assert!(old.problems.is_empty());
+    }
 
     fn shard(index: u32, version: &str, entries: usize) -> pb::CredentialShard {
         pb::CredentialShard {

@@ -25,6 +25,11 @@ pub struct ProxyState {
     /// Last NACK, if the newest answer was a NACK.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected: Option<Rejection>,
+    /// What does not work in `applied_version` on this proxy although it applied it (a plugin
+    /// module that does not load), as of its latest Ack. Defaults to none in reports from
+    /// replicas that predate it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
     /// Seconds since the Unix epoch of the last message.
     pub last_seen_unix: u64,
 }
@@ -36,6 +41,17 @@ pub struct Rejection {
     pub version: String,
     /// `Kind ns/name: message` per error.
     pub errors: Vec<String>,
+}
+
+/// A part of an applied version that does not work on one proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Problem {
+    /// The object at fault, as `Kind ns/name` (what [`ObjectRef`]'s `Display` gives).
+    pub object: String,
+    /// CamelCase reason for the condition (`PluginNotFound`, ...).
+    pub reason: String,
+    /// The proxy's explanation.
+    pub message: String,
 }
 
 /// Everything the admin endpoint shows.

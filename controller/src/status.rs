@@ -68,6 +68,20 @@ pub fn programmed(
                 .and_then(&fingerprints_of)
                 .is_some_and(|f| f.get(&d.object).copied() == current);
         if has {
+            // Applied, but not working there (a plugin module that does not load). Problems
+            // describe the applied version, so they count only while that is the current one.
+            if let Some(problem) = p.problems.iter().find(|x| x.object == me) {
+                let reason = if problem.reason.is_empty() {
+                    "ProxyProblem"
+                } else {
+                    problem.reason.as_str()
+                };
+                return Condition::failed(
+                    condition::PROGRAMMED,
+                    reason,
+                    format!("proxy {id}: {}", problem.message),
+                );
+            }
             applied += 1;
         }
     }
@@ -162,25 +176,38 @@ fn rfc3339_now() -> String {
 /// condition's reason and message) and `Ready` turning True (Normal). Compares the `desired`
 /// status with the `current` one, so a condition that stays False is reported once.
 pub fn transitions(desired: &Value, current: Option<&Value>) -> Vec<(EventType, String, String)> {
-    let status_of = |v: Option<&Value>, t: &str| {
+    let condition_of = |v: Option<&Value>, t: &str| {
         v.and_then(|v| v.get("conditions"))
             .and_then(Value::as_array)
             .and_then(|cs| cs.iter().find(|c| c["type"] == t))
-            .and_then(|c| c["status"].as_str().map(str::to_owned))
+            .cloned()
     };
     let mut out = Vec::new();
     for c in desired["conditions"].as_array().into_iter().flatten() {
         let (Some(t), Some(now)) = (c["type"].as_str(), c["status"].as_str()) else {
             continue;
         };
-        let before = status_of(current, t);
-        if before.as_deref() == Some(now) {
+        let previous = condition_of(current, t);
+        let before = previous
+            .as_ref()
+            .and_then(|p| p["status"].as_str().map(str::to_owned));
+        let reason = c["reason"].as_str().unwrap_or_default().to_owned();
+        // Programmed goes from False (Pending, while proxies apply) to False (a plugin does
+        // not load): a new reason is the news there.
+        let new_plugin_problem = t == condition::PROGRAMMED
+            && reason.starts_with("Plugin")
+            && previous.as_ref().is_none_or(|p| p["reason"] != c["reason"]);
+        if before.as_deref() == Some(now) && !new_plugin_problem {
             continue;
         }
-        let reason = c["reason"].as_str().unwrap_or_default().to_owned();
         let message = c["message"].as_str().unwrap_or_default().to_owned();
         match (t, now) {
             (condition::ACCEPTED | condition::RESOLVED_REFS, "False") => {
+                out.push((EventType::Warning, reason, message))
+            }
+            // A proxy cannot run one of its plugins; the other Programmed=False reasons
+            // (Pending, NoProxies) come and go with every change.
+            (condition::PROGRAMMED, "False") if reason.starts_with("Plugin") => {
                 out.push((EventType::Warning, reason, message))
             }
             (condition::READY, "True") if before.is_some() => {
@@ -397,6 +424,43 @@ mod tests {
     }
 
     #[test]
+    fn programmed_shows_a_plugin_problem_of_the_applied_version() {
+        use crate::state::Problem;
+        let mut proxies = BTreeMap::new();
+        proxies.insert("a".to_owned(), proxy(Some("v2"), true));
+        let mut b = proxy(Some("v2"), true);
+        b.problems = vec![
+            Problem {
+                object: "ApiProxy ns/other".into(),
+                reason: "PluginAbiMismatch".into(),
+                message: "not this one".into(),
+            },
+            Problem {
+                object: "ApiProxy ns/p".into(),
+                reason: "PluginNotFound".into(),
+                message:
+                    "plugin \"auth\": /plugins/auth.wasm does not exist; requests get error 03"
+                        .into(),
+            },
+        ];
+        proxies.insert("b".to_owned(), b);
+        let c = programmed(&diag(2, true), Some(7), &proxies, history("v2", 7));
+        assert_eq!((c.status, c.reason.as_str()), (false, "PluginNotFound"));
+        assert_eq!(
+            c.message,
+            "proxy b: plugin \"auth\": /plugins/auth.wasm does not exist; requests get error 03"
+        );
+        // The object changed since (say, the plugin was removed): the old problem no longer
+        // describes it, the proxies simply have not applied the change yet.
+        let c = programmed(&diag(3, true), Some(8), &proxies, history("v2", 7));
+        assert_eq!(c.reason, "Pending");
+        // Fixed on the proxy: it Acks again without problems.
+        proxies.get_mut("b").unwrap().problems.clear();
+        let c = programmed(&diag(2, true), Some(7), &proxies, history("v2", 7));
+        assert_eq!(c.reason, "Programmed");
+    }
+
+    #[test]
     fn events_are_emitted_on_transitions_only() {
         let p = Condition::ok(condition::PROGRAMMED, "Programmed", "1 of 1");
         let broken = desired(&diag(1, false), p.clone(), None, "t0");
@@ -412,6 +476,25 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert!(matches!(events[0].0, EventType::Normal));
         assert_eq!(events[0].1, "Ready");
+    }
+
+    #[test]
+    fn a_plugin_problem_is_an_event_even_after_pending() {
+        let pending = Condition::failed(condition::PROGRAMMED, "Pending", "0 of 1");
+        let problem = Condition::failed(
+            condition::PROGRAMMED,
+            "PluginNotFound",
+            "proxy p: plugin \"x\": ...",
+        );
+        let before = desired(&diag(1, true), pending, None, "t0");
+        let after = desired(&diag(1, true), problem.clone(), Some(&before), "t1");
+        let events = transitions(&after, Some(&before));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(matches!(events[0].0, EventType::Warning));
+        assert_eq!(events[0].1, "PluginNotFound");
+        // Still the same problem: once.
+        let again = desired(&diag(1, true), problem, Some(&after), "t2");
+        assert!(transitions(&again, Some(&after)).is_empty());
     }
 
     #[test]

@@ -12,8 +12,6 @@ use super::upstream::{self, ServiceKey};
 
 /// Error codes compiled into failure routes (see `reference/errorcodes.md`).
 pub mod code {
-    /// Could not open or load plugin.
-    pub const PLUGIN_OPEN: u32 = 3;
     /// No MockTarget resource was found.
     pub const NO_MOCK_TARGET: u32 = 2;
     /// Could not retrieve Kubernetes services.
@@ -53,11 +51,29 @@ pub enum ValidPlugin {
         /// `config.checkOptions: "true"`: OPTIONS requests need a key too.
         check_options: bool,
     },
-    /// Any other plugin: a WebAssembly module the proxies load.
+    /// Any other plugin: a WebAssembly module the proxies load from their plugins directory
+    /// (`<name>.wasm`, or `<name>_<version>.wasm`).
     Module {
-        /// `name`.
+        /// `name`, a safe file name part.
         name: String,
+        /// `version`, a safe file name part, if set.
+        version: Option<String>,
+        /// `config` as a JSON object with sorted keys; empty when there is none.
+        config_json: String,
     },
+}
+
+/// Whether `part` can be part of a module file name in the proxies' plugins directory: it
+/// must not name another directory (`/`, `..`) or a hidden file, so only letters, digits,
+/// `.`, `-` and `_`, not starting with `.`, and short enough for any file system.
+fn is_file_name_part(part: &str) -> bool {
+    !part.is_empty()
+        && part.len() <= 100
+        && !part.starts_with('.')
+        && !part.contains("..")
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 /// The `config` keys the `apikey` plugin understands.
@@ -75,9 +91,7 @@ fn validate_plugin(
         return None;
     }
     if !name.eq_ignore_ascii_case("apikey") {
-        return Some(ValidPlugin::Module {
-            name: name.to_owned(),
-        });
+        return validate_module(&at, plugin, errors);
     }
     let mut ok = true;
     for key in plugin.config.keys() {
@@ -122,6 +136,54 @@ fn validate_plugin(
         binding,
         header,
         check_options,
+    })
+}
+
+/// A custom plugin entry: its name and version become a file name on the proxies, so they
+/// must stay inside the plugins directory.
+fn validate_module(
+    at: &str,
+    plugin: &kanali_crds::Plugin,
+    errors: &mut Vec<String>,
+) -> Option<ValidPlugin> {
+    const RULE: &str =
+        "letters, digits, '.', '-' and '_' only, not starting with '.', no '..', at most 100";
+    let name = plugin.name.trim();
+    let mut ok = true;
+    if !is_file_name_part(name) {
+        errors.push(format!(
+            "{at}.name {name:?} cannot name a plugin module file ({RULE})"
+        ));
+        ok = false;
+    }
+    let version = match plugin.version.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(v) if is_file_name_part(v) => Some(v.to_owned()),
+        Some(v) => {
+            errors.push(format!(
+                "{at}.version {v:?} cannot be part of a plugin module file name ({RULE})"
+            ));
+            ok = false;
+            None
+        }
+    };
+    // A BTreeMap serialises with sorted keys, so equal configs give byte-identical snapshots.
+    let config_json = if plugin.config.is_empty() {
+        String::new()
+    } else {
+        match serde_json::to_string(&plugin.config) {
+            Ok(json) => json,
+            Err(e) => {
+                errors.push(format!("{at}.config cannot be encoded as JSON: {e}"));
+                ok = false;
+                String::new()
+            }
+        }
+    };
+    ok.then(|| ValidPlugin::Module {
+        name: name.to_owned(),
+        version,
+        config_json,
     })
 }
 
@@ -397,13 +459,28 @@ fn resolve_plugins(
     let mut out = Vec::new();
     let mut problem = None;
     for plugin in plugins {
-        let ValidPlugin::ApiKey {
-            binding,
-            header,
-            check_options,
-        } = plugin
-        else {
-            continue;
+        let (binding, header, check_options) = match plugin {
+            ValidPlugin::ApiKey {
+                binding,
+                header,
+                check_options,
+            } => (binding, header, check_options),
+            // Whether the module loads is for each proxy to find out (its plugins directory
+            // is its own); they report it, and it shows as `Programmed`.
+            ValidPlugin::Module {
+                name,
+                version,
+                config_json,
+            } => {
+                out.push(pb::Plugin {
+                    kind: Some(pb::plugin::Kind::Wasm(pb::WasmPlugin {
+                        name: name.clone(),
+                        version: version.clone().unwrap_or_default(),
+                        config_json: config_json.clone(),
+                    })),
+                });
+                continue;
+            }
         };
         let binding = match binding {
             None => {
@@ -497,22 +574,6 @@ fn resolve_backend(
 ) -> Resolved {
     let summary = summary(&p.backend);
     let spec = &p.object.spec;
-    // Custom plugins run on the proxies as WebAssembly; until they can, fail closed rather
-    // than serve a route without the check its owner asked for.
-    if let Some(ValidPlugin::Module { name }) = p
-        .plugins
-        .iter()
-        .find(|p| matches!(p, ValidPlugin::Module { .. }))
-    {
-        return failure(
-            code::PLUGIN_OPEN,
-            "PluginNotAvailable",
-            format!(
-                "plugin {name:?} is not available on the proxies of this version; requests get error 03 until it is"
-            ),
-            summary,
-        );
-    }
     let https = match &p.backend {
         ValidBackend::Endpoint { scheme, .. } => scheme == "https",
         ValidBackend::Service { .. } | ValidBackend::ServiceLabels { .. } => {

@@ -399,15 +399,78 @@ fn missing_service_routes_with_error_10() {
     assert!(message.contains("ns/svc"), "{message}");
 }
 
+/// A plugin entry with `config` given as pairs.
+fn plugin(name: &str, version: Option<&str>, config: &[(&str, &str)]) -> Plugin {
+    Plugin {
+        name: name.to_owned(),
+        version: version.map(str::to_owned),
+        config: config
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
 #[test]
-fn custom_plugins_route_with_error_03() {
+fn custom_plugins_become_wasm_plugins_in_list_order_and_keep_the_backend() {
     let mut ap = mk_api_proxy("ns", "p", "/p", endpoint("http://up"));
-    ap.spec.plugins = vec![Plugin {
-        name: "cors".to_owned(),
-        ..Plugin::default()
-    }];
-    let message = assert_failure(&proxies(vec![ap]), "PluginNotAvailable", 3);
-    assert!(message.contains("cors"), "{message}");
+    ap.spec.plugins = vec![
+        plugin(
+            "add-header",
+            None,
+            &[("zeta", "1"), ("alpha", "two \"quoted\"")],
+        ),
+        plugin("apikey", None, &[("apiKeyBindingName", "b")]),
+        plugin("cors", Some("v1.2.0"), &[]),
+    ];
+    let c = compile(&proxies(vec![ap]));
+    let route = only_route(&c);
+    assert!(
+        matches!(route.backend, Some(pb::route::Backend::Endpoint(_))),
+        "{:?}",
+        route.backend
+    );
+    let kinds: Vec<_> = route.plugins.iter().map(|p| p.kind.clone()).collect();
+    assert_eq!(
+        kinds[0],
+        Some(pb::plugin::Kind::Wasm(pb::WasmPlugin {
+            name: "add-header".into(),
+            version: String::new(),
+            // Sorted keys, whatever the order in the manifest.
+            config_json: r#"{"alpha":"two \"quoted\"","zeta":"1"}"#.into(),
+        }))
+    );
+    assert!(matches!(kinds[1], Some(pb::plugin::Kind::ApiKey(_))));
+    assert_eq!(
+        kinds[2],
+        Some(pb::plugin::Kind::Wasm(pb::WasmPlugin {
+            name: "cors".into(),
+            version: "v1.2.0".into(),
+            config_json: String::new(),
+        }))
+    );
+}
+
+#[test]
+fn plugin_names_and_versions_must_be_safe_file_names() {
+    for (name, version) in [
+        ("../etc/passwd", None),
+        ("a/b", None),
+        (".hidden", None),
+        ("a..b", None),
+        ("sp ace", None),
+        ("ok", Some("../x")),
+        ("ok", Some("1/2")),
+        ("ok", Some(".1")),
+    ] {
+        let mut ap = with_source("/p", None);
+        ap.spec.plugins = vec![plugin(name, version, &[])];
+        let field = if version.is_some() { "version" } else { "name" };
+        assert_invalid(ap, &format!("spec.plugins[0].{field}"));
+    }
+    let mut ap = with_source("/p", None);
+    ap.spec.plugins = vec![plugin("My_plugin-2.wasm", Some("1.0-rc_1"), &[])];
+    assert!(compile(&proxies(vec![ap])).diagnostics[0].is_ok());
 }
 
 #[test]
