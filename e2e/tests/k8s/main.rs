@@ -26,6 +26,7 @@ mod support;
 mod api_keys;
 mod install;
 mod lifecycle;
+mod plugins;
 mod replicas;
 mod services;
 mod upstream_tls;

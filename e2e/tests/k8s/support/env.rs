@@ -28,7 +28,7 @@ pub struct Env {
     pub controllers: Vec<Proc>,
     pub proxies: Vec<Proc>,
     /// Extra arguments every proxy started from now on gets.
-    proxy_args: Vec<String>,
+    pub proxy_args: Vec<String>,
     /// Extra arguments every controller started from now on gets.
     pub controller_args: Vec<String>,
     /// An echo upstream on 127.0.0.1, named `echo` (see [`Env::endpoint`]).
