@@ -96,28 +96,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Plugins {
-    /// A runtime with `config`'s directory and budgets. Starts the thread that ticks the
-    /// epoch (the clock of the per-callback time limit); it ends with the runtime.
+    /// A runtime with `config`'s directory and budgets. With a directory, starts the thread
+    /// that ticks the epoch (the clock of the per-callback time limit); it ends with the
+    /// runtime.
     pub fn new(config: &WasmConfig) -> Result<Plugins, WasmError> {
         let mut wasm = wasmtime::Config::new();
         wasm.consume_fuel(true).epoch_interruption(true);
         let engine =
             wasmtime::Engine::new(&wasm).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
         let host = abi::host_functions(&engine).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
-        let weak = engine.weak();
-        let ticker = std::thread::Builder::new()
-            .name("kanali-wasm-epoch".to_owned())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            });
-        if let Err(e) = ticker {
-            return Err(WasmError::Engine(format!(
-                "cannot start the epoch thread: {e}"
-            )));
+        // Without a directory no plugin ever runs: no clock to keep.
+        if config.dir.is_some() {
+            let weak = engine.weak();
+            let ticker = std::thread::Builder::new()
+                .name("kanali-wasm-epoch".to_owned())
+                .spawn(move || {
+                    while let Some(engine) = weak.upgrade() {
+                        engine.increment_epoch();
+                        drop(engine);
+                        std::thread::sleep(EPOCH_TICK);
+                    }
+                });
+            if let Err(e) = ticker {
+                return Err(WasmError::Engine(format!(
+                    "cannot start the epoch thread: {e}"
+                )));
+            }
         }
         let tick = EPOCH_TICK.as_nanos().max(1);
         let ticks = config.call_timeout.as_nanos().div_ceil(tick) + 1;
