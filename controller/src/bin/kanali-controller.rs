@@ -14,6 +14,11 @@ use kanali_controller::{
     ClusterConfig, GrpcTls, StandaloneConfig, start_cluster, start_standalone,
 };
 
+// Compile allocates and frees millions of small values for a hundred thousand ApiKeys;
+// mimalloc's thread-local free lists make that about twice as fast as glibc malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Kanali controller.
 #[derive(Debug, Parser)]
 #[command(version, about)]
