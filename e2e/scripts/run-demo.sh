@@ -21,7 +21,8 @@ trap 'exit 0' INT TERM
 
 "$bin/kanali-echo" --listen "$ECHO" & pids+=($!)
 "$bin/kanali-controller" --manifests "$EXAMPLES" --grpc-listen "$GRPC" --admin-listen "$ADMIN" & pids+=($!)
-"$bin/kanali-proxy" --controller "http://$GRPC" --listen "$PROXY" --admin-listen "$PROXY_ADMIN" & pids+=($!)
+# No load balancer sends the demo traffic: stop at once instead of the 5 s drain delay.
+"$bin/kanali-proxy" --controller "http://$GRPC" --listen "$PROXY" --admin-listen "$PROXY_ADMIN" --shutdown-delay-secs 0 & pids+=($!)
 
 ready=0
 for _ in $(seq 100); do
