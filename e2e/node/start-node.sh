@@ -21,7 +21,10 @@
 # Host changes, all undone by stop-node.sh: the bridge, iptables KUBE-* chains (kube-proxy,
 # kubelet), net.ipv4.conf.all.route_localnet (kube-proxy 1.20 sets it to 1 unconditionally),
 # cgroups under /kubepods, /var/log/pods + /var/log/containers entries. IP forwarding is left as
-# it is: pods reach each other over the bridge, and the host reaches Services via OUTPUT DNAT.
+# it is (the CNI bridge is not the pods' "gateway", which would switch it on): pods reach each
+# other over the bridge, the node's own addresses directly, and the host reaches Services
+# through kube-proxy's OUTPUT DNAT. A pod calling a ClusterIP whose endpoint is another pod
+# would need forwarding; nothing here does.
 set -euo pipefail
 
 die() { echo "start-node.sh: error: $*" >&2; exit 1; }
@@ -78,6 +81,7 @@ ENV
 # ---- host network. The bridge exists before the API server so that it can advertise NODE_IP,
 # the address pods reach it at (through the `kubernetes` Service, 10.96.0.1:443).
 sysctl -n net.ipv4.conf.all.route_localnet > "$D/sysctl.route_localnet"
+sysctl -n net.ipv4.ip_forward > "$D/sysctl.ip_forward"  # in case anything turns it on
 if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
   ip link add "$BRIDGE" type bridge
   ip addr add "$NODE_IP/${POD_CIDR#*/}" dev "$BRIDGE"
@@ -181,7 +185,7 @@ state = "$D/containerd/state"
 TOML
 cat > cni/net.d/10-kanali.conflist <<CNI
 {"cniVersion": "0.4.0", "name": "kanali", "plugins": [
-  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "dataDir": "$D/cni/ipam",
             "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$NODE_IP"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
 ]}

@@ -67,6 +67,7 @@ restore() { # file, sysctl
   [ -f "$D/$1" ] && sysctl -qw "$2=$(cat "$D/$1")" && rm -f "$D/$1"
 }
 restore sysctl.route_localnet net.ipv4.conf.all.route_localnet
+restore sysctl.ip_forward net.ipv4.ip_forward
 restore sysctl.bridge_nf net.bridge.bridge-nf-call-iptables
 # cgroups made by the kubelet (empty once every container is gone).
 for s in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do [ -d "$s" ] && find "$s" -depth -type d -exec rmdir {} \; 2>/dev/null; done
