@@ -100,6 +100,18 @@ pub fn serving(pod: &Value) -> bool {
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
+/// Whether the pod is being deleted and none of its containers runs any more. The kubelet
+/// v1.20 removes such a pod's object up to a minute later (once it reclaimed its cgroups);
+/// its traffic ended when its containers did.
+pub fn finished(pod: &Value) -> bool {
+    !pod["metadata"]["deletionTimestamp"].is_null()
+        && pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|c| c["state"]["running"].is_null())
+}
+
 /// Pod names.
 pub fn names(pods: &[Value]) -> Vec<String> {
     pods.iter()
@@ -107,8 +119,8 @@ pub fn names(pods: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Waits until exactly `n` pods match, all of them Ready and none terminating: a rollout,
-/// scale or replacement is over, including the old pods' drain.
+/// Waits until exactly `n` pods match and are Ready, and every other matching pod is
+/// [`finished`]: a rollout, scale or replacement is over, including the old pods' drain.
 pub async fn settled(k: &Kubectl, ns: &str, selector: &str, n: usize, limit: Duration) {
     wait_for(
         &format!("{n} Ready pods and nothing terminating for {selector}"),
@@ -116,11 +128,12 @@ pub async fn settled(k: &Kubectl, ns: &str, selector: &str, n: usize, limit: Dur
         || async {
             let pods = pods(k, ns, selector).await;
             let ready = pods.iter().filter(|p| serving(p)).count();
-            if pods.len() == n && ready == n {
+            let finished = pods.iter().filter(|p| finished(p)).count();
+            if ready == n && ready + finished == pods.len() {
                 Ok(())
             } else {
                 Err(format!(
-                    "{} pods, {ready} serving: {:?}",
+                    "{} pods, {ready} serving, {finished} finished: {:?}",
                     pods.len(),
                     pods.iter()
                         .map(|p| format!(

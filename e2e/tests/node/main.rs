@@ -215,10 +215,15 @@ async fn rollout_restart(k: &Kubectl, deploy: &str, selector: &str, n: usize) {
     )
     .await;
     settled(k, NS, selector, n, ROLLOUT).await;
-    let after = names(&pods(k, NS, selector).await);
+    let serving: Vec<_> = pods(k, NS, selector)
+        .await
+        .into_iter()
+        .filter(cluster::serving)
+        .collect();
+    let after = names(&serving);
     assert!(
         after.iter().all(|p| !before.contains(p)),
-        "every {deploy} pod was replaced: before {before:?}, after {after:?}"
+        "every {deploy} pod was replaced: before {before:?}, serving now {after:?}"
     );
 }
 
@@ -261,6 +266,10 @@ async fn delete_lease_holder(k: &Kubectl) -> Duration {
     let new_holder = lease_holder(k).await.unwrap_or_default();
     assert_ne!(new_holder, holder, "the other replica holds the Lease");
     settled(k, NS, CONTROLLERS, 2, ROLLOUT).await;
+    eprintln!(
+        "deleted {holder}: {new_holder} wrote status after {took:.1?}; replaced and exited after {:.1?}",
+        deleted.elapsed()
+    );
     took
 }
 
@@ -273,5 +282,10 @@ async fn delete_backend_pod(k: &Kubectl) {
         &["delete", "pod", victim, "-n", "default", "--wait=false"],
     )
     .await;
+    let deleted = Instant::now();
     settled(k, "default", "app=echo-pods", 2, ROLLOUT).await;
+    eprintln!(
+        "deleted {victim}: replaced and exited after {:.1?}",
+        deleted.elapsed()
+    );
 }
