@@ -344,15 +344,17 @@ fn correlation_id() -> HeaderValue {
 /// Accepts connections until `shutdown` turns true, then lets open connections finish their
 /// current requests. With `tls`, every connection is a TLS handshake first (with the
 /// certificate current when it was accepted), and its requests carry a
-/// [`crate::listener::TlsConnection`] extension.
+/// [`crate::listener::TlsConnection`] extension. Once `drain` fires, connections are asked
+/// to close (see [`crate::shutdown`]) while new ones are still accepted.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<crate::server_tls::ServerTls>,
     proxy: Arc<Proxy>,
+    drain: crate::shutdown::DrainSignal,
     shutdown: watch::Receiver<bool>,
 ) {
     let config = proxy.config.clone();
-    crate::listener::serve(listener, tls, proxy, &config, shutdown).await;
+    crate::listener::serve(listener, tls, proxy, &config, drain, shutdown).await;
 }
 
 #[cfg(test)]
