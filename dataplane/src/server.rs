@@ -234,21 +234,15 @@ impl Proxy {
         parts.version = Version::HTTP_11;
 
         // Read ahead, so a malformed or truncated body is refused before anything is sent.
-        let read = tokio::time::timeout_at(
-            deadline,
-            read_ahead(
-                body,
-                self.config.request_buffer_bytes,
-                version == Version::HTTP_2,
-            ),
-        );
-        let body = match read.await {
-            Ok(Ok(body)) => body,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "request body refused");
-                return Refusal::BadBody.response(version);
+        // Most requests have no body: only those that do pay for (and carry the state of)
+        // reading it, boxed so it does not enlarge every request's future.
+        let body = if http_body::Body::is_end_stream(&body) {
+            RequestBody::Streamed(body)
+        } else {
+            match Box::pin(self.read_body(body, version, deadline)).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
             }
-            Err(_) => return Refusal::BodyTimeout.response(version),
         };
         if matches!(body, RequestBody::ReadAhead { .. }) {
             // Reading the body answered the client's 100-continue already.
@@ -276,6 +270,30 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Reads a request body ahead (see [`read_ahead`]), or the answer refusing it.
+    async fn read_body(
+        &self,
+        body: Incoming,
+        version: Version,
+        deadline: tokio::time::Instant,
+    ) -> Result<RequestBody, Response<ProxyBody>> {
+        let read = read_ahead(
+            body,
+            self.config.request_buffer_bytes,
+            version == Version::HTTP_2,
+        );
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "request body refused");
+                Err(Refusal::BadBody.response(version))
+            }
+            Err(_) => Err(Refusal::BodyTimeout.response(version)),
+        }
+    }
+}
+
 /// Adds the headers the plugins set for the response (e.g. the rate limit's).
 fn with_headers(
     mut resp: Response<ProxyBody>,
@@ -298,23 +316,31 @@ struct Pass {
 
 /// Runs a request handler; if it panics, the client still gets the contract's answer (error
 /// 01, with a correlation id) instead of a dropped connection, and the panic is logged.
-pub async fn recover(handler: impl Future<Output = Response<ProxyBody>>) -> Response<ProxyBody> {
+///
+/// A combinator rather than an `async fn`: an `async fn` keeps its argument and the future it
+/// awaits side by side, which doubled the size of every request's state (and of every copy
+/// of it).
+pub fn recover(
+    handler: impl Future<Output = Response<ProxyBody>>,
+) -> impl Future<Output = Response<ProxyBody>> {
     use futures_util::FutureExt as _;
-    match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
-        Ok(resp) => resp,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let mut resp = ErrorCode::Unknown.response::<ProxyBody>();
-            let id = correlation_id();
-            tracing::error!(panic = %what, correlation_id = ?id, "request handler panicked; answered error 01");
-            resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
-            resp
-        }
-    }
+    std::panic::AssertUnwindSafe(handler)
+        .catch_unwind()
+        .map(|result| result.unwrap_or_else(panicked))
+}
+
+#[cold]
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Response<ProxyBody> {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    let mut resp = ErrorCode::Unknown.response::<ProxyBody>();
+    let id = correlation_id();
+    tracing::error!(panic = %what, correlation_id = ?id, "request handler panicked; answered error 01");
+    resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
+    resp
 }
 
 /// The request target sent upstream: `path[?query]`, the query exactly as the client sent it.
