@@ -202,6 +202,7 @@ impl Conn {
             _drained,
         } = self;
         let activity = Arc::new(Activity::new(drain));
+        let client = Arc::new(crate::server::Peer::new(peer));
         let service = {
             let activity = activity.clone();
             hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -210,9 +211,10 @@ impl Conn {
                 }
                 let in_flight = activity.begin();
                 let proxy = proxy.clone();
+                let client = client.clone();
                 let version = req.version();
                 async move {
-                    let mut resp = recover(proxy.handle(req, peer)).await;
+                    let mut resp = recover(proxy.handle(req, &client)).await;
                     in_flight.leave_if_draining(version, &mut resp);
                     // The request stays in flight until its response body is sent (or
                     // dropped), so a long download or stream is not "idle".

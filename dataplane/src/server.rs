@@ -65,6 +65,25 @@ impl Default for ServerConfig {
     }
 }
 
+/// The client end of a connection, with what every request on it forwards about it (made
+/// once per connection, not per request).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Its address.
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    /// The peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded_for: crate::headers::forwarded_for(addr.ip()),
+        }
+    }
+}
+
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
     /// The current routing table; `None` until the first snapshot is applied.
@@ -88,7 +107,7 @@ impl Proxy {
     }
 
     /// Handles one request. Never fails: every problem becomes a Kanali error response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let correlation_id = correlation_id();
         let mut resp = self.route(req, peer, &correlation_id).await;
         resp.headers_mut()
@@ -99,7 +118,7 @@ impl Proxy {
     async fn route(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         correlation_id: &HeaderValue,
     ) -> Response<ProxyBody> {
         // The guard is dropped before any await: in-flight requests keep what they computed,
@@ -187,7 +206,7 @@ impl Proxy {
     async fn proxy_pass(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         pass: Pass,
         correlation_id: &HeaderValue,
     ) -> Response<ProxyBody> {
@@ -208,14 +227,19 @@ impl Proxy {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
             None => parts.headers.get(header::HOST).cloned(),
         };
-        strip_hop_by_hop(&mut parts.headers);
         // Never forward an API key (v2 did the same): on routes with the apikey plugin the
         // plugin has removed its header already; this is for the others.
-        parts
-            .headers
-            .remove(&crate::filter::api_key::DEFAULT_HEADER);
+        strip_hop_by_hop(
+            &mut parts.headers,
+            Some(&crate::filter::api_key::DEFAULT_HEADER),
+        );
         let proto = crate::listener::forwarded_proto(&parts.extensions);
-        set_forwarded(&mut parts.headers, peer.ip(), proto, host.as_ref());
+        set_forwarded(
+            &mut parts.headers,
+            &peer.forwarded_for,
+            proto,
+            host.as_ref(),
+        );
         // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a
         // header (an HTTP/2 upstream gets it back as :authority). A client that named no
         // host at all (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
@@ -253,7 +277,7 @@ impl Proxy {
         match tokio::time::timeout_at(deadline, upstream.send(request)).await {
             Ok(Ok((resp, in_flight))) => {
                 let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+                strip_hop_by_hop(&mut parts.headers, None);
                 // An HTTP/2 upstream's response goes back in the client's protocol.
                 parts.version = Version::HTTP_11;
                 Response::from_parts(parts, ProxyBody::Upstream(body, in_flight))
