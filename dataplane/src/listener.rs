@@ -213,7 +213,10 @@ impl Conn {
                 let proxy = proxy.clone();
                 let client = client.clone();
                 let version = req.version();
-                async move {
+                // Boxed: hyper keeps the request's future inside the connection's, so unboxed
+                // every connection — idle ones too — would carry the largest request state
+                // (kilobytes) for as long as it lives. Boxed, that memory is a request's.
+                Box::pin(async move {
                     let mut resp = recover(proxy.handle(req, &client)).await;
                     in_flight.leave_if_draining(version, &mut resp);
                     // The request stays in flight until its response body is sent (or
@@ -222,7 +225,7 @@ impl Conn {
                         body,
                         _in_flight: in_flight,
                     }))
-                }
+                })
             })
         };
         let conn = builder.serve_connection(TokioIo::new(io), service);
