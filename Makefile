@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:
 #   make run    build and run Kanali on the bundled examples (controller + proxy on 127.0.0.1:8080)
 #   make test   the whole test suite, exactly what CI runs (.ci/run calls it)
-.PHONY: run test build crds bench fmt lint
+.PHONY: run test build crds bench fmt lint image test-node
 
 run:
 	./e2e/scripts/run-demo.sh
@@ -11,6 +11,19 @@ test:
 
 build:
 	cargo build --release --bins
+
+# Container images with Docker (Dockerfile), tagged with the workspace version the manifests
+# name. CI has no Docker: e2e/node/test-node.sh builds equivalent images with e2e/node/image.sh.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+REGISTRY ?= ghcr.io/kanali
+image:
+	for t in kanali-controller kanali-proxy kanali-echo; do \
+	  docker build --target $$t -t $(REGISTRY)/$$t:$(VERSION) . || exit 1; \
+	done
+
+# Only the node stage of `make test`: Kanali as pods on a single-node cluster (root).
+test-node:
+	./e2e/node/test-node.sh
 
 # Regenerate manifests/crds from the Rust types (a test fails when they drift).
 crds:

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use kanali_crds::ApiKey;
 use sha2::{Digest as _, Sha256};
 
-use crate::compile::api_key::Decrypted;
+use crate::compile::api_key::{Decrypted, Decryption};
 use crate::crypto::PrivateKey;
 
 /// Where the private key comes from.
@@ -52,8 +52,12 @@ pub const SECRET_KEY: &str = "key.pem";
 pub struct KeyVault {
     source: KeySource,
     key: Result<Arc<PrivateKey>, String>,
-    /// By revision `data` (trimmed).
-    digests: HashMap<String, Result<[u8; 32], String>>,
+    /// What compile gets: shared as it is as long as no revision comes or goes, so a
+    /// recompile costs no copy of a hundred thousand digests.
+    current: Arc<Decrypted>,
+    /// The (name, generation) fingerprint of the ApiKeys `current` was made from, when every
+    /// one had a generation (from the API server): equal next time means nothing to look at.
+    seen: Option<u64>,
     /// How many revisions this vault decrypted (for logs and tests).
     decrypted: u64,
 }
@@ -63,7 +67,7 @@ impl std::fmt::Debug for KeyVault {
         f.debug_struct("KeyVault")
             .field("source", &self.source)
             .field("key", &self.key.as_ref().map(|k| k.fingerprint()))
-            .field("cached", &self.digests.len())
+            .field("cached", &self.current.digests.len())
             .finish()
     }
 }
@@ -78,7 +82,8 @@ impl KeyVault {
         KeyVault {
             source,
             key,
-            digests: HashMap::new(),
+            current: Arc::default(),
+            seen: None,
             decrypted: 0,
         }
     }
@@ -112,48 +117,69 @@ impl KeyVault {
             Err(error) => tracing::error!(%error, "no usable decryption key"),
         }
         self.key = key;
-        self.digests.clear();
+        self.current = Arc::default();
+        self.seen = None;
         true
     }
 
     /// The digests of every revision of `keys`, decrypting those not seen before (on all
     /// cores) and forgetting those no longer there.
-    pub fn decrypt(&mut self, keys: &[ApiKey]) -> Decrypted {
+    pub fn decrypt(&mut self, keys: &[ApiKey]) -> Arc<Decrypted> {
         let key = match &self.key {
             Ok(key) => key.clone(),
             Err(why) => {
-                return Decrypted {
+                return Arc::new(Decrypted {
                     no_key: Some(why.clone()),
                     digests: HashMap::new(),
-                };
+                });
             }
         };
-        let wanted: Vec<&str> = keys
+        // A generation changes with every spec edit: hashing names and generations is much
+        // cheaper than hashing every revision's data.
+        let fingerprint = generations(keys);
+        if fingerprint.is_some() && fingerprint == self.seen {
+            return self.current.clone();
+        }
+        let mut live = 0usize;
+        let mut new: Vec<&str> = Vec::new();
+        let mut seen_new = std::collections::HashSet::new();
+        for data in keys
             .iter()
             .flat_map(|k| k.spec.revisions.iter().map(|r| r.data.trim()))
             .filter(|d| !d.is_empty())
-            .collect();
-        let new: Vec<&str> = {
-            let mut seen = std::collections::HashSet::new();
-            wanted
-                .iter()
-                .copied()
-                .filter(|d| !self.digests.contains_key(*d) && seen.insert(*d))
-                .collect()
-        };
+        {
+            if self.current.digests.contains_key(data) {
+                live += 1;
+            } else if seen_new.insert(data) {
+                new.push(data);
+            }
+        }
+        // `live` counts repeats too: only the exact count proves nothing went away.
+        if new.is_empty() && live == self.current.digests.len() {
+            self.seen = fingerprint;
+            return self.current.clone();
+        }
+        let mut digests = self.current.digests.clone();
         if !new.is_empty() {
             let started = std::time::Instant::now();
             let results = decrypt_all(&key, &new);
             self.decrypted += results.len() as u64;
             tracing::info!(revisions = results.len(), elapsed = ?started.elapsed(), "decrypted ApiKey revisions");
-            self.digests.extend(results);
+            digests.extend(results);
         }
-        let live: std::collections::HashSet<&str> = wanted.into_iter().collect();
-        self.digests.retain(|data, _| live.contains(data.as_str()));
-        Decrypted {
+        if live + new.len() != digests.len() {
+            let present: std::collections::HashSet<&str> = keys
+                .iter()
+                .flat_map(|k| k.spec.revisions.iter().map(|r| r.data.trim()))
+                .collect();
+            digests.retain(|data, _| present.contains(&**data));
+        }
+        self.current = Arc::new(Decrypted {
             no_key: None,
-            digests: self.digests.clone(),
-        }
+            digests,
+        });
+        self.seen = fingerprint;
+        self.current.clone()
     }
 
     /// How many revisions were decrypted so far (not counting cache hits).
@@ -172,13 +198,15 @@ pub fn lock(vault: &SharedVault) -> std::sync::MutexGuard<'_, KeyVault> {
 
 /// The digests for `keys`, decrypting new revisions on blocking threads (at start-up with many
 /// thousands of keys that takes a while, and must not stall the runtime).
-pub async fn decrypt(vault: &SharedVault, keys: Vec<ApiKey>) -> Decrypted {
+pub async fn decrypt(vault: &SharedVault, keys: Vec<ApiKey>) -> Arc<Decrypted> {
     let vault = vault.clone();
     tokio::task::spawn_blocking(move || lock(&vault).decrypt(&keys))
         .await
-        .unwrap_or_else(|e| Decrypted {
-            no_key: Some(format!("decryption failed: {e}")),
-            digests: HashMap::new(),
+        .unwrap_or_else(|e| {
+            Arc::new(Decrypted {
+                no_key: Some(format!("decryption failed: {e}")),
+                digests: HashMap::new(),
+            })
         })
 }
 
@@ -289,8 +317,20 @@ pub async fn watch_secret(
     }
 }
 
+/// A hash of every ApiKey's name and generation, or `None` when one has no generation (files).
+fn generations(keys: &[ApiKey]) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    keys.len().hash(&mut h);
+    for k in keys {
+        k.metadata.name.hash(&mut h);
+        k.metadata.generation?.hash(&mut h);
+    }
+    Some(h.finish())
+}
+
 /// Decrypts `data` with `key`, split over the available cores.
-fn decrypt_all(key: &PrivateKey, data: &[&str]) -> Vec<(String, Result<[u8; 32], String>)> {
+fn decrypt_all(key: &PrivateKey, data: &[&str]) -> Vec<(Arc<str>, Decryption)> {
     let threads = std::thread::available_parallelism()
         .map(usize::from)
         .unwrap_or(1)
@@ -302,7 +342,7 @@ fn decrypt_all(key: &PrivateKey, data: &[&str]) -> Vec<(String, Result<[u8; 32],
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .map(|d| ((*d).to_owned(), digest(key, d)))
+                        .map(|d| (Arc::from(*d), Decryption::new(d, digest(key, d))))
                         .collect::<Vec<_>>()
                 })
             })
@@ -352,24 +392,46 @@ mod tests {
         let b = public.encrypt(b"bravo").unwrap();
         let mut vault = KeyVault::new(KeySource::File("k.pem".into()));
         let no_key = vault.decrypt(&[key_with("a", &[&a])]);
-        assert!(no_key.no_key.unwrap().contains("has not been read yet"));
+        assert!(
+            no_key
+                .no_key
+                .clone()
+                .unwrap()
+                .contains("has not been read yet")
+        );
 
         assert!(vault.set_key(Ok(pem.as_bytes())));
         assert!(!vault.set_key(Ok(pem.as_bytes())), "the same key again");
         let got = vault.decrypt(&[key_with("a", &[&a, "bm90IGhleA=="])]);
-        assert_eq!(got.digests[&a], Ok(Sha256::digest(b"alpha").into()));
-        assert!(got.digests["bm90IGhleA=="].is_err());
+        assert_eq!(
+            got.digests[a.as_str()].digest,
+            Ok(Sha256::digest(b"alpha").into())
+        );
+        assert!(got.digests["bm90IGhleA=="].digest.is_err());
         assert_eq!(vault.decrypted(), 2);
         // One key changed: only its new revision is decrypted; a's is cached.
         let got = vault.decrypt(&[key_with("a", &[&a]), key_with("b", &[&b])]);
         assert_eq!(vault.decrypted(), 3);
         assert_eq!(got.digests.len(), 2, "the gone revision is forgotten");
+        // Nothing changed: the same digests, not a copy.
+        let again = vault.decrypt(&[key_with("b", &[&b]), key_with("a", &[&a])]);
+        assert!(Arc::ptr_eq(&got, &again));
 
         let other = crate::crypto::generate_keypair(2048).unwrap();
         assert!(vault.set_key(Ok(other.to_pkcs8_pem().unwrap().as_bytes())));
         let got = vault.decrypt(&[key_with("a", &[&a])]);
-        assert!(got.digests[&a].is_err(), "another key cannot decrypt it");
+        assert!(
+            got.digests[a.as_str()].digest.is_err(),
+            "another key cannot decrypt it"
+        );
         assert!(vault.set_key(Ok(b"not a key")));
-        assert!(vault.decrypt(&[]).no_key.unwrap().contains("unusable"));
+        assert!(
+            vault
+                .decrypt(&[])
+                .no_key
+                .clone()
+                .unwrap()
+                .contains("unusable")
+        );
     }
 }

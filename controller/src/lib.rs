@@ -113,8 +113,7 @@ impl Controller {
 
 /// Decrypts what is new, then compiles and publishes.
 async fn decrypt_and_publish(shared: &Shared, vault: &keys::SharedVault, mut scan: Scan) {
-    let decrypted = keys::decrypt(vault, scan.objects.api_keys.clone()).await;
-    scan.objects.decrypted = Arc::new(decrypted);
+    scan.objects.decrypted = keys::decrypt(vault, scan.objects.api_keys.clone()).await;
     publish(shared, scan);
 }
 

@@ -111,7 +111,7 @@ fn fingerprints(compiled: &Compiled) -> Fingerprints {
             // DefaultHasher::new() has fixed keys: equal inputs hash equally within a process,
             // which is all the history needs.
             let mut h = std::hash::DefaultHasher::new();
-            serde_json::to_string(d).unwrap_or_default().hash(&mut h);
+            d.hash(&mut h);
             if d.object.kind == crate::compile::Kind::ApiProxy {
                 let key = (
                     d.object.namespace.as_deref().unwrap_or_default(),

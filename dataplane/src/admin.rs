@@ -1,5 +1,7 @@
 //! The proxy's admin port: `/healthz` (the process is up) and `/readyz` (a snapshot has been
 //! applied, so traffic can be sent here), plus `/version` (the snapshot being served).
+//! Once the proxy drains ([`crate::shutdown`]) `/readyz` fails while `/healthz` still
+//! answers: a terminating proxy is not ready, but it is alive and must not be restarted.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,12 +14,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::shutdown::DrainSignal;
 use crate::table::RouteTable;
 
-/// Serves the admin endpoints until `shutdown` turns true.
+/// Serves the admin endpoints until `shutdown` turns true; `/readyz` fails once `drain` fires.
 pub async fn serve(
     listener: TcpListener,
     tables: Arc<ArcSwapOption<RouteTable>>,
+    drain: DrainSignal,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -32,12 +36,17 @@ pub async fn serve(
             () = crate::stopped(&mut shutdown) => return,
         };
         let tables = tables.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let version = tables.load().as_ref().map(|t| t.version.clone());
                     let resp = match (req.uri().path(), version) {
                         ("/healthz", _) => text(StatusCode::OK, "ok\n".to_owned()),
+                        ("/readyz", _) if drain.is_draining() => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "shutting down\n".to_owned(),
+                        ),
                         ("/readyz", Some(_)) => text(StatusCode::OK, "ok\n".to_owned()),
                         ("/readyz", None) => text(
                             StatusCode::SERVICE_UNAVAILABLE,

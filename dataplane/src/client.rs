@@ -69,6 +69,8 @@ enum StreamError {
     Closed,
     #[error("out of sync with the controller")]
     OutOfSync,
+    #[error("applying an update failed: {0}")]
+    Apply(String),
 }
 
 /// Runs until `shutdown` turns true.
@@ -268,7 +270,14 @@ async fn subscribe(
             Some(snapshot) => ctx.plugins.prepare(snapshot).await,
             None => Vec::new(),
         };
-        let (answer, in_sync) = apply(update, &commit, ctx);
+        // Building a table of thousands of routes takes milliseconds; on a worker thread that
+        // would stall every request it serves. A blocking thread builds it; the swap is atomic.
+        let (answer, in_sync) = {
+            let ctx = ctx.clone();
+            tokio::task::spawn_blocking(move || apply(update, &commit, &ctx))
+                .await
+                .map_err(|e| StreamError::Apply(e.to_string()))?
+        };
         send(answer).await?;
         if !in_sync {
             // Resubscribing says what this proxy holds, and the controller sends the rest.
@@ -307,6 +316,7 @@ pub fn apply(
     ctx: &Context,
 ) -> (pb::proxy_message::Message, bool) {
     use pb::proxy_message::Message;
+    let started = std::time::Instant::now();
     let version = commit.version.clone();
     let nack = |errors: Vec<pb::ResourceError>| {
         tracing::error!(%version, ?errors, "rejected an update; keeping the previous configuration");
@@ -400,6 +410,7 @@ pub fn apply(
     let keys = credentials.len();
     let routes = table.router.len();
     let problems = table.problems();
+    let apply_ms = started.elapsed().as_secs_f64() * 1e3;
     let endpoints_only = current
         .as_ref()
         .is_some_and(|c| Arc::ptr_eq(&c.router, &table.router));
@@ -409,7 +420,7 @@ pub fn apply(
     // Limiters no credential refers to any more go (after in-flight requests drop theirs).
     drop(old);
     ctx.limits.prune();
-    tracing::info!(%version, routes, keys, endpoints_only, problems = problems.len(), "applied update");
+    tracing::info!(%version, routes, keys, endpoints_only, problems = problems.len(), apply_ms, "applied update");
     (Message::Ack(pb::Ack { version, problems }), true)
 }
 

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones): they describe one connection and
-/// must not be forwarded.
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// must not be forwarded. `Upgrade` too: upgrades are not proxied.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -15,32 +15,61 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers and every header the `Connection` header names. `Upgrade` goes
-/// too: upgrades are not proxied.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the few headers present, instead of a hashed removal for each of the nine
-    // names: most requests carry none of them. A `Connection` header is one of them, so the
-    // headers it names are never skipped.
-    let hop = |name: &HeaderName| name == header::UPGRADE || HOP_BY_HOP.contains(name);
-    if !headers.keys().any(hop) {
+/// Which of [`HOP_BY_HOP`] `name` is (its bit), if any; `extra` gets bit 9.
+fn hop_bit(name: &HeaderName, extra: Option<&HeaderName>) -> u16 {
+    // Comparing names is cheap (standard headers compare as enum tags), and most requests
+    // carry a handful of headers: one pass over them decides what to do.
+    match HOP_BY_HOP.iter().position(|h| h == name) {
+        Some(i) => 1 << i,
+        None if extra == Some(name) => 1 << HOP_BY_HOP.len(),
+        None => 0,
+    }
+}
+
+/// Removes hop-by-hop headers and every header the `Connection` header names (and `extra`,
+/// if given: a header the proxy never forwards). One pass finds which are present; only
+/// those are removed, and the common `Connection: keep-alive` / `close` costs no allocation.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, extra: Option<&HeaderName>) {
+    let present = headers
+        .keys()
+        .fold(0u16, |acc, name| acc | hop_bit(name, extra));
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // The list is removed anyway, and `close` names no header.
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::UPGRADE);
+    if let Some(extra) = extra
+        && present & (1 << HOP_BY_HOP.len()) != 0
+    {
+        headers.remove(extra);
+    }
 }
 
 /// Name of the forwarded-for header.
@@ -52,27 +81,40 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// Correlation id on every response (and forwarded upstream).
 pub static X_KANALI_CORRELATION_ID: HeaderName = HeaderName::from_static("x-kanali-correlation-id");
 
-/// Sets the `X-Forwarded-*` headers: the client address is appended to any existing chain
-/// (folded into one header); proto and host describe what this proxy saw and replace any
-/// client-supplied value, which could not be trusted.
+/// The client's address as an `X-Forwarded-For` value, made once per connection.
+pub fn forwarded_for(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Sets the `X-Forwarded-*` headers: the client address (`client`, from [`forwarded_for`]) is
+/// appended to any existing chain (folded into one header); proto and host describe what
+/// this proxy saw and replace any client-supplied value, which could not be trusted.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let mut chain = String::new();
-    for v in headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        chain.push_str(v);
-        chain.push_str(", ");
-    }
-    chain.push_str(&client.to_string());
-    if let Ok(v) = HeaderValue::from_str(&chain) {
-        headers.insert(&X_FORWARDED_FOR, v);
+    // Most requests come without a chain: the connection's value as it is, no allocation.
+    match headers.get(&X_FORWARDED_FOR) {
+        None => {
+            headers.insert(&X_FORWARDED_FOR, client.clone());
+        }
+        Some(_) => {
+            let mut chain = String::new();
+            for v in headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+            {
+                chain.push_str(v);
+                chain.push_str(", ");
+            }
+            chain.push_str(client.to_str().unwrap_or("-"));
+            if let Ok(v) = HeaderValue::from_str(&chain) {
+                headers.insert(&X_FORWARDED_FOR, v);
+            }
+        }
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
@@ -104,9 +146,18 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
+        h.insert("apikey", HeaderValue::from_static("secret"));
+        let apikey = HeaderName::from_static("apikey");
+        strip_hop_by_hop(&mut h, Some(&apikey));
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+        // Nothing to strip: nothing touched; `close` names no header.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("close", HeaderValue::from_static("kept"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, Some(&apikey));
+        assert_eq!(h.len(), 2);
     }
 
     #[test]
@@ -115,9 +166,10 @@ mod tests {
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        let client = forwarded_for("127.0.0.1".parse().unwrap());
         set_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &client,
             "http",
             Some(&HeaderValue::from_static("api.example.org")),
         );
@@ -125,5 +177,8 @@ mod tests {
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "api.example.org");
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, &client, "https", None);
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
     }
 }

@@ -9,6 +9,7 @@
 //! optionally TLS with a certificate from [`server_tls`], reloaded when its files change.
 //! A route's plugins ([`filter`]) run before its backend and, for custom plugins (WebAssembly
 //! modules from `--plugins-dir`, [`filter::wasm`]), on its bodies and responses too.
+//! [`shutdown`] takes a proxy out of service without losing requests.
 
 pub mod admin;
 pub mod balance;
@@ -26,6 +27,7 @@ pub mod request;
 pub mod router;
 pub mod server;
 pub mod server_tls;
+pub mod shutdown;
 pub mod table;
 pub mod upstream;
 pub mod upstream_tls;
@@ -38,6 +40,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use shutdown::{Drain, ShutdownConfig};
 use table::RouteTable;
 
 /// Everything needed to start a proxy.
@@ -96,7 +99,13 @@ pub struct RunningProxy {
     pub admin_addr: SocketAddr,
     /// The table being served (None until the first snapshot).
     pub tables: Arc<ArcSwapOption<RouteTable>>,
+    /// Phase 1 of [`shutdown`]: readiness fails, connections are asked to go.
+    drain: Drain,
+    /// Phase 2: the listeners close and drain.
     shutdown: watch::Sender<bool>,
+    /// Phase 3: the admin port, the subscription and the certificate reload end.
+    exit: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -106,9 +115,37 @@ impl RunningProxy {
         self.tables.load().as_ref().map(|t| t.version.clone())
     }
 
-    /// Stops accepting, lets in-flight requests finish, and ends the subscription.
+    /// Stops accepting at once, lets in-flight requests finish, and ends the subscription:
+    /// [`RunningProxy::shutdown_gracefully`] with [`ShutdownConfig::IMMEDIATE`].
     pub async fn shutdown(self) {
+        self.shutdown_gracefully(ShutdownConfig::IMMEDIATE).await
+    }
+
+    /// Leaves service without losing requests (see [`shutdown`]): readiness fails and
+    /// connections are asked to go while the listeners keep accepting for `config.delay`;
+    /// then the listeners close and in-flight requests get `config.drain_timeout` to finish.
+    /// Connections still open after that are left to the runtime's end.
+    pub async fn shutdown_gracefully(self, config: ShutdownConfig) {
+        self.drain.start();
+        if !config.delay.is_zero() {
+            tracing::info!(delay = ?config.delay, "draining: not ready, still accepting while load balancers catch up");
+            tokio::time::sleep(config.delay).await;
+        }
         let _ = self.shutdown.send(true);
+        let aborts: Vec<_> = self
+            .listeners
+            .iter()
+            .map(JoinHandle::abort_handle)
+            .collect();
+        let drained = futures_util::future::join_all(self.listeners);
+        if tokio::time::timeout(config.drain_timeout, drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(drain_timeout = ?config.drain_timeout, "requests still in flight after the drain timeout; leaving them");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+        }
+        let _ = self.exit.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
@@ -135,7 +172,9 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         source,
     })?;
 
+    let (drain, draining) = Drain::new();
     let (shutdown, rx) = watch::channel(false);
+    let (exit, exit_rx) = watch::channel(false);
     // Files are loaded before anything starts, so a bad certificate fails start-up.
     let https = match &config.server.tls {
         None => None,
@@ -146,7 +185,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
                 addr: tls.listen,
                 source,
             })?;
-            let (server_tls, reload) = server_tls::start(tls.clone(), rx.clone())?;
+            let (server_tls, reload) = server_tls::start(tls.clone(), exit_rx.clone())?;
             Some((listener, addr, server_tls, reload))
         }
     };
@@ -162,17 +201,26 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         config.server,
         usage.clone(),
     ));
-    let mut https_tasks = Vec::new();
-    if let Some((listener, _, server_tls, reload)) = https {
-        let serve = server::serve(listener, Some(server_tls), proxy.clone(), rx.clone());
-        https_tasks.push(tokio::spawn(serve));
-        https_tasks.push(tokio::spawn(reload));
-    }
+    let serve = |listener, tls| {
+        let drain = draining.clone();
+        tokio::spawn(server::serve(
+            listener,
+            tls,
+            proxy.clone(),
+            drain,
+            rx.clone(),
+        ))
+    };
+    let mut listeners = vec![serve(listener, None)];
     let mut tasks = vec![
-        tokio::spawn(server::serve(listener, None, proxy, rx.clone())),
-        tokio::spawn(admin::serve(admin, tables.clone(), rx.clone())),
-        tokio::spawn(limits.clone().run(rx.clone())),
-        tokio::spawn(plugins.clone().watch(rx.clone())),
+        tokio::spawn(admin::serve(
+            admin,
+            tables.clone(),
+            draining.clone(),
+            exit_rx.clone(),
+        )),
+        tokio::spawn(limits.clone().run(exit_rx.clone())),
+        tokio::spawn(plugins.clone().watch(exit_rx.clone())),
         tokio::spawn(client::run(
             config.client,
             client::Context {
@@ -182,17 +230,23 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
                 usage,
                 plugins,
             },
-            rx,
+            exit_rx,
         )),
     ];
-    tasks.extend(https_tasks);
+    if let Some((listener, _, server_tls, reload)) = https {
+        listeners.push(serve(listener, Some(server_tls)));
+        tasks.push(tokio::spawn(reload));
+    }
     tracing::info!(%addr, ?tls_addr, %admin_addr, "proxy listening");
     Ok(RunningProxy {
         addr,
         tls_addr,
         admin_addr,
         tables,
+        drain,
         shutdown,
+        exit,
+        listeners,
         tasks,
     })
 }

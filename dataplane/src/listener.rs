@@ -12,7 +12,10 @@
 //! - a connection with no request in flight for `idle_timeout` is closed gracefully (HTTP/2:
 //!   GOAWAY). For HTTP/1.1 hyper already closes a keep-alive connection whose next request
 //!   head does not arrive within `header_read_timeout` (its timer restarts as soon as a
-//!   response is done), so there the effective idle limit is the smaller of the two.
+//!   response is done), so there the effective idle limit is the smaller of the two;
+//! - once the proxy drains ([`crate::shutdown`]), the connection is asked to go after its next
+//!   response: HTTP/1.x responses carry `Connection: close`, and an HTTP/2 connection sends
+//!   GOAWAY (its requests in flight finish). New connections are still accepted meanwhile.
 //!
 //! The bookkeeping per request is a few atomic operations and clock reads; no locks.
 
@@ -24,18 +27,20 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Extensions, Request};
+use http::header::{CONNECTION, HeaderValue};
+use http::{Extensions, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::server::{Proxy, ServerConfig, recover};
 use crate::server_tls::ServerTls;
+use crate::shutdown::DrainSignal;
 
 /// Marks a request that arrived over TLS: present in the extensions of every request the
 /// HTTPS listener serves, absent on the cleartext listener (absent costs nothing per request;
@@ -56,16 +61,15 @@ pub fn forwarded_proto(extensions: &Extensions) -> &'static str {
     }
 }
 
-/// How long to wait for open connections to finish after shutdown starts.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Accepts connections until `shutdown` turns true, then lets open connections finish their
-/// current requests (at most [`DRAIN_TIMEOUT`]).
+/// current requests (the caller bounds how long: see [`crate::RunningProxy::shutdown_gracefully`]).
+/// From when `drain` fires, connections are asked to close after their next response.
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<ServerTls>,
     proxy: Arc<Proxy>,
     config: &ServerConfig,
+    drain: DrainSignal,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builder = Arc::new(builder(config));
@@ -76,7 +80,7 @@ pub(crate) async fn serve(
     // Every connection task holds a receiver; `closed()` resolves when the last one is gone.
     // (hyper-util's GracefulShutdown does the same, but only for hyper's own connection types,
     // and the idle timeout needs to trigger the graceful close itself.)
-    let (drain, _) = watch::channel(());
+    let (drained, _) = watch::channel(());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -96,8 +100,9 @@ pub(crate) async fn serve(
             proxy: proxy.clone(),
             builder: builder.clone(),
             limits,
+            drain: drain.clone(),
             shutdown: shutdown.clone(),
-            _drain: drain.subscribe(),
+            _drained: drained.subscribe(),
         };
         match &tls {
             None => {
@@ -112,12 +117,7 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain.closed())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 30 s; closing them");
-    }
+    drained.closed().await;
 }
 
 fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
@@ -152,9 +152,10 @@ struct Conn {
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: Limits,
+    drain: DrainSignal,
     shutdown: watch::Receiver<bool>,
     /// Held until the connection is done, so shutdown can wait for it.
-    _drain: watch::Receiver<()>,
+    _drained: watch::Receiver<()>,
 }
 
 impl Conn {
@@ -196,10 +197,12 @@ impl Conn {
             proxy,
             builder,
             limits,
+            drain,
             mut shutdown,
-            _drain,
+            _drained,
         } = self;
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(drain));
+        let client = Arc::new(crate::server::Peer::new(peer));
         let service = {
             let activity = activity.clone();
             hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -208,15 +211,21 @@ impl Conn {
                 }
                 let in_flight = activity.begin();
                 let proxy = proxy.clone();
-                async move {
-                    let resp = recover(proxy.handle(req, peer)).await;
+                let client = client.clone();
+                let version = req.version();
+                // Boxed: hyper keeps the request's future inside the connection's, so unboxed
+                // every connection — idle ones too — would carry the largest request state
+                // (kilobytes) for as long as it lives. Boxed, that memory is a request's.
+                Box::pin(async move {
+                    let mut resp = recover(proxy.handle(req, &client)).await;
+                    in_flight.leave_if_draining(version, &mut resp);
                     // The request stays in flight until its response body is sent (or
                     // dropped), so a long download or stream is not "idle".
                     Ok::<_, Infallible>(resp.map(|body| Tracked {
                         body,
                         _in_flight: in_flight,
                     }))
-                }
+                })
             })
         };
         let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -238,6 +247,15 @@ impl Conn {
                 }
                 () = crate::stopped(&mut shutdown), if !closing => {
                     closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                // An HTTP/2 request was answered while draining: GOAWAY (new streams go to a
+                // new connection, which the balancer sends elsewhere once it caught up).
+                () = activity.goaway.notified(), if !closing => {
+                    tracing::debug!(%peer, "draining: sending GOAWAY");
+                    closing = true;
+                    forcing = true;
+                    force.as_mut().reset(Instant::now() + limits.header_read_timeout);
                     conn.as_mut().graceful_shutdown();
                 }
                 reason = &mut idle, if !closing => {
@@ -288,14 +306,20 @@ struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds after `base`; `u64::MAX` until the first request.
     last_ms: AtomicU64,
+    /// Whether the proxy is draining, checked as each response leaves.
+    drain: DrainSignal,
+    /// Asks the connection task for a GOAWAY (HTTP/2 only).
+    goaway: Notify,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(drain: DrainSignal) -> Activity {
         Activity {
             base: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(u64::MAX),
+            drain,
+            goaway: Notify::new(),
         }
     }
 
@@ -329,6 +353,23 @@ impl Activity {
 
 /// One request in flight; ends when dropped.
 struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// While the proxy drains, asks the client to take its next request elsewhere: an
+    /// HTTP/1.x response says `Connection: close` (hyper then closes the connection after
+    /// it), an HTTP/2 one makes its connection send GOAWAY. One atomic load otherwise.
+    fn leave_if_draining<B>(&self, version: Version, resp: &mut Response<B>) {
+        if !self.0.drain.is_draining() {
+            return;
+        }
+        if version == Version::HTTP_2 {
+            self.0.goaway.notify_one();
+        } else {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -377,7 +418,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_a_request_is_closed_after_the_header_read_timeout() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(DrainSignal::never()));
         let start = Instant::now();
         let reason = idle(&activity, limits()).await;
         assert_eq!(reason, "no request within the header read timeout");
@@ -386,7 +427,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_end_of_the_last_request() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(DrainSignal::never()));
         let start = Instant::now();
         let watcher = tokio::spawn({
             let activity = activity.clone();

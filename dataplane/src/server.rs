@@ -67,6 +67,25 @@ impl Default for ServerConfig {
     }
 }
 
+/// The client end of a connection, with what every request on it forwards about it (made
+/// once per connection, not per request).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Its address.
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    /// The peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded_for: crate::headers::forwarded_for(addr.ip()),
+        }
+    }
+}
+
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
     /// The current routing table; `None` until the first snapshot is applied.
@@ -90,7 +109,7 @@ impl Proxy {
     }
 
     /// Handles one request. Never fails: every problem becomes a Kanali error response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let correlation_id = correlation_id();
         let mut resp = self.route(req, peer, &correlation_id).await;
         resp.headers_mut()
@@ -101,7 +120,7 @@ impl Proxy {
     async fn route(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         correlation_id: &HeaderValue,
     ) -> Response<ProxyBody> {
         // The guard is dropped before any await: in-flight requests keep what they computed,
@@ -132,7 +151,7 @@ impl Proxy {
                     upstream_path: &target,
                     uri: &parts.uri,
                     host: &host,
-                    peer,
+                    peer: peer.addr,
                     version: parts.version,
                     https: crate::listener::forwarded_proto(&parts.extensions) == "https",
                     correlation_id,
@@ -206,7 +225,7 @@ impl Proxy {
     async fn proxy_pass(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         pass: Pass,
         correlation_id: &HeaderValue,
         wasm: Option<&mut Exchange>,
@@ -228,14 +247,19 @@ impl Proxy {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
             None => parts.headers.get(header::HOST).cloned(),
         };
-        strip_hop_by_hop(&mut parts.headers);
         // Never forward an API key (v2 did the same): on routes with the apikey plugin the
         // plugin has removed its header already; this is for the others.
-        parts
-            .headers
-            .remove(&crate::filter::api_key::DEFAULT_HEADER);
+        strip_hop_by_hop(
+            &mut parts.headers,
+            Some(&crate::filter::api_key::DEFAULT_HEADER),
+        );
         let proto = crate::listener::forwarded_proto(&parts.extensions);
-        set_forwarded(&mut parts.headers, peer.ip(), proto, host.as_ref());
+        set_forwarded(
+            &mut parts.headers,
+            &peer.forwarded_for,
+            proto,
+            host.as_ref(),
+        );
         // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a
         // header (an HTTP/2 upstream gets it back as :authority). A client that named no
         // host at all (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
@@ -254,21 +278,15 @@ impl Proxy {
         parts.version = Version::HTTP_11;
 
         // Read ahead, so a malformed or truncated body is refused before anything is sent.
-        let read = tokio::time::timeout_at(
-            deadline,
-            read_ahead(
-                body,
-                self.config.request_buffer_bytes,
-                version == Version::HTTP_2,
-            ),
-        );
-        let body = match read.await {
-            Ok(Ok(body)) => body,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "request body refused");
-                return Refusal::BadBody.response(version);
+        // Most requests have no body: only those that do pay for (and carry the state of)
+        // reading it, boxed so it does not enlarge every request's future.
+        let body = if http_body::Body::is_end_stream(&body) {
+            RequestBody::Streamed(body)
+        } else {
+            match Box::pin(self.read_body(body, version, deadline)).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
             }
-            Err(_) => return Refusal::BodyTimeout.response(version),
         };
         if matches!(body, RequestBody::ReadAhead { .. }) {
             // Reading the body answered the client's 100-continue already.
@@ -286,7 +304,7 @@ impl Proxy {
         match tokio::time::timeout_at(deadline, upstream.send(request)).await {
             Ok(Ok((resp, in_flight))) => {
                 let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+                strip_hop_by_hop(&mut parts.headers, None);
                 // An HTTP/2 upstream's response goes back in the client's protocol.
                 parts.version = Version::HTTP_11;
                 Response::from_parts(parts, ProxyBody::Upstream(body, in_flight))
@@ -303,6 +321,30 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Reads a request body ahead (see [`read_ahead`]), or the answer refusing it.
+    async fn read_body(
+        &self,
+        body: Incoming,
+        version: Version,
+        deadline: tokio::time::Instant,
+    ) -> Result<RequestBody, Response<ProxyBody>> {
+        let read = read_ahead(
+            body,
+            self.config.request_buffer_bytes,
+            version == Version::HTTP_2,
+        );
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "request body refused");
+                Err(Refusal::BadBody.response(version))
+            }
+            Err(_) => Err(Refusal::BodyTimeout.response(version)),
+        }
+    }
+}
+
 /// Where a proxied request goes, decided while the table guard was held.
 struct Pass {
     upstream: Upstream,
@@ -314,23 +356,31 @@ struct Pass {
 
 /// Runs a request handler; if it panics, the client still gets the contract's answer (error
 /// 01, with a correlation id) instead of a dropped connection, and the panic is logged.
-pub async fn recover(handler: impl Future<Output = Response<ProxyBody>>) -> Response<ProxyBody> {
+///
+/// A combinator rather than an `async fn`: an `async fn` keeps its argument and the future it
+/// awaits side by side, which doubled the size of every request's state (and of every copy
+/// of it).
+pub fn recover(
+    handler: impl Future<Output = Response<ProxyBody>>,
+) -> impl Future<Output = Response<ProxyBody>> {
     use futures_util::FutureExt as _;
-    match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
-        Ok(resp) => resp,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let mut resp = ErrorCode::Unknown.response::<ProxyBody>();
-            let id = correlation_id();
-            tracing::error!(panic = %what, correlation_id = ?id, "request handler panicked; answered error 01");
-            resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
-            resp
-        }
-    }
+    std::panic::AssertUnwindSafe(handler)
+        .catch_unwind()
+        .map(|result| result.unwrap_or_else(panicked))
+}
+
+#[cold]
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Response<ProxyBody> {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    let mut resp = ErrorCode::Unknown.response::<ProxyBody>();
+    let id = correlation_id();
+    tracing::error!(panic = %what, correlation_id = ?id, "request handler panicked; answered error 01");
+    resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
+    resp
 }
 
 /// The request target sent upstream: `path[?query]`, the query exactly as the client sent it.
@@ -360,15 +410,17 @@ fn correlation_id() -> HeaderValue {
 /// Accepts connections until `shutdown` turns true, then lets open connections finish their
 /// current requests. With `tls`, every connection is a TLS handshake first (with the
 /// certificate current when it was accepted), and its requests carry a
-/// [`crate::listener::TlsConnection`] extension.
+/// [`crate::listener::TlsConnection`] extension. Once `drain` fires, connections are asked
+/// to close (see [`crate::shutdown`]) while new ones are still accepted.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<crate::server_tls::ServerTls>,
     proxy: Arc<Proxy>,
+    drain: crate::shutdown::DrainSignal,
     shutdown: watch::Receiver<bool>,
 ) {
     let config = proxy.config.clone();
-    crate::listener::serve(listener, tls, proxy, &config, shutdown).await;
+    crate::listener::serve(listener, tls, proxy, &config, drain, shutdown).await;
 }
 
 #[cfg(test)]

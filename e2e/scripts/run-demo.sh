@@ -23,7 +23,8 @@ trap 'exit 0' INT TERM
 # The demo key pair (manifests/examples/apikey.yaml explains it): never use it for real keys.
 "$bin/kanali-controller" --manifests "$EXAMPLES" --grpc-listen "$GRPC" --admin-listen "$ADMIN" \
   --decryption-key-file "$EXAMPLES/demo-decryption-key.pem" & pids+=($!)
-"$bin/kanali-proxy" --controller "http://$GRPC" --listen "$PROXY" --admin-listen "$PROXY_ADMIN" & pids+=($!)
+# No load balancer sends the demo traffic: stop at once instead of the 5 s drain delay.
+"$bin/kanali-proxy" --controller "http://$GRPC" --listen "$PROXY" --admin-listen "$PROXY_ADMIN" --shutdown-delay-secs 0 & pids+=($!)
 
 ready=0
 for _ in $(seq 100); do

@@ -4,8 +4,11 @@
 # Kubernetes API server (built once from Debian's sources and cached, then started here).
 # `make test` and CI (.ci/run) run this.
 #
+# Last, the node stage: Kanali as pods on a real single-node cluster (e2e/node/test-node.sh).
+#
 # Env: KANALI_E2E_KUBECONFIG=path uses an API server you already run (kind, or e2e/k8s/start.sh);
-#      SKIP_K8S=1 runs everything but the API-server suite (its tests then skip, loudly).
+#      SKIP_K8S=1 runs everything but the API-server suite (its tests then skip, loudly);
+#      SKIP_NODE=1 leaves out the node stage (it needs root and ~3 min warm, ~10 cold).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 step() { printf '\n== %s\n' "$*"; }
@@ -38,4 +41,14 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
+fi
+
+# The node runs its own API server: stop the suite's first (ports differ, but memory and CPU
+# are better spent on the node).
+if [ -n "${k8s:-}" ]; then ./e2e/k8s/stop.sh "$k8s" >/dev/null 2>&1 || true; fi
+if [ "${SKIP_NODE:-0}" != 1 ]; then
+  step "Kanali as pods on a single-node cluster (first run builds kubelet & co, ~5 min)"
+  ./e2e/node/test-node.sh
+else
+  step "node stage skipped (SKIP_NODE=1)"
 fi

@@ -73,7 +73,7 @@ pub(crate) fn spawn_echo(
     let (h, r, c) = (hits.clone(), release.clone(), connections.clone());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             c.fetch_add(1, Ordering::Relaxed);
@@ -82,6 +82,7 @@ pub(crate) fn spawn_echo(
                 release: r.clone(),
                 name: name.clone(),
                 client_cert: false,
+                peer,
             };
             let tls = tls.clone();
             tokio::spawn(async move {
@@ -121,6 +122,8 @@ struct EchoConn {
     name: Arc<str>,
     /// Whether the client presented a (verified) TLS client certificate.
     client_cert: bool,
+    /// Who connected (for a proxied request: which proxy).
+    peer: SocketAddr,
 }
 
 impl EchoConn {
@@ -133,10 +136,11 @@ impl EchoConn {
             release,
             name,
             client_cert,
+            peer,
         } = self;
         let service = hyper::service::service_fn(move |req| {
             hits.fetch_add(1, Ordering::Relaxed);
-            answer(req, name.clone(), release.clone(), client_cert)
+            answer(req, name.clone(), release.clone(), client_cert, peer)
         });
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(io), service)
@@ -151,12 +155,17 @@ async fn answer(
     name: Arc<str>,
     release: Arc<Notify>,
     client_cert: bool,
+    peer: SocketAddr,
 ) -> Result<Response<EchoBody>, Infallible> {
     let version = req.version();
     let mut resp = answer_body(req, name, release).await;
     // Headers rather than JSON fields, so they are also on `/stream` and non-JSON answers.
     if let Ok(v) = http::HeaderValue::from_str(&format!("{version:?}")) {
         resp.headers_mut().insert("x-echo-version", v);
+    }
+    // The connection's peer: behind several proxies, says which one forwarded the request.
+    if let Ok(v) = http::HeaderValue::from_str(&peer.to_string()) {
+        resp.headers_mut().insert("x-echo-peer", v);
     }
     if client_cert {
         resp.headers_mut().insert(

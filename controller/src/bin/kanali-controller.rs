@@ -14,6 +14,11 @@ use kanali_controller::{
     ClusterConfig, GrpcTls, StandaloneConfig, start_cluster, start_standalone,
 };
 
+// Compile allocates and frees millions of small values for a hundred thousand ApiKeys;
+// mimalloc's thread-local free lists make that about twice as fast as glibc malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Kanali controller.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -22,6 +27,16 @@ struct Args {
     /// Kubernetes cluster.
     #[arg(long, env = "KANALI_MANIFESTS")]
     manifests: Option<PathBuf>,
+    /// Standalone mode: rescan once the directory has had no change for this many
+    /// milliseconds (and at most 5x that after the first change). Lower it for tools that
+    /// rewrite the directory often; editors write a file in several steps.
+    #[arg(
+        long,
+        env = "KANALI_MANIFESTS_DEBOUNCE_MS",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
+    manifests_debounce_ms: u64,
     /// Address of the gRPC server proxies subscribe to.
     #[arg(long, env = "KANALI_GRPC_LISTEN", default_value = "127.0.0.1:9443")]
     grpc_listen: SocketAddr,
@@ -122,7 +137,11 @@ async fn main() -> anyhow::Result<()> {
                 manifests,
                 grpc_listen: args.grpc_listen,
                 admin_listen: args.admin_listen,
-                debounce: Debounce::default(),
+                debounce: Debounce {
+                    quiet: Duration::from_millis(args.manifests_debounce_ms),
+                    max_delay: Duration::from_millis(args.manifests_debounce_ms * 5),
+                    ..Debounce::default()
+                },
                 grpc_tls,
                 decryption,
             })

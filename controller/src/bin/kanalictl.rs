@@ -35,8 +35,10 @@ Workflow:
      for clients that cannot switch at once):
        kubectl get apikey mobile-app -o yaml \\
          | kanalictl apikey rotate -f - --public-key kanali.pub | kubectl apply -f -
-     Then watch the older revisions' lastUsed (kubectl get apikey mobile-app -o yaml) go
-     stale, and remove them (kubectl edit apikey mobile-app).";
+     Then watch the OLDER USED column of `kubectl get apikey mobile-app` (when a request
+     last presented a revision other than the newest) go stale; status.revisions[].lastUsed
+     (kubectl get apikey mobile-app -o yaml) has it per revision. Then remove the old
+     revisions (kubectl edit apikey mobile-app).";
 
 /// Makes Kanali API keys and the RSA key pair that protects them.
 #[derive(Debug, Parser)]

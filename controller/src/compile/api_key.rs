@@ -7,6 +7,7 @@
 //! a hundred thousand keys, never all of them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use kanali_crds::{ApiKey, ApiKeyBinding, RateUnit, RevisionStatus, Rule};
@@ -28,9 +29,27 @@ pub struct Decrypted {
     /// Why no revision can be decrypted, when that is so (no key configured, or it is
     /// unusable); `None`: the controller holds a key.
     pub no_key: Option<String>,
-    /// The SHA-256 digest of the plaintext of each revision `data` (trimmed), or why that
-    /// revision could not be decrypted.
-    pub digests: HashMap<String, Result<[u8; 32], String>>,
+    /// Per revision `data` (trimmed): what decrypting it gave.
+    pub digests: HashMap<Arc<str>, Decryption>,
+}
+
+/// One revision, decrypted (or not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decryption {
+    /// Its [`revision_id`], computed once with the decryption.
+    pub revision: u64,
+    /// The SHA-256 digest of its plaintext, or why it could not be decrypted.
+    pub digest: Result<[u8; 32], String>,
+}
+
+impl Decryption {
+    /// The decryption of `data` that gave `digest`.
+    pub fn new(data: &str, digest: Result<[u8; 32], String>) -> Decryption {
+        Decryption {
+            revision: revision_id(data),
+            digest,
+        }
+    }
 }
 
 /// The identity of a revision: the first 8 bytes of SHA-256 of its `data`. It survives
@@ -42,19 +61,26 @@ pub fn revision_id(data: &str) -> u64 {
     u64::from_be_bytes(first)
 }
 
-/// Problems with an ApiKey's spec.
-pub fn validate_api_key(key: &ApiKey) -> Vec<String> {
+/// Problems with an ApiKey's spec. `found` is what decrypting each revision gave, by index:
+/// a revision that decrypted needs no more checking of its form.
+pub fn validate_api_key(key: &ApiKey, found: &[Option<&Decryption>]) -> Vec<String> {
     let mut errors = Vec::new();
     if key.spec.revisions.is_empty() {
         errors.push("spec.revisions must list at least one revision".to_owned());
     }
     let mut seen = BTreeMap::new();
     for (i, rev) in key.spec.revisions.iter().enumerate() {
+        let decrypted_ok = found
+            .get(i)
+            .copied()
+            .flatten()
+            .is_some_and(|d| d.digest.is_ok());
         if rev.data.is_empty() {
             errors.push(format!("spec.revisions[{i}].data must not be empty"));
-        } else if base64::engine::general_purpose::STANDARD
-            .decode(rev.data.trim())
-            .is_err()
+        } else if !decrypted_ok
+            && base64::engine::general_purpose::STANDARD
+                .decode(rev.data.trim())
+                .is_err()
         {
             errors.push(format!(
                 "spec.revisions[{i}].data is not base64 (expected the output of kanalictl apikey generate)"
@@ -85,20 +111,21 @@ pub fn validate_binding(binding: &ApiKeyBinding) -> Vec<String> {
             ));
         }
         if let Some(rule) = &key.default_rule {
-            check_rule(rule, &format!("spec.keys[{i}].defaultRule"), &mut errors);
+            check_rule(rule, || format!("spec.keys[{i}].defaultRule"), &mut errors);
         }
         for (j, sub) in key.subpaths.iter().enumerate() {
-            let at = format!("spec.keys[{i}].subpaths[{j}]");
+            let at = || format!("spec.keys[{i}].subpaths[{j}]");
             if !sub.path.starts_with('/') {
-                errors.push(format!("{at}.path {:?} must start with '/'", sub.path));
+                errors.push(format!("{}.path {:?} must start with '/'", at(), sub.path));
             }
-            if let Err(e) = regex::Regex::new(&format!("^{}", sub.path)) {
+            if let Some(e) = pattern_error(&sub.path) {
                 errors.push(format!(
-                    "{at}.path {:?} is not a valid regular expression: {e}",
+                    "{}.path {:?} is not a valid regular expression: {e}",
+                    at(),
                     sub.path
                 ));
             }
-            check_rule(&sub.rule, &format!("{at}.rule"), &mut errors);
+            check_rule(&sub.rule, || format!("{}.rule", at()), &mut errors);
         }
         if let Some(rate) = &key.rate
             && rate.amount < 1
@@ -109,17 +136,42 @@ pub fn validate_binding(binding: &ApiKeyBinding) -> Vec<String> {
     errors
 }
 
-fn check_rule(rule: &Rule, at: &str, errors: &mut Vec<String>) {
+/// Why a subpath pattern is not a valid regular expression, anchored as the proxies anchor
+/// it; `None` when it is. Remembered across compiles: a pattern is compiled once, not once
+/// per compile (bindings with many keys repeat the same few patterns).
+fn pattern_error(pattern: &str) -> Option<String> {
+    use std::sync::{Mutex, OnceLock};
+    static SEEN: OnceLock<Mutex<HashMap<String, Option<String>>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Mutex::default);
+    if let Some(known) = seen.lock().unwrap_or_else(|p| p.into_inner()).get(pattern) {
+        return known.clone();
+    }
+    let error = regex::Regex::new(&format!("^(?:{pattern})"))
+        .err()
+        .map(|e| e.to_string());
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    // Bounded: edits that keep changing patterns must not grow it forever.
+    if seen.len() >= 100_000 {
+        seen.clear();
+    }
+    seen.insert(pattern.to_owned(), error.clone());
+    error
+}
+
+/// `at` names the rule in messages; it is only built for one.
+fn check_rule(rule: &Rule, at: impl Fn() -> String, errors: &mut Vec<String>) {
     match (&rule.global, &rule.granular) {
-        (Some(_), Some(_)) => {
-            errors.push(format!("{at} must set either global or granular, not both"))
-        }
-        (None, None) => errors.push(format!("{at} must set global or granular")),
+        (Some(_), Some(_)) => errors.push(format!(
+            "{} must set either global or granular, not both",
+            at()
+        )),
+        (None, None) => errors.push(format!("{} must set global or granular", at())),
         (None, Some(g)) => {
             for verb in &g.verbs {
                 if http::Method::from_bytes(verb.to_ascii_uppercase().as_bytes()).is_err() {
                     errors.push(format!(
-                        "{at}.granular.verbs: {verb:?} is not an HTTP method"
+                        "{}.granular.verbs: {verb:?} is not an HTTP method",
+                        at()
                     ));
                 }
             }
@@ -165,15 +217,19 @@ pub fn compile_keys(objects: &Objects) -> CompiledKeys {
     // Grants per key name, from every valid binding.
     let mut grants: HashMap<&str, Vec<pb::Grant>> = HashMap::new();
     let mut bindings = HashMap::new();
-    let key_names: BTreeSet<&str> = objects
+    let key_names: std::collections::HashSet<&str> = objects
         .api_keys
         .iter()
         .filter_map(|k| k.metadata.name.as_deref())
         .collect();
-    let mut listed_by: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut listed_by: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
     for binding in &objects.api_key_bindings {
         let namespace = namespace_of(binding);
         let name = binding.name_any();
+        let (ns_ref, name_ref) = (
+            binding.metadata.namespace.as_deref().unwrap_or("default"),
+            binding.metadata.name.as_deref().unwrap_or_default(),
+        );
         let errors = validate_binding(binding);
         let valid = errors.is_empty();
         bindings.insert((namespace.clone(), name.clone()), valid);
@@ -213,7 +269,7 @@ pub fn compile_keys(objects: &Objects) -> CompiledKeys {
             listed_by
                 .entry(key.name.as_str())
                 .or_default()
-                .push(format!("{namespace}/{name}"));
+                .push((ns_ref, name_ref));
             grants
                 .entry(key.name.as_str())
                 .or_default()
@@ -246,21 +302,20 @@ pub fn compile_keys(objects: &Objects) -> CompiledKeys {
 
     // Older keys first: when two ApiKeys hold the same plaintext, the older one keeps it.
     let mut keys: Vec<&ApiKey> = objects.api_keys.iter().collect();
-    keys.sort_by(|a, b| {
-        let key = |k: &ApiKey| {
-            (
-                k.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                k.name_any(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+    keys.sort_by(|a, b| super::age_order(&a.metadata).cmp(&super::age_order(&b.metadata)));
     let decrypted = &objects.decrypted;
     let mut owner: HashMap<[u8; 32], (String, usize)> = HashMap::new();
     let mut shards: Vec<Vec<pb::Credential>> = vec![Vec::new(); SHARDS];
     for key in keys {
         let name = key.name_any();
-        let errors = validate_api_key(key);
+        // One lookup per revision: the data is long, and hashing it is most of the cost.
+        let found: Vec<Option<&Decryption>> = key
+            .spec
+            .revisions
+            .iter()
+            .map(|r| decrypted.digests.get(r.data.trim()))
+            .collect();
+        let errors = validate_api_key(key, &found);
         let object = object_ref(Kind::ApiKey, key);
         let generation = key.metadata.generation;
         if !errors.is_empty() {
@@ -290,9 +345,12 @@ pub fn compile_keys(objects: &Objects) -> CompiledKeys {
         let mut usable = 0;
         let mut active = 0;
         for (i, rev) in key.spec.revisions.iter().enumerate() {
-            let digest = match decrypted.digests.get(rev.data.trim()) {
-                Some(Ok(digest)) => *digest,
-                Some(Err(e)) => {
+            let (digest, revision) = match found.get(i).copied().flatten() {
+                Some(Decryption {
+                    digest: Ok(digest),
+                    revision,
+                }) => (*digest, *revision),
+                Some(Decryption { digest: Err(e), .. }) => {
                     failed.push(format!("spec.revisions[{i}]: {e}"));
                     continue;
                 }
@@ -318,7 +376,7 @@ pub fn compile_keys(objects: &Objects) -> CompiledKeys {
             shards[usize::from(digest[0])].push(pb::Credential {
                 digest: digest.to_vec(),
                 key: name.clone(),
-                revision: revision_id(&rev.data),
+                revision,
                 active: is_active,
                 grants: grants.get(name.as_str()).cloned().unwrap_or_default(),
             });
@@ -353,8 +411,11 @@ pub fn compile_keys(objects: &Objects) -> CompiledKeys {
                 condition::RESOLVED_REFS,
                 "ResolvedRefs",
                 format!("granted by ApiKeyBinding {}", {
-                    by.sort();
-                    by.join(", ")
+                    by.sort_unstable();
+                    by.iter()
+                        .map(|(ns, n)| format!("{ns}/{n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }),
             ),
             None => Condition::ok(

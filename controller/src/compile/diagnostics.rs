@@ -61,7 +61,7 @@ pub mod condition {
 }
 
 /// One condition as compile decided it (timestamps are added by whoever writes status).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Condition {
     /// `Accepted`, `ResolvedRefs`, ...
     #[serde(rename = "type")]
@@ -114,7 +114,7 @@ pub fn summarize<'a>(conditions: impl IntoIterator<Item = &'a Condition>) -> Con
 }
 
 /// Everything compile has to say about one object.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Diagnostic {
     /// The object.
     pub object: ObjectRef,

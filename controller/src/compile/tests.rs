@@ -128,7 +128,15 @@ fn digests(data: &[&str]) -> std::sync::Arc<crate::compile::api_key::Decrypted> 
         no_key: None,
         digests: data
             .iter()
-            .map(|d| ((*d).to_owned(), Ok(Sha256::digest(d.as_bytes()).into())))
+            .map(|d| {
+                (
+                    std::sync::Arc::from(*d),
+                    crate::compile::api_key::Decryption::new(
+                        d,
+                        Ok(Sha256::digest(d.as_bytes()).into()),
+                    ),
+                )
+            })
             .collect(),
     })
 }

@@ -11,6 +11,7 @@ use kanali_dataplane::filter::rate_limit::{RateLimitConfig, RedisConfig};
 use kanali_dataplane::filter::wasm::WasmConfig;
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::server_tls::{DEFAULT_RELOAD_INTERVAL, TlsConfig};
+use kanali_dataplane::shutdown::ShutdownConfig;
 use kanali_dataplane::upstream::{AddressMode, UpstreamConfig};
 use kanali_dataplane::{ProxyConfig, start};
 
@@ -159,6 +160,16 @@ struct Args {
     /// `proxy_on_response_body`; longer or unsized ones stream without that callback.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(..=64 * 1024 * 1024))]
     plugin_response_buffer_bytes: u64,
+    /// Seconds the proxy keeps accepting after SIGTERM while /readyz fails, so that
+    /// kube-proxy and load balancers stop sending it connections before it closes its
+    /// listeners; responses meanwhile ask clients to reconnect (HTTP/1.1 `Connection: close`,
+    /// HTTP/2 GOAWAY). A second signal exits at once.
+    #[arg(long, env = "KANALI_SHUTDOWN_DELAY_SECS", default_value_t = 5)]
+    shutdown_delay_secs: u64,
+    /// Seconds in-flight requests get to finish once the listeners are closed. The pod's
+    /// terminationGracePeriodSeconds must exceed --shutdown-delay-secs plus this.
+    #[arg(long, env = "KANALI_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
+    drain_timeout_secs: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "KANALI_LOG", default_value = "info")]
     log: String,
@@ -319,10 +330,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         plugins,
     };
+    let leave = ShutdownConfig {
+        delay: Duration::from_secs(args.shutdown_delay_secs),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+    };
     let proxy = start(config).await?;
-    shutdown_signal().await;
-    tracing::info!("shutting down: draining in-flight requests");
-    proxy.shutdown().await;
+    let mut signals = Signals::new()?;
+    signals.next().await;
+    tracing::info!(delay = ?leave.delay, drain_timeout = ?leave.drain_timeout, "shutting down");
+    tokio::select! {
+        () = proxy.shutdown_gracefully(leave) => tracing::info!("drained"),
+        // An impatient operator (or a second Ctrl-C) gets an immediate exit.
+        () = signals.next() => tracing::warn!("second signal: exiting without draining"),
+    }
     Ok(())
 }
 
@@ -330,16 +350,25 @@ fn parse_header_name(v: &str) -> Result<http::HeaderName, String> {
     http::HeaderName::from_bytes(v.as_bytes()).map_err(|_| format!("{v:?} is not a header name"))
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM (what Kubernetes sends) and SIGINT (Ctrl-C), as one stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -87,10 +87,12 @@ impl Harness {
                     return;
                 };
                 let proxy = proxy.clone();
+                let peer = Arc::new(kanali_dataplane::server::Peer::new(peer));
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                        let peer = peer.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(req, &peer).await) }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tcp), service)

@@ -6,7 +6,19 @@ use super::*;
 
 fn key_diagnostic(key: ApiKey) -> Diagnostic {
     let name = key.metadata.name.clone().unwrap();
-    let data: Vec<&str> = key.spec.revisions.iter().map(|r| r.data.as_str()).collect();
+    // Only what is base64 can decrypt.
+    let data: Vec<&str> = key
+        .spec
+        .revisions
+        .iter()
+        .map(|r| r.data.as_str())
+        .filter(|d| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(d.trim())
+                .is_ok()
+        })
+        .collect();
     let decrypted = digests(&data);
     let c = compile(&Objects {
         api_keys: vec![key],
@@ -339,8 +351,11 @@ fn an_undecryptable_revision_is_named_and_the_others_keep_working() {
         .push(revision("ZGVm", kanali_crds::RevisionStatus::Active));
     let mut decrypted = (*digests(&["YWJj"])).clone();
     decrypted.digests.insert(
-        "ZGVm".to_owned(),
-        Err("cannot decrypt: encrypted for a different public key".to_owned()),
+        std::sync::Arc::from("ZGVm"),
+        crate::compile::api_key::Decryption::new(
+            "ZGVm",
+            Err("cannot decrypt: encrypted for a different public key".to_owned()),
+        ),
     );
     let c = compile(&Objects {
         api_keys: vec![key],

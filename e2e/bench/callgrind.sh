@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by callgrind: a per-request regression guard that does not
+# depend on the wall clock (valgrind counts the same instructions however busy the machine is).
+#
+# One kanali-proxy (release, 1 worker) runs under `valgrind --tool=callgrind` in front of the
+# harness's nginx upstream; a keep-alive client sends WARM requests, then the counters are
+# zeroed, then N requests are sent and the counters dumped: instructions / N is the figure.
+#
+# Usage: e2e/bench/callgrind.sh [PATH]   (PATH default /api/; N=5000 WARM=500;
+#        LIMIT=instructions fails the run when the figure is higher, for CI or a pre-push check;
+#        ANNOTATE=1 prints the top functions; KEEP=file keeps the callgrind dump)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
+N=${N:-5000} WARM=${WARM:-500} path=${1:-/api/}
+command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
+command -v nginx >/dev/null || "$BENCH_DIR/setup.sh" >/dev/null
+cd "$root"
+cargo build -q --release --bins
+bin=${CARGO_TARGET_DIR:-$root/target}/release
+tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+nginx -p "$tmp" -e "$tmp/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)
+"$bin/kanali-controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \
+  --admin-listen 127.0.0.1:19080 --log warn & pids+=($!)
+valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" --instr-atstart=yes \
+  "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
+  --admin-listen 127.0.0.1:18084 --worker-threads 1 --log warn 2>"$tmp/valgrind.log" & proxy=$!; pids+=($proxy)
+for _ in $(seq 300); do
+  curl -fsS -o /dev/null "http://127.0.0.1:18083$path" 2>/dev/null && break; sleep 0.2
+done
+
+# A keep-alive client: one connection, N sequential requests.
+send() {
+  python3 - "$1" "$path" <<'PY'
+import http.client, sys
+n, path = int(sys.argv[1]), sys.argv[2]
+c = http.client.HTTPConnection("127.0.0.1", 18083)
+for _ in range(n):
+    c.request("GET", path)
+    r = c.getresponse(); r.read()
+    if r.status != 200: sys.exit(f"status {r.status}")
+PY
+}
+send "$WARM"
+callgrind_control -z "$proxy" >/dev/null
+send "$N"
+callgrind_control -d "$proxy" >/dev/null
+sleep 0.5
+dump=$(ls -t "$tmp"/cg.out.* | head -1)
+total=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
+per=$((total / N))
+echo "instructions per request: $per ($total over $N keep-alive GETs of $path)"
+if [ "${ANNOTATE:-0}" = 1 ]; then
+  callgrind_annotate --threshold=95 "$dump" 2>/dev/null | grep -E '^ *[0-9,]+ ' | sed -n '2,40p'
+fi
+[ -z "${KEEP:-}" ] || cp "$dump" "$KEEP"
+if [ -n "${LIMIT:-}" ] && [ "$per" -gt "$LIMIT" ]; then
+  echo "regression: $per > LIMIT=$LIMIT instructions per request" >&2
+  exit 1
+fi
