@@ -26,7 +26,7 @@ done
 mkdir "$tmp/manifests" "$tmp/www" "$tmp/plugins"
 awk '/add-header.wasm:/ {print $2}' manifests/plugins/plugins-configmap.yaml | base64 -d > "$tmp/plugins/add-header.wasm"
 route() { # name, path, plugin yaml
-  printf 'apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {name: %s, namespace: bench}\nspec:\n  source: {path: %s}\n  target: {path: /, backend: {endpoint: "http://127.0.0.1:18080"}}\n%s---\n' "$1" "$2" "$3"
+  printf 'apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {name: %s, namespace: bench}\nspec:\n  source: {path: %s}\n  target: {path: /, backend: {endpoint: "http://127.0.0.1:18080"}}\n%s\n---\n' "$1" "$2" "$3"
 }
 {
   route plain /api ""
@@ -36,7 +36,7 @@ route() { # name, path, plugin yaml
 taskset -c "$LOAD_CPU" nginx -p "$tmp" -e "$tmp/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)
 "$bin/kanali-controller" --manifests "$tmp/manifests" --grpc-listen 127.0.0.1:19443 --admin-listen 127.0.0.1:19080 --log warn & pids+=($!)
 taskset -c "$PROXY_CPU" "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
-  --admin-listen 127.0.0.1:18084 --worker-threads 1 --plugins-dir "$tmp/plugins" --log warn & proxy=$!; pids+=($proxy)
+  --admin-listen 127.0.0.1:18084 --worker-threads 1 --plugins-dir "$tmp/plugins" --shutdown-delay-secs 0 --log warn & proxy=$!; pids+=($proxy)
 for path in api plugin; do
   for _ in $(seq 100); do
     code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:18083/$path/" || true)
