@@ -7,14 +7,13 @@
 //! compile stays pure. A replaced private key (a new file or Secret) starts over, since every
 //! revision may decrypt differently now. Work that is new is spread over the cores.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kanali_crds::ApiKey;
 use sha2::{Digest as _, Sha256};
 
-use crate::compile::api_key::{Decrypted, Decryption};
+use crate::compile::api_key::{Decrypted, Decryption, DigestMap};
 use crate::crypto::PrivateKey;
 
 /// Where the private key comes from.
@@ -130,7 +129,7 @@ impl KeyVault {
             Err(why) => {
                 return Arc::new(Decrypted {
                     no_key: Some(why.clone()),
-                    digests: HashMap::new(),
+                    digests: DigestMap::default(),
                 });
             }
         };
@@ -205,7 +204,7 @@ pub async fn decrypt(vault: &SharedVault, keys: Vec<ApiKey>) -> Arc<Decrypted> {
         .unwrap_or_else(|e| {
             Arc::new(Decrypted {
                 no_key: Some(format!("decryption failed: {e}")),
-                digests: HashMap::new(),
+                digests: DigestMap::default(),
             })
         })
 }

@@ -23,8 +23,10 @@ mkdir "$tmp/manifests" "$tmp/www"
 "$bin/kanalictl" keypair generate --public-key-out "$tmp/pub.pem" --private-key-out "$tmp/key.pem" >/dev/null 2>&1
 key=bench-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 data=$(printf '%s' "$key" | "$bin/kanalictl" apikey encrypt --public-key "$tmp/pub.pem")
-route() { # name, path, plugin yaml
-  printf 'apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {name: %s, namespace: bench}\nspec:\n  source: {path: %s}\n  target: {path: /, backend: {endpoint: "http://127.0.0.1:18080"}}\n%s---\n' "$1" "$2" "$3"
+route() { # name, path, plugin yaml (lines)
+  printf 'apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {name: %s, namespace: bench}\nspec:\n  source: {path: %s}\n  target: {path: /, backend: {endpoint: "http://127.0.0.1:18080"}}\n' "$1" "$2"
+  [ -z "$3" ] || printf '%s\n' "$3"
+  printf -- '---\n'
 }
 plugin() { printf '  plugins:\n  - {name: apikey, config: {apiKeyBindingName: %s}}\n' "$1"; }
 {

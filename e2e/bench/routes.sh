@@ -28,14 +28,17 @@ for port in 18080 18083 18084 18085 18086 19080 19081 19443 19444; do
   if ss -ltnH "sport = :$port" | grep -q .; then echo "port $port already in use" >&2; exit 1; fi
 done
 
-# manifests DIR N: N ApiProxies in DIR/routes.yaml; the request list in DIR/requests.txt.
+# manifests DIR N: N ApiProxies in DIR/routes-*.yaml; the request list in DIR/requests.txt.
 manifests() {
   mkdir -p "$1"
   python3 - "$1" "$2" <<'PY'
 import sys
 d, n = sys.argv[1], int(sys.argv[2])
-with open(f"{d}/routes.yaml", "w") as y, open(f"{d}/requests.txt", "w") as r:
+# 500 documents a file: the controller reads at most 1 024 from one file.
+files = {}
+with open(f"{d}/requests.txt", "w") as r:
     for i in range(n):
+        y = files.get(i // 500) or files.setdefault(i // 500, open(f"{d}/routes-{i // 500:03}.yaml", "w"))
         if i % 2 == 0:
             path, host, vhost = (f"/r{i}/deep" if i % 3 == 0 else f"/r{i}"), "bench", ""
         else:
@@ -64,7 +67,7 @@ start() {
   echo "proxy on $dir never applied $n routes:" >&2; tail -5 "$dir/proxy.log" >&2; exit 1
 }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-apply_ms() { grep -o '"apply_ms":[0-9.]*' "$1/proxy.log" | tail -1 | cut -d: -f2; }
+apply_ms() { grep -o '"apply_ms":[0-9.]*' "$1/proxy.log" | tail -1 | cut -d: -f2 | xargs printf "%.1f"; }
 
 if [ "${SKIP_MEM:-}" != 1 ]; then
   echo "## Proxy memory by route count"

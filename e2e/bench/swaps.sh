@@ -41,15 +41,23 @@ def route(name, path, port):
     return (f"apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {{name: {name}, namespace: bench}}\n"
             f"spec:\n  source: {{path: {path}}}\n"
             f"  target: {{path: /, backend: {{endpoint: \"http://127.0.0.1:{port}\"}}}}\n---\n")
-def write(step):
-    docs = [route("api", "/api", 18080 if step % 2 == 0 else 18090)]
-    docs += [route(f"r{i}", f"/r{i}" if i != step % extra else f"/r{i}-{step}", 18080) for i in range(extra)]
-    tmp = os.path.join(d, ".routes.tmp")
+def put(name, text):
+    tmp = os.path.join(d, "." + name + ".tmp")
     with open(tmp, "w") as f:
-        f.write("".join(docs))
-    os.replace(tmp, os.path.join(d, "routes.yaml"))
+        f.write(text)
+    os.replace(tmp, os.path.join(d, name))
+def extra_file(k, changed=None, step=0):  # 500 documents a file: the controller reads at most 1 024
+    put(f"extra-{k:03}.yaml", "".join(
+        route(f"r{i}", f"/r{i}-{step}" if i == changed else f"/r{i}", 18080)
+        for i in range(k * 500, min(extra, (k + 1) * 500))))
+def write(step):
+    put("api.yaml", route("api", "/api", 18080 if step % 2 == 0 else 18090))
+    changed = step % extra
+    extra_file(changed // 500, changed, step)
 if sys.argv[3] == "once":
     write(0)
+    for k in range((extra + 499) // 500):
+        extra_file(k)
 else:
     swaps, interval = int(sys.argv[3]), int(sys.argv[4]) / 1000
     start = time.monotonic()
@@ -58,10 +66,11 @@ else:
         time.sleep(max(0, start + step * interval - time.monotonic()))
 PY
 python3 "$tmp/write.py" "$tmp/manifests" "$EXTRA" once
-"$bin/kanali-controller" --manifests "$tmp/manifests" --manifests-debounce-ms 5 \
+# The controller and the writer share LOAD_CPU with wrk: the proxy's core is the one measured.
+taskset -c "$LOAD_CPU" "$bin/kanali-controller" --manifests "$tmp/manifests" --manifests-debounce-ms 5 \
   --grpc-listen 127.0.0.1:19443 --admin-listen 127.0.0.1:19080 --log warn & pids+=($!)
 taskset -c "$PROXY_CPU" "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
-  --admin-listen 127.0.0.1:18084 --worker-threads 1 --log info --log-json > "$tmp/proxy.log" 2>&1 & pids+=($!)
+  --admin-listen 127.0.0.1:18084 --worker-threads 1 --log info --log-json > "$tmp/proxy.log" 2>&1 & proxy=$!; pids+=($proxy)
 for _ in $(seq 100); do
   code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18083/api/ || true)
   [ "$code" = 200 ] && break; sleep 0.1
@@ -69,25 +78,27 @@ done
 [ "$code" = 200 ] || { echo "/api/ answers $code" >&2; exit 1; }
 
 applied() { grep -c '"applied update"' "$tmp/proxy.log" || true; }
-run() { # kind -> tsv line: kind rps p99 requests non2xx socket-errors applied
-  local before out; before=$(applied)
+ticks() { awk '{print $14 + $15}' "/proc/$proxy/stat"; }
+run() { # kind -> tsv line: kind rps p99 requests non2xx socket-errors applied cpu-us/req
+  local before out t0; before=$(applied); t0=$(ticks)
   if [ "$1" = swaps ]; then
-    (sleep 0.5; python3 "$tmp/write.py" "$tmp/manifests" "$EXTRA" "$SWAPS" "$INTERVAL_MS") & local w=$!
+    (sleep 0.5; taskset -c "$LOAD_CPU" python3 "$tmp/write.py" "$tmp/manifests" "$EXTRA" "$SWAPS" "$INTERVAL_MS") & local w=$!
   fi
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency http://127.0.0.1:18083/api/)
   [ "$1" = swaps ] && wait "$w"
   sleep 0.5
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" \
     "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" "$(awk '$1 == "99%" {print $2}' <<<"$out")" \
     "$(awk '/requests in/ {print $1}' <<<"$out")" "$(awk '/Non-2xx/ {print $NF}' <<<"$out")" \
-    "$(awk -F'[ ,]+' '/Socket errors/ {print $5 + $7 + $9 + $11}' <<<"$out")" "$(( $(applied) - before ))"
+    "$(awk -F'[ ,]+' '/Socket errors/ {print $5 + $7 + $9 + $11}' <<<"$out")" "$(( $(applied) - before ))" \
+    "$(awk -v t=$(( $(ticks) - t0 )) -v hz="$(getconf CLK_TCK)" -v n="$(awk '/requests in/ {print $1}' <<<"$out")" 'BEGIN{printf "%.2f", t * 1e6 / hz / n}')"
 }
 for round in $(seq "$ROUNDS"); do run steady; run swaps; done > "$tmp/results.tsv"
 
 echo "## $SWAPS snapshot swaps every $INTERVAL_MS ms under load ($EXTRA other routes; $ROUNDS rounds)"
 echo
-echo "| run | req/s | p99 | requests | non-2xx | socket errors | updates applied |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| run | req/s | p99 | requests | non-2xx | socket errors | updates applied | proxy CPU µs/req |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 python3 - "$tmp/results.tsv" <<'PY'
 import sys, statistics as st
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
@@ -95,7 +106,7 @@ def ms(v):
     return float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-1]) * 1000
 p99 = {}
 for r in rows:
-    print(f"| {r[0]} | {float(r[1]):.0f} | {ms(r[2]):.2f} ms | {r[3]} | {r[4] or 0} | {r[5] or 0} | {r[6]} |")
+    print(f"| {r[0]} | {float(r[1]):.0f} | {ms(r[2]):.2f} ms | {r[3]} | {r[4] or 0} | {r[5] or 0} | {r[6]} | {r[7]} |")
 for kind in ("steady", "swaps"):
     p99[kind] = st.median(ms(r[2]) for r in rows if r[0] == kind)
 print(f"\nmedian p99: {p99['steady']:.2f} ms steady, {p99['swaps']:.2f} ms with swaps "
