@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use http::{Request, Response};
@@ -181,8 +181,15 @@ pub struct Upstreams {
     default_tls: Arc<ClientConfig>,
     tls_cache: Mutex<HashMap<String, Arc<ClientConfig>>>,
     pools: Mutex<HashMap<PoolKey, Weak<HostPool>>>,
+    /// Every pool a table used at the last prune, with when: see [`POOL_LINGER`].
+    lingering: Mutex<HashMap<PoolKey, (Arc<HostPool>, Instant)>>,
     services: Mutex<HashMap<ServiceKey, Weak<ServiceBackend>>>,
 }
+
+/// How long a pool stays after the last table that used it is gone, with its idle
+/// connections: an upstream that comes back meanwhile (endpoints that flap, a route moved
+/// there and back) finds them warm instead of reconnecting on every snapshot.
+pub const POOL_LINGER: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Upstreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +230,7 @@ impl Upstreams {
             default_tls,
             tls_cache: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
+            lingering: Mutex::new(HashMap::new()),
             services: Mutex::new(HashMap::new()),
         })
     }
@@ -349,9 +357,28 @@ impl Upstreams {
         }
     }
 
-    /// Forgets pools no table uses any more.
+    /// Forgets pools no table has used for [`POOL_LINGER`] (as of the applies that prune:
+    /// without updates, a lingering pool waits for the next one).
     pub fn prune(&self) {
-        lock(&self.pools).retain(|_, weak| weak.strong_count() > 0);
+        self.prune_at(Instant::now());
+    }
+
+    fn prune_at(&self, now: Instant) {
+        {
+            let mut lingering = lock(&self.lingering);
+            let mut pools = lock(&self.pools);
+            for (key, weak) in pools.iter() {
+                let Some(pool) = weak.upgrade() else { continue };
+                // Held by a table (or a request) besides `lingering` and this upgrade: in use,
+                // so its time starts again.
+                let ours = 1 + usize::from(lingering.contains_key(key));
+                if Arc::strong_count(&pool) > ours {
+                    lingering.insert(key.clone(), (pool, now));
+                }
+            }
+            lingering.retain(|_, (_, used)| now.saturating_duration_since(*used) < POOL_LINGER);
+            pools.retain(|_, weak| weak.strong_count() > 0);
+        }
         lock(&self.services).retain(|_, weak| weak.strong_count() > 0);
     }
 
@@ -424,4 +451,39 @@ impl Upstreams {
 /// The cluster IP to dial, `None` for headless Services (`None` in the API, empty here).
 fn cluster_ip(ip: &str) -> Option<IpAddr> {
     ip.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_no_table_uses_lingers_then_goes() {
+        let upstreams = Upstreams::new(UpstreamConfig::default()).unwrap();
+        let get = || upstreams.endpoint(false, "127.0.0.1:18080", None).unwrap();
+        let t0 = Instant::now();
+        // A table holds the pool while an update is applied...
+        let first = get();
+        upstreams.prune_at(t0);
+        // ...then the table goes, and the next update routes elsewhere.
+        let weak = Arc::downgrade(&first);
+        drop(first);
+        upstreams.prune_at(t0 + Duration::from_secs(1));
+        let back = get();
+        assert!(
+            Weak::ptr_eq(&weak, &Arc::downgrade(&back)),
+            "a route that comes back finds the same pool"
+        );
+        upstreams.prune_at(t0 + Duration::from_secs(2));
+        drop(back);
+        // In use at the prune at 2 s: kept until 2 s + POOL_LINGER, gone after.
+        upstreams.prune_at(t0 + Duration::from_secs(2) + POOL_LINGER - Duration::from_millis(1));
+        assert!(weak.upgrade().is_some(), "still lingering");
+        upstreams.prune_at(t0 + Duration::from_secs(2) + POOL_LINGER);
+        assert!(
+            weak.upgrade().is_none(),
+            "forgotten after POOL_LINGER unused"
+        );
+        assert!(lock(&upstreams.pools).is_empty());
+    }
 }
