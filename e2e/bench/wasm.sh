@@ -7,14 +7,8 @@
 # Prints req/s, p99 and the proxy's CPU µs per request per route, over ROUNDS interleaved runs.
 # Goal: /plugin/ at 0.8x the req/s of /api/ or better.
 # Usage: e2e/bench/wasm.sh   (env: DURATION=10s CONNS=64 ROUNDS=3 PROXY_CPU=0 LOAD_CPU=1)
-set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
 DURATION=${DURATION:-10s} CONNS=${CONNS:-64} ROUNDS=${ROUNDS:-3} PROXY_CPU=${PROXY_CPU:-0} LOAD_CPU=${LOAD_CPU:-1}
-"$BENCH_DIR/setup.sh" >/dev/null
-cd "$root"
-cargo build -q --release --bins
-bin=${CARGO_TARGET_DIR:-$root/target}/release
+source "$(dirname "$0")/common.sh"
 tmp=$(mktemp -d); chmod 755 "$tmp"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
@@ -25,9 +19,6 @@ for port in 18080 18083 18084 19080 19443; do
 done
 mkdir "$tmp/manifests" "$tmp/www" "$tmp/plugins"
 awk '/add-header.wasm:/ {print $2}' manifests/plugins/plugins-configmap.yaml | base64 -d > "$tmp/plugins/add-header.wasm"
-route() { # name, path, plugin yaml
-  printf 'apiVersion: kanali.io/v2\nkind: ApiProxy\nmetadata: {name: %s, namespace: bench}\nspec:\n  source: {path: %s}\n  target: {path: /, backend: {endpoint: "http://127.0.0.1:18080"}}\n%s\n---\n' "$1" "$2" "$3"
-}
 {
   route plain /api ""
   route plugin /plugin "$(printf '  plugins:\n  - {name: add-header}\n')"
@@ -47,26 +38,5 @@ done
 curl -s -D - -o /dev/null http://127.0.0.1:18083/plugin/ | grep -qi '^x-kanali-plugin: example' \
   || { echo "/plugin/ does not run the plugin" >&2; exit 1; }
 
-ticks() { awk '{print $14 + $15}' "/proc/$proxy/stat"; }
-hz=$(getconf CLK_TCK)
-printf 'route\tround\treq/s\tp99_ms\tcpu_us_per_req\n' | tee "$tmp/raw.tsv"
-for r in $(seq "$ROUNDS"); do
-  for path in api plugin; do
-    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:18083/$path/" >/dev/null
-    a=$(ticks)
-    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:18083/$path/")
-    b=$(ticks)
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    total=$(awk '/requests in/ {print $1}' <<<"$out")
-    p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}' <<<"$out")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-    [ -z "$non2xx" ] || { echo "/$path/: $non2xx non-2xx answers" >&2; exit 1; }
-    cpu=$(awk -v a="$a" -v b="$b" -v n="$total" -v hz="$hz" 'BEGIN{printf "%.2f", (b - a) / hz * 1e6 / n}')
-    printf '%s\t%s\t%s\t%s\t%s\n' "/$path/" "$r" "$rps" "$p99" "$cpu" | tee -a "$tmp/raw.tsv"
-  done
-done
-echo
-awk -F'\t' 'NR > 1 { n[$1]++; rps[$1] += $3; p99[$1] += $4; cpu[$1] += $5 }
-  END { printf "| route | req/s | p99 ms | CPU µs/req | req/s vs /api/ | added p99 ms |\n|---|---:|---:|---:|---:|---:|\n"
-        split("/api/ /plugin/", o, " ")
-        for (i = 1; i <= 2; i++) { r = o[i]; printf "| %s | %.0f | %.2f | %.2f | %.2f× | %+.2f |\n", r, rps[r]/n[r], p99[r]/n[r], cpu[r]/n[r], (rps[r]/n[r])/(rps["/api/"]/n["/api/"]), p99[r]/n[r] - p99["/api/"]/n["/api/"] } }' "$tmp/raw.tsv"
+wrk_args=()
+measure_routes "$proxy" api plugin
