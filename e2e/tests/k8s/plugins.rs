@@ -116,7 +116,9 @@ async fn a_plugin_that_does_not_load_shows_on_its_api_proxy_while_others_serve()
     check_condition(&obj, "Ready", "False", Some("PluginNotFound")).unwrap();
     // Accepted and resolved: the spec is fine, the proxies cannot run it.
     check_condition(&obj, "ResolvedRefs", "True", None).unwrap();
-    env.now_everywhere("/broken/x", |a| a.check_error(3, 500, PLUGIN_OPEN))
+    // The condition turns False on the first proxy's report; the other may not have applied
+    // the route yet (CI saw p-partial report while p-full still answered 404).
+    env.eventually_everywhere("/broken/x", |a| a.check_error(3, 500, PLUGIN_OPEN))
         .await;
 
     // Works on p-full, not on p-partial, which only the other replica hears from.

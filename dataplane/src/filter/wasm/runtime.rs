@@ -153,6 +153,11 @@ impl Plugins {
     /// is loaded and its VMs started now when [`Plugins::prepare`] did not already, so call
     /// that first from async code.
     pub fn slot(&self, plugin: &pb::WasmPlugin) -> Arc<Slot> {
+        self.slot_in(&mut lock(&self.files), plugin)
+    }
+
+    /// [`Plugins::slot`] with the files already locked.
+    fn slot_in(&self, files: &mut Files, plugin: &pb::WasmPlugin) -> Arc<Slot> {
         let Some(file) = file_name(&plugin.name, &plugin.version) else {
             return Arc::new(Slot::new(
                 &plugin.name,
@@ -168,21 +173,18 @@ impl Plugins {
         if let Some(slot) = lock(&self.slots).get(&key).and_then(Weak::upgrade) {
             return slot;
         }
-        let slot = {
-            let mut files = lock(&self.files);
-            if !files.by_name.contains_key(&file) {
-                let entry = self.load(&mut files.modules, &file);
-                files.by_name.insert(file.clone(), entry);
-            }
-            let slot = Slot::new(
-                &plugin.name,
-                file,
-                &plugin.config_json,
-                SlotState::Failed(LoadError::NoPluginsDir),
-            );
-            slot.state.store(Arc::new(self.state_of(&files, &slot)));
-            Arc::new(slot)
-        };
+        if !files.by_name.contains_key(&file) {
+            let entry = self.load(&mut files.modules, &file);
+            files.by_name.insert(file.clone(), entry);
+        }
+        let slot = Slot::new(
+            &plugin.name,
+            file,
+            &plugin.config_json,
+            SlotState::Failed(LoadError::NoPluginsDir),
+        );
+        slot.state.store(Arc::new(self.state_of(files, &slot)));
+        let slot = Arc::new(slot);
         lock(&self.slots).insert(key, Arc::downgrade(&slot));
         slot
     }
@@ -209,8 +211,14 @@ impl Plugins {
                 .iter()
                 .filter_map(|p| file_name(&p.name, &p.version))
                 .collect();
-            this.scan(&files);
-            plugins.iter().map(|p| this.slot(p)).collect()
+            // One hold of the lock for both: a directory poll in between would drop the
+            // entries no slot holds yet, and every module would compile twice.
+            let mut locked = lock(&this.files);
+            this.scan_in(&mut locked, &files);
+            plugins
+                .iter()
+                .map(|p| this.slot_in(&mut locked, p))
+                .collect()
         })
         .await
         .unwrap_or_default()
@@ -238,7 +246,11 @@ impl Plugins {
     /// Checks the files of every live slot, and `also`; loads those that changed and
     /// restarts their slots. Blocking.
     pub(crate) fn scan(&self, also: &BTreeSet<String>) {
-        let mut files = lock(&self.files);
+        self.scan_in(&mut lock(&self.files), also);
+    }
+
+    /// [`Plugins::scan`] with the files already locked.
+    fn scan_in(&self, files: &mut Files, also: &BTreeSet<String>) {
         let live: Vec<Arc<Slot>> = {
             let mut slots = lock(&self.slots);
             slots.retain(|_, s| s.strong_count() > 0);
@@ -272,7 +284,7 @@ impl Plugins {
         files.modules.retain(|_, m| m.strong_count() > 0);
         let mut reloaded = false;
         for slot in live.iter().filter(|s| changed.contains(&s.file)) {
-            let state = self.state_of(&files, slot);
+            let state = self.state_of(files, slot);
             match &state {
                 SlotState::Ready(_) => {
                     tracing::info!(plugin = %slot.name, file = %slot.file, "plugin module (re)loaded")
