@@ -9,7 +9,12 @@ const FIX: &str = "run `cargo run -p kanali-crds --bin kanali-crdgen` and commit
 
 #[test]
 fn committed_crd_manifests_match_the_types() {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds"));
+    // At run time: cargo reuses a test binary built in another checkout (CI's cache) without
+    // rebuilding it, and the path fixed at compile time would be that checkout's.
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let dir = crate_dir.join("../manifests/crds");
     let manifests = match kanali_crds::manifests() {
         Ok(manifests) => manifests,
         Err(err) => panic!("cannot render the CRD manifests: {err}"),

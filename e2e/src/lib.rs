@@ -53,6 +53,18 @@ pub async fn start_echo(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
     spawn_echo(TcpListener::bind(addr).await?, name, None)
 }
 
+/// The repository's root, from the `CARGO_MANIFEST_DIR` cargo sets when it runs a test
+/// (the one fixed at compile time is a fallback only: cargo reuses a build moved to another
+/// checkout — CI's cache — without rebuilding it, so that path may be somebody else's).
+pub fn repo_root() -> std::path::PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(dir)
+}
+
 /// Starts an echo server on a listener the caller made (e.g. in a [`netns::TestHost`]).
 pub fn start_echo_on(listener: TcpListener, name: &str) -> std::io::Result<Echo> {
     spawn_echo(listener, name, None)

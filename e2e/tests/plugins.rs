@@ -234,7 +234,7 @@ fn wasm(wat: &str) -> Vec<u8> {
 /// The base64 text of the example module in `manifests/plugins/`'s ConfigMap.
 fn example_module_base64() -> String {
     let yaml = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/plugins/plugins-configmap.yaml"),
+        kanali_e2e::repo_root().join("manifests/plugins/plugins-configmap.yaml"),
     )
     .unwrap();
     yaml.lines()
@@ -255,10 +255,9 @@ fn example_module() -> Vec<u8> {
 #[test]
 fn the_example_configmap_carries_the_example_module() {
     use base64::Engine as _;
-    let source = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/plugins/add-header.wat"),
-    )
-    .unwrap();
+    let source =
+        std::fs::read_to_string(kanali_e2e::repo_root().join("manifests/plugins/add-header.wat"))
+            .unwrap();
     let built = base64::engine::general_purpose::STANDARD.encode(wasm(&source));
     assert!(
         example_module_base64() == built,

@@ -2,7 +2,7 @@
 //! few facts the scenario reads (the Lease holder, the gateway's ClusterIP, pod lists).
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kanali_e2e::kubectl::Kubectl;
@@ -42,10 +42,7 @@ pub fn kubeconfig() -> Option<PathBuf> {
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ has a parent")
-        .to_owned()
+    kanali_e2e::repo_root()
 }
 
 /// `repo_root()/rel` as a string, for kubectl arguments.

@@ -66,10 +66,7 @@ pub fn kubeconfig() -> Option<PathBuf> {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    kanali_e2e::repo_root()
 }
 
 /// `<target>/<profile>/<name>`: this test is `<target>/<profile>/deps/k8s-<hash>`.
