@@ -12,10 +12,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use rustls::ClientConfig;
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, UpstreamBody};
 use crate::pool::{HostPool, InFlight, now_millis};
 use crate::upstream::UpstreamError;
 
@@ -104,7 +103,7 @@ impl ServiceBackend {
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, InFlight), UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, InFlight), UpstreamError> {
         // Allocates only after a failure.
         let mut tried: Vec<Arc<HostPool>> = Vec::new();
         let mut last_error = None;

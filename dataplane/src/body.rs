@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
+use crate::h1::{H1Body, H1Error};
 use crate::pool::InFlight;
 
 /// Body of every response the proxy sends.
@@ -24,7 +25,56 @@ pub enum ProxyBody {
     Full(Full<Bytes>),
     /// The upstream's body, streamed; for a balanced Service, with the guard that counts the
     /// request against its address until the body is done.
-    Upstream(Incoming, Option<InFlight>),
+    Upstream(UpstreamBody, Option<InFlight>),
+}
+
+/// A response body from an upstream.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Over hyper's client (HTTP/2, and HTTP/1.1 requests whose body streams).
+    Hyper(Incoming),
+    /// Over the proxy's own HTTP/1.1 client.
+    H1(H1Body),
+}
+
+/// Why an upstream's body stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// From hyper.
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// From the HTTP/1.1 client.
+    #[error(transparent)]
+    H1(#[from] H1Error),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
+        }
+    }
 }
 
 impl From<Bytes> for ProxyBody {
@@ -35,12 +85,12 @@ impl From<Bytes> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Upstream(b, _) => Pin::new(b).poll_frame(cx),
@@ -77,6 +127,34 @@ pub enum RequestBody {
         /// The unread rest.
         rest: Option<Incoming>,
     },
+}
+
+impl RequestBody {
+    /// A body wholly in hand (`None`: no body).
+    pub fn complete(data: Option<Bytes>) -> Self {
+        RequestBody::ReadAhead {
+            data,
+            trailers: None,
+            rest: None,
+        }
+    }
+
+    /// Whether the whole body is in hand: none at all, or read ahead to its end without
+    /// trailers.
+    pub fn is_complete(&self) -> bool {
+        match self {
+            RequestBody::Streamed(b) => b.is_end_stream(),
+            RequestBody::ReadAhead { trailers, rest, .. } => trailers.is_none() && rest.is_none(),
+        }
+    }
+
+    /// The data read ahead (all of it when [`RequestBody::is_complete`]).
+    pub fn into_data(self) -> Option<Bytes> {
+        match self {
+            RequestBody::Streamed(_) => None,
+            RequestBody::ReadAhead { data, .. } => data,
+        }
+    }
 }
 
 impl From<Incoming> for RequestBody {

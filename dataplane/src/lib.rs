@@ -18,6 +18,7 @@ pub mod client;
 pub mod dynamic;
 pub mod errors;
 pub mod filter;
+pub mod h1;
 pub mod headers;
 pub mod listener;
 pub mod mock;

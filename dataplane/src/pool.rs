@@ -2,7 +2,8 @@
 //! there, so swapping in a new snapshot keeps warm connections.
 //!
 //! HTTP/1.1 connections wait in a lock-free bounded queue: a request pops one (or dials a new
-//! one), and the connection goes back as soon as its response is complete. A TLS upstream that
+//! one), runs its exchange on it in its own task ([`crate::h1`]), and the connection goes back
+//! as soon as its response is complete. A TLS upstream that
 //! negotiates `h2` instead gets one multiplexed connection, held in an atomic slot every request
 //! clones its sender from, and redialled when it closes. The Go original built a new transport
 //! — new TCP and TLS handshakes — for every request.
@@ -16,7 +17,6 @@ use crossbeam_queue::ArrayQueue;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
@@ -25,7 +25,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, UpstreamBody};
+use crate::h1::{self, ExchangeError, H1Conn, Io};
 use crate::upstream::UpstreamError;
 use crate::upstream_tls::server_name;
 
@@ -63,14 +64,14 @@ pub(crate) fn now_millis() -> u64 {
 }
 
 struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+    conn: Box<H1Conn>,
     since: Instant,
 }
 
 /// A connection ready for one request; nothing has been sent on it yet.
 pub(crate) enum Conn {
     H1 {
-        sender: http1::SendRequest<RequestBody>,
+        conn: Box<H1Conn>,
         reused: bool,
     },
     H2 {
@@ -237,7 +238,7 @@ impl HostPool {
     pub async fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let _in_flight = Counting::new(self);
         let conn = self.connection().await?;
         self.send_on(conn, req).await
@@ -264,10 +265,7 @@ impl HostPool {
             return self.connect().await;
         }
         match self.checkout() {
-            Some(sender) => Ok(Conn::H1 {
-                sender,
-                reused: true,
-            }),
+            Some(conn) => Ok(Conn::H1 { conn, reused: true }),
             None => self.connect().await,
         }
     }
@@ -278,7 +276,7 @@ impl HostPool {
         self: &Arc<Self>,
         conn: Conn,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let reused = conn.reused();
         match self.try_send(conn, req).await {
             Ok(resp) => Ok(resp),
@@ -294,7 +292,7 @@ impl HostPool {
     async fn resend(
         self: &Arc<Self>,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let conn = if self.speaks_h2() {
             self.connection().await?
         } else {
@@ -311,24 +309,63 @@ impl HostPool {
         self: &Arc<Self>,
         conn: Conn,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, Failed> {
-        let result = match conn {
-            Conn::H1 { mut sender, .. } => {
-                let result = sender.try_send_request(h1_request(req)).await;
-                if result.is_ok() {
-                    self.release(sender);
+    ) -> Result<Response<UpstreamBody>, Failed> {
+        match conn {
+            Conn::H1 { conn, reused } => {
+                let (parts, body) = h1_request(req).into_parts();
+                if !body.is_complete() {
+                    // Boxed: rare, and its state is hyper's handshake and dispatch.
+                    let req = Request::from_parts(parts, body);
+                    return Box::pin(self.send_streamed(conn, req)).await;
                 }
-                result
+                let data = body.into_data();
+                match h1::exchange(conn, &parts, data.as_ref(), reused, self).await {
+                    Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+                    Err(ExchangeError::Retry(source)) => {
+                        let req = Request::from_parts(parts, RequestBody::complete(data));
+                        Err(Failed::Unsent(Box::new(req), self.h1_error(source)))
+                    }
+                    Err(ExchangeError::Fatal(source)) => Err(Failed::Error(self.h1_error(source))),
+                }
             }
             Conn::H2 { mut sender, .. } => {
                 let req = self.h2_request(req).map_err(Failed::Error)?;
-                sender.try_send_request(req).await
+                let result = sender.try_send_request(req).await;
+                result
+                    .map(|resp| resp.map(UpstreamBody::Hyper))
+                    .map_err(|e| self.hyper_failed(e))
             }
-        };
-        result.map_err(|mut e| match e.take_message() {
+        }
+    }
+
+    /// A request whose body streams (longer than the read-ahead, or an HTTP/2 stream of
+    /// unknown length) goes over hyper, which writes the body while the response may already
+    /// be arriving. Its connection is not reused afterwards: such requests are rare, and
+    /// telling when hyper is done with the connection would take a task per request.
+    async fn send_streamed(
+        self: &Arc<Self>,
+        conn: Box<H1Conn>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, Failed> {
+        let (mut sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(conn.into_io()))
+            .await
+            .map_err(|e| Failed::Error(self.http_error(e)))?;
+        drive(connection, self.key.dial.clone());
+        let result = sender.try_send_request(req).await;
+        result
+            .map(|resp| resp.map(UpstreamBody::Hyper))
+            .map_err(|e| self.hyper_failed(e))
+    }
+
+    fn hyper_failed(
+        &self,
+        mut e: hyper::client::conn::TrySendError<Request<RequestBody>>,
+    ) -> Failed {
+        match e.take_message() {
             Some(req) => Failed::Unsent(Box::new(req), self.http_error(e.into_error())),
             None => Failed::Error(self.http_error(e.into_error())),
-        })
+        }
     }
 
     /// HTTP/2 carries the host in `:authority`, which needs an absolute URI: the client's Host
@@ -365,38 +402,33 @@ impl HostPool {
         }
     }
 
-    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn h1_error(&self, source: h1::H1Error) -> UpstreamError {
+        UpstreamError::H1 {
+            upstream: self.key.dial.clone(),
+            source,
+        }
+    }
+
+    fn checkout(&self) -> Option<Box<H1Conn>> {
         let idle = self.idle.get()?;
-        while let Some(conn) = idle.pop() {
-            if conn.sender.is_ready() && conn.since.elapsed() < self.settings.idle_timeout {
-                return Some(conn.sender);
+        while let Some(mut idle) = idle.pop() {
+            if idle.since.elapsed() < self.settings.idle_timeout && idle.conn.still_open() {
+                return Some(idle.conn);
             }
             // Closed by the upstream, or idle too long: drop it (closes the connection).
         }
         None
     }
 
-    fn release(self: &Arc<Self>, mut sender: http1::SendRequest<RequestBody>) {
-        if sender.is_ready() {
-            self.push_idle(sender);
-        } else if !sender.is_closed() {
-            // Still busy with this response's body: take it back once that is done.
-            let pool = self.clone();
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    pool.push_idle(sender);
-                }
-            });
-        }
-    }
-
-    fn push_idle(&self, sender: http1::SendRequest<RequestBody>) {
+    /// Takes back a connection whose response ended cleanly.
+    pub(crate) fn release_h1(&self, mut conn: Box<H1Conn>) {
+        conn.shrink();
         let idle = self
             .idle
             .get_or_init(|| ArrayQueue::new(self.settings.max_idle.max(1)));
         // Full: this connection just closes.
         let _ = idle.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
     }
@@ -428,7 +460,10 @@ impl HostPool {
             .map_err(connect_error)?;
         let _ = tcp.set_nodelay(true);
         let Some((connector, name)) = &self.tls else {
-            return self.h1_handshake(tcp).await;
+            return Ok(Conn::H1 {
+                conn: Box::new(H1Conn::new(Io::Tcp(tcp))),
+                reused: false,
+            });
         };
         let tls = connector
             .connect(name.clone(), tcp)
@@ -444,23 +479,11 @@ impl HostPool {
             })
         } else {
             self.speaks_h2.store(false, Ordering::Relaxed);
-            self.h1_handshake(tls).await
+            Ok(Conn::H1 {
+                conn: Box::new(H1Conn::new(Io::Tls(Box::new(tls)))),
+                reused: false,
+            })
         }
-    }
-
-    async fn h1_handshake<T>(&self, io: T) -> Result<Conn, UpstreamError>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| self.http_error(source))?;
-        drive(conn, self.key.dial.clone());
-        Ok(Conn::H1 {
-            sender,
-            reused: false,
-        })
     }
 
     async fn h2_handshake<T>(&self, io: T) -> Result<http2::SendRequest<RequestBody>, UpstreamError>

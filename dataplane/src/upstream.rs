@@ -14,12 +14,11 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use kanali_proto::v1 as pb;
 use rustls::ClientConfig;
 
 use crate::balance::{ServiceBackend, ServiceKey};
-use crate::body::RequestBody;
+use crate::body::{RequestBody, UpstreamBody};
 use crate::dynamic::HeaderDefaults;
 use crate::pool::{HostPool, InFlight, PoolKey, PoolSettings};
 use crate::upstream_tls::{TlsContext, TlsError};
@@ -100,6 +99,14 @@ pub enum UpstreamError {
         /// What went wrong.
         source: hyper::Error,
     },
+    /// The HTTP/1.1 exchange failed.
+    #[error("request to {upstream} failed: {source}")]
+    H1 {
+        /// The address dialled.
+        upstream: Box<str>,
+        /// What went wrong.
+        source: crate::h1::H1Error,
+    },
     /// The Service has no ready endpoint.
     #[error("{0} has no ready endpoint")]
     NoAddresses(String),
@@ -141,7 +148,7 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<InFlight>), UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, Option<InFlight>), UpstreamError> {
         match self {
             Upstream::Host(pool) => Ok((pool.send(req).await?, None)),
             Upstream::Service(service) => {

@@ -1,0 +1,833 @@
+//! HTTP/1.1 to upstreams, in the request's own task.
+//!
+//! hyper's client runs each connection in a task of its own and hands it every request over a
+//! channel: per request a send, a wake-up of the connection's task and another for the
+//! response — ~12k of the ~41k instructions a proxied request cost (callgrind). Here the
+//! request's task writes the request and reads the response itself, and an idle connection is
+//! a socket and two buffers in its pool's queue, with no task behind it.
+//!
+//! Requests whose whole body is in hand (none, or one read ahead to its end) go this way.
+//! A body that streams goes over hyper (see [`crate::pool`]), which can write it while the
+//! response is already arriving.
+//!
+//! Responses are parsed strictly (RFC 9112): a malformed head, conflicting `Content-Length`s,
+//! a bad chunk size or a body cut short is an error, never guessed at, and a connection is
+//! reused only when its response ended exactly where its framing said.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version, request};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::pool::HostPool;
+
+/// A response head larger than this is refused (nginx's default is 4–8 KiB; hyper's ~400).
+const MAX_HEAD: usize = 64 * 1024;
+/// Header fields in a response head (hyper's default is 100 too).
+const MAX_HEADERS: usize = 100;
+/// Header fields in a chunked body's trailer section.
+const MAX_TRAILERS: usize = 32;
+/// A chunk-size line (with extensions) longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+/// What one read asks for at least (a head, a body of unknown length).
+const READ_CHUNK: usize = 8 * 1024;
+/// What one read asks for at most: a body of known length is read in one go up to this size
+/// (a 16 KiB body in one `recvfrom`, not three).
+const READ_MAX: usize = 64 * 1024;
+/// An idle connection whose read buffer grew past this gets a new, empty one, so idle
+/// connections do not pin large buffers (or the body frames that share them).
+const KEEP_BUFFER: usize = 16 * 1024;
+/// Body pieces up to this size are copied out of the read buffer, so the buffer stays the
+/// connection's own and is reused by the next response instead of reallocated.
+const COPY_MAX: usize = 4 * 1024;
+/// Request bodies up to this size go out in the same write as the head.
+const INLINE_BODY: usize = 16 * 1024;
+
+/// A connection's byte stream: TCP, or TLS over it.
+#[derive(Debug)]
+pub enum Io {
+    /// Cleartext.
+    Tcp(TcpStream),
+    /// TLS (boxed: its state is kilobytes).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One connection to an upstream, with the buffers its exchanges reuse.
+#[derive(Debug)]
+pub struct H1Conn {
+    io: Io,
+    read: BytesMut,
+    write: Vec<u8>,
+    /// Where a response head's fields are, while it is parsed (kept to reuse its capacity).
+    fields: Vec<Field>,
+}
+
+/// A parsed header field: its name, and where its value is in the head.
+type Field = (HeaderName, usize, usize);
+
+impl H1Conn {
+    /// A fresh connection.
+    pub fn new(io: Io) -> Self {
+        H1Conn {
+            io,
+            read: BytesMut::new(),
+            write: Vec::new(),
+            fields: Vec::new(),
+        }
+    }
+
+    /// Drops buffers that grew large for one exchange (see [`KEEP_BUFFER`]); for a
+    /// connection going idle.
+    pub fn shrink(&mut self) {
+        if self.read.capacity() > KEEP_BUFFER {
+            self.read = BytesMut::new();
+        }
+        if self.write.capacity() > KEEP_BUFFER {
+            self.write = Vec::new();
+        }
+    }
+
+    /// The byte stream, for a request that has to go over hyper. Only for a connection between
+    /// exchanges (nothing unread).
+    pub fn into_io(self) -> Io {
+        self.io
+    }
+
+    /// Whether an idle connection can take a request: the upstream has not closed it (or sent
+    /// anything unasked). Costs a system call only when the socket was left readable — after
+    /// most responses, as with hyper, which polls every idle connection once more.
+    pub fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        match &mut self.io {
+            Io::Tcp(s) => match s.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                Poll::Ready(Ok(())) => {
+                    matches!(s.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                }
+            },
+            // TLS may have records to take in (session tickets) that are not data.
+            Io::Tls(s) => {
+                let mut buf = ReadBuf::new(&mut byte);
+                Pin::new(s.as_mut())
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
+            }
+        }
+    }
+}
+
+/// Why an exchange or a response body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The connection ended before a response head arrived.
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    /// The response broke HTTP/1.1.
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+    /// The connection ended before the body did.
+    #[error("the upstream closed the connection before the response body ended")]
+    Truncated,
+}
+
+/// How an exchange failed.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// Nothing of a response arrived and the request may go again on another connection: it
+    /// never fully left, or it is one a client may repeat (RFC 9110 §9.2.2) and this reused
+    /// connection closed before answering it.
+    Retry(H1Error),
+    /// Anything else.
+    Fatal(H1Error),
+}
+
+/// A response head, and how its body is framed.
+#[derive(Debug)]
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    state: State,
+    keep_alive: bool,
+}
+
+/// Sends a request whose whole body is `body` on `conn`, and reads the response head. The
+/// returned response owns the connection until its body has been read; then the connection
+/// goes back to `pool` if it can take another request.
+pub async fn exchange(
+    mut conn: Box<H1Conn>,
+    parts: &request::Parts,
+    body: Option<&Bytes>,
+    reused: bool,
+    pool: &Arc<HostPool>,
+) -> Result<Response<H1Body>, ExchangeError> {
+    let head_request = parts.method == Method::HEAD;
+    {
+        let H1Conn { io, write, .. } = &mut *conn;
+        write.clear();
+        encode_head(write, parts, body);
+        let inline = body.filter(|b| b.len() <= INLINE_BODY);
+        if let Some(b) = inline {
+            write.extend_from_slice(b);
+        }
+        let sent = async {
+            io.write_all(write).await?;
+            if let Some(b) = body.filter(|_| inline.is_none()) {
+                io.write_all(b).await?;
+            }
+            io.flush().await
+        };
+        if let Err(e) = sent.await {
+            // The upstream closed or reset it before taking the request whole: it cannot have
+            // acted on it.
+            return Err(ExchangeError::Retry(e.into()));
+        }
+    }
+    let head = match read_head(&mut conn, head_request).await {
+        Ok(head) => head,
+        Err((error, nothing_arrived)) => {
+            let replayable = matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            );
+            return Err(if reused && nothing_arrived && replayable {
+                ExchangeError::Retry(error)
+            } else {
+                ExchangeError::Fatal(error)
+            });
+        }
+    };
+    let Head {
+        status,
+        version,
+        headers,
+        state,
+        keep_alive,
+    } = head;
+    let mut body = H1Body {
+        ready: None,
+        state: State::Done,
+        conn: None,
+        pool: None,
+        keep_alive,
+    };
+    // Most responses arrive whole with their head: the connection goes back at once and the
+    // body is a buffer.
+    match state {
+        State::Length(n) if (conn.read.len() as u64) >= n => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            body.ready = (n > 0).then(|| take(&mut conn.read, n));
+            if keep_alive && conn.read.is_empty() {
+                pool.release_h1(conn);
+            }
+        }
+        state => {
+            body.state = state;
+            body.conn = Some(conn);
+            body.pool = Some(pool.clone());
+        }
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
+/// Writes the request line and header section. The body's framing is the proxy's: any
+/// `Content-Length` the request carried is replaced by the length of what is sent (a plugin
+/// may have changed the body), and a request that came without a body but with a
+/// `Content-Length` keeps saying 0.
+fn encode_head(out: &mut Vec<u8>, parts: &request::Parts, body: Option<&Bytes>) {
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut had_length = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            had_length = true;
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match body {
+        Some(b) => {
+            out.extend_from_slice(b"content-length: ");
+            let mut digits = itoa::Buffer::new();
+            out.extend_from_slice(digits.format(b.len()).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        None if had_length => out.extend_from_slice(b"content-length: 0\r\n"),
+        None => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reads until a final (non-1xx) response head is in, and takes it out of the buffer. The
+/// error comes with whether nothing at all had arrived.
+async fn read_head(conn: &mut H1Conn, head_request: bool) -> Result<Head, (H1Error, bool)> {
+    let mut arrived = !conn.read.is_empty();
+    loop {
+        // (A reused connection starts empty: nothing to parse before the first read.)
+        let parsed = if conn.read.is_empty() {
+            Ok(None)
+        } else {
+            take_head(&mut conn.read, head_request, &mut conn.fields)
+        };
+        match parsed {
+            // 100 Continue, 103 Early Hints: informational, the real answer follows.
+            Ok(Some(None)) => continue,
+            Ok(Some(Some(head))) => return Ok(head),
+            Ok(None) => {}
+            Err(e) => return Err((e, false)),
+        }
+        if conn.read.len() >= MAX_HEAD {
+            return Err((H1Error::Invalid("response head larger than 64 KiB"), false));
+        }
+        reserve(&mut conn.read, READ_CHUNK);
+        match conn.io.read_buf(&mut conn.read).await {
+            Ok(0) => return Err((H1Error::Closed, !arrived)),
+            Ok(_) => arrived = true,
+            Err(e) => return Err((e.into(), !arrived)),
+        }
+    }
+}
+
+/// Makes room to read `want` bytes (at most [`READ_MAX`]) in one call.
+fn reserve(buf: &mut BytesMut, want: usize) {
+    let want = want.clamp(READ_CHUNK / 4, READ_MAX);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want.max(READ_CHUNK));
+    }
+}
+
+/// Takes a complete response head off the front of `buf`: `None` if it is not all there
+/// yet, `Some(None)` for an informational (1xx) response, skipped. The header values share
+/// the head's bytes, as hyper's do, instead of each being copied into an allocation of its
+/// own.
+fn take_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    fields: &mut Vec<Field>,
+) -> Result<Option<Option<Head>>, H1Error> {
+    fields.clear();
+    let Some((head, len)) = parse_head(buf, head_request, fields)? else {
+        return Ok(None);
+    };
+    let Some(mut head) = head else {
+        buf.advance(len);
+        return Ok(Some(None));
+    };
+    let bytes = buf.split_to(len).freeze();
+    head.headers = HeaderMap::with_capacity(fields.len());
+    for (name, start, end) in fields.drain(..) {
+        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+            .map_err(|_| H1Error::Invalid("bad header value"))?;
+        head.headers.append(name, value);
+    }
+    Ok(Some(Some(head)))
+}
+
+/// Parses a response head at the start of `buf` into `fields` (names, and where their
+/// values are in `buf`): `None` if it is not all there yet; otherwise its length, with
+/// `None` for an informational (1xx) response.
+fn parse_head(
+    buf: &[u8],
+    head_request: bool,
+    fields: &mut Vec<Field>,
+) -> Result<Option<(Option<Head>, usize)>, H1Error> {
+    // Uninitialised slots: zeroing 100 of them cost more than parsing a typical head.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Invalid("more than 100 header fields"));
+        }
+        Err(_) => return Err(H1Error::Invalid("malformed response head")),
+    };
+    let code = parsed.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("status code out of range"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // The proxy never forwards Upgrade, so nothing asked for this.
+        return Err(H1Error::Invalid(
+            "101 Switching Protocols without an upgrade",
+        ));
+    }
+    if status.is_informational() {
+        return Ok(Some((None, len)));
+    }
+    let version = if parsed.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding = false;
+    let mut chunked = false;
+    let mut close = false;
+    let mut keep_alive = false;
+    for field in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| H1Error::Invalid("bad header name"))?;
+        if name == header::CONTENT_LENGTH {
+            for n in field.value.split(|&b| b == b',') {
+                let n =
+                    parse_length(n.trim_ascii()).ok_or(H1Error::Invalid("bad Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Invalid("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            // Only the final coding decides (RFC 9112 §6.3): a later field overrides.
+            chunked = field
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // Hop-by-hop: the proxy frames its own response.
+            continue;
+        } else if name == header::CONNECTION {
+            let mut only_framing = true;
+            for token in field.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else {
+                    only_framing = false;
+                }
+            }
+            // `Connection: keep-alive` / `close` is about this hop only, and all most
+            // responses carry: read here and dropped, so the proxy's hop-by-hop pass has
+            // nothing to do. One that names other fields stays for that pass to act on.
+            if only_framing {
+                continue;
+            }
+        } else if name == KEEP_ALIVE {
+            continue;
+        }
+        // Where the value is in `buf`, from the addresses of the two slices (no dereference).
+        let start = (field.value.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+        fields.push((name, start, start + field.value.len()));
+    }
+    let no_body =
+        head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let state = if no_body {
+        State::Length(0)
+    } else if transfer_encoding {
+        // Transfer-Encoding overrides Content-Length, which a proxy must then not pass on
+        // (RFC 9112 §6.3); a body not chunked last runs until the connection closes.
+        fields.retain(|(name, ..)| name != header::CONTENT_LENGTH);
+        if chunked {
+            State::Chunked(Chunk::Size)
+        } else {
+            State::Eof
+        }
+    } else {
+        match length {
+            Some(n) => State::Length(n),
+            None => State::Eof,
+        }
+    };
+    let keep_alive = !close
+        && !matches!(state, State::Eof)
+        // HTTP/1.0 closes unless it says otherwise, and knows no Transfer-Encoding.
+        && (version == Version::HTTP_11 || (keep_alive && !transfer_encoding));
+    let head = Head {
+        status,
+        version,
+        headers: HeaderMap::new(),
+        state,
+        keep_alive,
+    };
+    Ok(Some((Some(head), len)))
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// A `Content-Length` value: digits only, no sign, no overflow.
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .flatten()
+    })
+}
+
+/// Takes `n` bytes off the front of `buf` (copied when small: see [`COPY_MAX`]).
+fn take(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n <= COPY_MAX {
+        let bytes = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        bytes
+    } else {
+        buf.split_to(n).freeze()
+    }
+}
+
+/// Where a response body is.
+#[derive(Debug)]
+enum State {
+    /// This many bytes to go.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked(Chunk),
+    /// Until the connection closes.
+    Eof,
+    /// Ended.
+    Done,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data, with this many bytes to go.
+    Data(u64),
+    /// After a chunk's data, at its CRLF.
+    DataEnd,
+    /// After the last chunk, at the trailer section.
+    Trailers,
+}
+
+/// What decoding the buffered bytes gave.
+enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    NeedMore,
+}
+
+impl State {
+    /// Decodes what `buf` holds of the body; `eof` says the connection has ended.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+        match self {
+            State::Done | State::Length(0) => {
+                *self = State::Done;
+                Ok(Decoded::End)
+            }
+            State::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= n as u64;
+                Ok(Decoded::Data(take(buf, n)))
+            }
+            State::Eof => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = buf.len();
+                Ok(Decoded::Data(take(buf, n)))
+            }
+            State::Chunked(chunk) => {
+                let decoded = decode_chunked(chunk, buf)?;
+                if matches!(decoded, Decoded::End | Decoded::Trailers(_)) {
+                    *self = State::Done;
+                }
+                Ok(decoded)
+            }
+        }
+    }
+}
+
+/// Decodes chunked transfer coding (RFC 9112 §7.1) from `buf`, strictly: CRLF line ends,
+/// at most 16 hex digits per size, trailers parsed as header fields.
+fn decode_chunked(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+    loop {
+        match *chunk {
+            Chunk::Size => {
+                let Some(lf) = buf.iter().position(|&b| b == b'\n') else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err(H1Error::Invalid("chunk-size line too long"));
+                    }
+                    return Ok(Decoded::NeedMore);
+                };
+                let line = buf
+                    .get(..lf)
+                    .and_then(|l| l.strip_suffix(b"\r"))
+                    .ok_or(H1Error::Invalid("chunk-size line without CRLF"))?;
+                let size = parse_chunk_size(line)?;
+                buf.advance(lf + 1);
+                *chunk = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let left = left - n as u64;
+                *chunk = if left == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left)
+                };
+                return Ok(Decoded::Data(take(buf, n)));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(H1Error::Invalid("chunk data not followed by CRLF"));
+                }
+                buf.advance(2);
+                *chunk = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                if buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                    return Ok(Decoded::End);
+                }
+                let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+                let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                    Ok(httparse::Status::Complete((len, fields))) => {
+                        let mut map = HeaderMap::with_capacity(fields.len());
+                        for f in fields {
+                            let name = HeaderName::from_bytes(f.name.as_bytes())
+                                .map_err(|_| H1Error::Invalid("bad trailer name"))?;
+                            let value = HeaderValue::from_bytes(f.value)
+                                .map_err(|_| H1Error::Invalid("bad trailer value"))?;
+                            map.append(name, value);
+                        }
+                        (len, map)
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    _ => return Err(H1Error::Invalid("malformed trailer section")),
+                };
+                buf.advance(len);
+                return Ok(Decoded::Trailers(trailers));
+            }
+        }
+    }
+}
+
+/// `1*HEXDIG [BWS ";" chunk-ext]`, the size at most 16 hex digits.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let bad = H1Error::Invalid("bad chunk size");
+    if digits == 0 || digits > 16 {
+        return Err(bad);
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest.starts_with(b";")) {
+        return Err(bad);
+    }
+    let hex =
+        std::str::from_utf8(&line[..digits]).map_err(|_| H1Error::Invalid("bad chunk size"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| bad)
+}
+
+/// A response body read from an upstream connection in the task that polls it.
+#[derive(Debug)]
+pub struct H1Body {
+    /// Data already in hand (all of it when `conn` is `None`).
+    ready: Option<Bytes>,
+    state: State,
+    /// The connection, until the body has been read.
+    conn: Option<Box<H1Conn>>,
+    /// Where the connection goes back.
+    pool: Option<Arc<HostPool>>,
+    keep_alive: bool,
+}
+
+impl H1Body {
+    /// The body ended: the connection goes back if it can take another request and nothing
+    /// is left unread on it (an upstream that sent more than it framed is not trusted again).
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.take())
+            && self.keep_alive
+            && conn.read.is_empty()
+        {
+            pool.release_h1(conn);
+        }
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.ready.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let decoded = match this.state.decode(&mut conn.read) {
+                Ok(d) => d,
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            match decoded {
+                Decoded::Data(data) => {
+                    if matches!(this.state, State::Length(0)) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decoded::Trailers(trailers) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Decoded::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Decoded::NeedMore => {}
+            }
+            let want = match this.state {
+                State::Length(left) | State::Chunked(Chunk::Data(left)) => usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(5),
+                _ => READ_CHUNK,
+            };
+            reserve(&mut conn.read, want);
+            let read = std::pin::pin!(conn.io.read_buf(&mut conn.read)).poll(cx);
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if matches!(this.state, State::Eof) => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(H1Error::Truncated)));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ready.is_none() && matches!(self.state, State::Done | State::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let ready = self.ready.as_ref().map_or(0, |b| b.len() as u64);
+        match self.state {
+            State::Done => SizeHint::with_exact(ready),
+            State::Length(left) => SizeHint::with_exact(ready.saturating_add(left)),
+            State::Chunked(_) | State::Eof => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(ready);
+                hint
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,587 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::body::{RequestBody, UpstreamBody};
+use crate::pool::{PoolKey, PoolSettings};
+
+// ---- parsing, pure ----
+
+fn head(bytes: &str) -> Head {
+    head_of(bytes, false)
+}
+
+fn take(bytes: &str, head_request: bool) -> (Result<Option<Option<Head>>, H1Error>, BytesMut) {
+    let mut buf = BytesMut::from(bytes);
+    let taken = take_head(&mut buf, head_request, &mut Vec::new());
+    (taken, buf)
+}
+
+fn head_of(bytes: &str, head_request: bool) -> Head {
+    match take(bytes, head_request) {
+        (Ok(Some(Some(head))), rest) => {
+            assert!(rest.is_empty(), "the whole head is consumed");
+            head
+        }
+        other => panic!("{bytes:?}: {other:?}"),
+    }
+}
+
+fn refused(bytes: &str) -> String {
+    match take(bytes, false).0 {
+        Err(e) => e.to_string(),
+        other => panic!("{bytes:?} was accepted: {other:?}"),
+    }
+}
+
+#[test]
+fn content_lengths_are_digits_without_overflow() {
+    assert_eq!(parse_length(b"0"), Some(0));
+    assert_eq!(parse_length(b"1234"), Some(1234));
+    assert_eq!(parse_length(b"18446744073709551615"), None, "20 digits");
+    assert_eq!(
+        parse_length(b"9999999999999999999"),
+        Some(9_999_999_999_999_999_999)
+    );
+    for bad in [&b""[..], b"+1", b"-1", b"1 2", b"0x10", b"1.0"] {
+        assert_eq!(parse_length(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn chunk_sizes_are_hex_with_optional_extensions() {
+    assert_eq!(parse_chunk_size(b"1a").unwrap(), 26);
+    assert_eq!(parse_chunk_size(b"0").unwrap(), 0);
+    assert_eq!(parse_chunk_size(b"A;name=value").unwrap(), 10);
+    assert_eq!(parse_chunk_size(b"a ; name").unwrap(), 10);
+    assert_eq!(parse_chunk_size(b"ffffffffffffffff").unwrap(), u64::MAX);
+    for bad in [
+        &b""[..],
+        b"g",
+        b";x",
+        b"1 2",
+        b"10000000000000000",
+        b"-1",
+        b"0x1",
+    ] {
+        assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn response_heads_frame_their_bodies_as_rfc_9112_says() {
+    let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\n");
+    assert_eq!(h.status, 200);
+    assert!(matches!(h.state, State::Length(5)) && h.keep_alive);
+    assert_eq!(h.headers["x-a"], "1");
+
+    // The same length twice, in one field or two, is one length.
+    let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\nContent-Length: 5\r\n\r\n");
+    assert!(matches!(h.state, State::Length(5)));
+
+    // Transfer-Encoding wins over Content-Length, which is not passed on.
+    let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n");
+    assert!(matches!(h.state, State::Chunked(Chunk::Size)) && h.keep_alive);
+    assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+
+    // Not chunked last: the body runs to the end of the connection.
+    let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
+    assert!(matches!(h.state, State::Eof) && !h.keep_alive);
+    let h =
+        head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n");
+    assert!(matches!(h.state, State::Chunked(_)));
+
+    // No framing at all: to the end of the connection.
+    let h = head("HTTP/1.1 200 OK\r\n\r\n");
+    assert!(matches!(h.state, State::Eof) && !h.keep_alive);
+
+    // Connection: close, and HTTP/1.0 unless it asks to keep alive.
+    assert!(
+        !head("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: x, close\r\n\r\n").keep_alive
+    );
+    assert!(!head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n").keep_alive);
+    let h = head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: Keep-Alive\r\n\r\n");
+    assert!(h.keep_alive && h.version == Version::HTTP_10);
+
+    // No body whatever the headers say: HEAD, 204, 304.
+    let h = head_of("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n", true);
+    assert!(matches!(h.state, State::Length(0)) && h.keep_alive);
+    assert_eq!(
+        h.headers[header::CONTENT_LENGTH],
+        "10",
+        "a HEAD answer keeps its length"
+    );
+    for status in [204, 304] {
+        let h = head(&format!(
+            "HTTP/1.1 {status} X\r\ntransfer-encoding: chunked\r\n\r\n"
+        ));
+        assert!(
+            matches!(h.state, State::Length(0)) && h.keep_alive,
+            "{status}"
+        );
+    }
+}
+
+#[test]
+fn informational_responses_are_skipped_and_partial_heads_wait() {
+    let (taken, rest) = take("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200", false);
+    assert!(matches!(taken, Ok(Some(None))) && rest == "HTTP/1.1 200");
+    let partial = "HTTP/1.1 200 OK\r\ncontent-len";
+    let (taken, rest) = take(partial, false);
+    assert!(
+        matches!(taken, Ok(None)) && rest == partial,
+        "nothing taken"
+    );
+    assert!(matches!(take("", false).0, Ok(None)));
+}
+
+#[test]
+fn malformed_and_ambiguous_heads_are_refused() {
+    assert!(
+        refused("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n")
+            .contains("conflicting")
+    );
+    assert!(refused("HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n").contains("conflicting"));
+    assert!(refused("HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n").contains("Content-Length"));
+    assert!(refused("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n").contains("101"));
+    // obs-fold, a space before the colon, no status code, a bad version.
+    for bad in [
+        "HTTP/1.1 200 OK\r\nx-a: 1\r\n  folded\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nx-a : 1\r\n\r\n",
+        "HTTP/1.1 OK\r\n\r\n",
+        "HTTP/2.0 200 OK\r\n\r\n",
+        "SMTP ready\r\n\r\n",
+    ] {
+        refused(bad);
+    }
+    let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+    assert!(refused(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).contains("100"));
+}
+
+/// Feeds `wire` to the chunked decoder `step` bytes at a time; returns the data and trailers.
+fn dechunk(wire: &[u8], step: usize) -> Result<(Vec<u8>, Option<HeaderMap>, BytesMut), H1Error> {
+    let mut state = State::Chunked(Chunk::Size);
+    let mut buf = BytesMut::new();
+    let mut data = Vec::new();
+    let mut trailers = None;
+    let mut fed = 0;
+    loop {
+        match state.decode(&mut buf)? {
+            Decoded::Data(d) => data.extend_from_slice(&d),
+            Decoded::Trailers(t) => trailers = Some(t),
+            Decoded::End => return Ok((data, trailers, buf)),
+            Decoded::NeedMore if fed >= wire.len() => return Err(H1Error::Truncated),
+            Decoded::NeedMore => {
+                let n = step.min(wire.len() - fed);
+                buf.extend_from_slice(&wire[fed..fed + n]);
+                fed += n;
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_bodies_decode_however_they_are_split() {
+    let wire = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-check: 42\r\nx-more: a\r\n\r\nNEXT";
+    for step in [1, 2, 3, 7, wire.len()] {
+        let (data, trailers, left) = dechunk(wire, step).unwrap();
+        assert_eq!(data, b"hello world", "step {step}");
+        let trailers = trailers.expect("trailers");
+        assert_eq!(trailers["x-check"], "42");
+        assert_eq!(trailers["x-more"], "a");
+        // What follows the body stays in the buffer, unread.
+        assert!(b"NEXT".starts_with(&left), "step {step}: {left:?}");
+    }
+    let (data, trailers, _) = dechunk(b"3\r\nabc\r\n0\r\n\r\n", 1).unwrap();
+    assert_eq!((data.as_slice(), trailers.is_none()), (&b"abc"[..], true));
+    // A large chunk comes out in pieces, without copying it whole first.
+    let big = vec![b'x'; 100_000];
+    let mut wire = format!("{:x}\r\n", big.len()).into_bytes();
+    wire.extend_from_slice(&big);
+    wire.extend_from_slice(b"\r\n0\r\n\r\n");
+    assert_eq!(dechunk(&wire, 8192).unwrap().0, big);
+}
+
+#[test]
+fn malformed_chunked_bodies_are_errors() {
+    for bad in [
+        &b"5\r\nhelloXX0\r\n\r\n"[..],       // data longer than its size
+        b"5\nhello\r\n0\r\n\r\n",            // size line without CR
+        b"zz\r\n",                           // not hex
+        b"10000000000000000\r\n",            // 17 hex digits
+        b"0\r\nbad trailer\r\n\r\n",         // a trailer that is no field
+        b"3\r\nabc\r\n0\r\nx: \x01\r\n\r\n", // control character in a trailer
+    ] {
+        assert!(
+            matches!(dechunk(bad, 1), Err(H1Error::Invalid(_))),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    let long = vec![b'1'; MAX_CHUNK_LINE + 2];
+    assert!(matches!(dechunk(&long, 512), Err(H1Error::Invalid(_))));
+}
+
+#[test]
+fn request_heads_carry_the_true_length_of_what_is_sent() {
+    let req = |method: &str, headers: &[(&str, &str)]| {
+        let mut b = Request::builder().method(method).uri("/a/b?c=d%20e");
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    };
+    let mut out = Vec::new();
+    encode_head(&mut out, &req("GET", &[("host", "up"), ("x-a", "1")]), None);
+    assert_eq!(
+        out,
+        b"GET /a/b?c=d%20e HTTP/1.1\r\nhost: up\r\nx-a: 1\r\n\r\n"
+    );
+
+    // A stale length (a plugin changed the body) and a transfer coding are replaced.
+    out.clear();
+    let body = Bytes::from_static(b"hello");
+    let parts = req(
+        "POST",
+        &[
+            ("content-length", "999"),
+            ("transfer-encoding", "chunked"),
+            ("host", "up"),
+        ],
+    );
+    encode_head(&mut out, &parts, Some(&body));
+    assert_eq!(
+        out,
+        b"POST /a/b?c=d%20e HTTP/1.1\r\nhost: up\r\ncontent-length: 5\r\n\r\n"
+    );
+
+    // No body: a declared length stays, as 0; none is added where there was none.
+    out.clear();
+    encode_head(&mut out, &req("POST", &[("content-length", "0")]), None);
+    assert_eq!(
+        out,
+        b"POST /a/b?c=d%20e HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
+    );
+    out.clear();
+    encode_head(&mut out, &req("DELETE", &[]), None);
+    assert_eq!(out, b"DELETE /a/b?c=d%20e HTTP/1.1\r\n\r\n");
+}
+
+// ---- exchanges over real sockets ----
+
+/// An upstream on loopback that runs `script` on every connection it accepts (with the
+/// connection's number, from 0).
+async fn upstream<F, Fut>(script: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(script(stream, n));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Reads one request (head, and a body of its Content-Length) from `stream`; `None` at EOF.
+async fn read_request(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                let mut more = [0u8; 4096];
+                let n = stream.read(&mut more).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&more[..n]);
+            }
+            let whole = String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned();
+            buf.drain(..end + 4 + len);
+            return Some(whole);
+        }
+        let mut more = [0u8; 4096];
+        let n = stream.read(&mut more).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&more[..n]);
+    }
+}
+
+fn pool(addr: std::net::SocketAddr) -> Arc<HostPool> {
+    let key = PoolKey {
+        https: false,
+        dial: addr.to_string().into(),
+        authority: addr.to_string().into(),
+        tls: "".into(),
+    };
+    let settings = PoolSettings {
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(60),
+        max_idle: 8,
+    };
+    Arc::new(HostPool::new(key, None, settings).unwrap())
+}
+
+fn get(method: &str, body: Option<&'static str>) -> Request<RequestBody> {
+    Request::builder()
+        .method(method)
+        .uri("/x")
+        .header("host", "up")
+        .body(RequestBody::complete(
+            body.map(|b| Bytes::from_static(b.as_bytes())),
+        ))
+        .unwrap()
+}
+
+async fn text(resp: Response<UpstreamBody>) -> Result<String, String> {
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused_and_split_responses_reassemble() {
+    let (addr, accepted) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        let mut n = 0;
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            n += 1;
+            let body = format!("{n}:{}", req.lines().next().unwrap());
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            // The head in two writes and the body byte by byte: reads see every split.
+            let (a, b) = resp.split_at(9);
+            s.write_all(a.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            for chunk in b.as_bytes().chunks(7) {
+                s.write_all(chunk).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let pool = pool(addr);
+    for i in 1..=3 {
+        let resp = pool.send(get("GET", None)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(text(resp).await.unwrap(), format!("{i}:GET /x HTTP/1.1"));
+    }
+    let resp = pool.send(get("POST", Some("hello"))).await.unwrap();
+    assert_eq!(text(resp).await.unwrap(), "4:POST /x HTTP/1.1");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for all four"
+    );
+}
+
+#[tokio::test]
+async fn chunked_and_close_delimited_bodies_stream_and_only_the_first_keeps_its_connection() {
+    let (addr, accepted) = upstream(|mut s, conn| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            if req.starts_with("GET /chunked") {
+                s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwiki\r\n")
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                s.write_all(b"5\r\npedia\r\n0\r\nx-sum: 9\r\n\r\n")
+                    .await
+                    .unwrap();
+            } else {
+                let body = format!("until close on {conn}");
+                s.write_all(format!("HTTP/1.1 200 OK\r\n\r\n{body}").as_bytes())
+                    .await
+                    .unwrap();
+                return;
+            }
+        }
+    })
+    .await;
+    let pool = pool(addr);
+    let req = |path: &str| {
+        Request::builder()
+            .uri(path)
+            .header("host", "up")
+            .body(RequestBody::complete(None))
+            .unwrap()
+    };
+    let resp = pool.send(req("/chunked")).await.unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-sum"], "9");
+    assert_eq!(collected.to_bytes(), "wikipedia");
+    let resp = pool.send(req("/eof")).await.unwrap();
+    assert_eq!(
+        text(resp).await.unwrap(),
+        "until close on 0",
+        "chunked kept the connection"
+    );
+    let resp = pool.send(req("/eof")).await.unwrap();
+    assert_eq!(
+        text(resp).await.unwrap(),
+        "until close on 1",
+        "close-delimited did not"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_an_error_and_extra_bytes_are_not_trusted() {
+    let (addr, accepted) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut s, &mut buf).await {
+            if req.starts_with("GET /short") {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                    .await
+                    .unwrap();
+                return;
+            }
+            // Two bytes more than framed: the connection is not used again.
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokXX")
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let pool = pool(addr);
+    let req = |path: &str| {
+        Request::builder()
+            .uri(path)
+            .header("host", "up")
+            .body(RequestBody::complete(None))
+            .unwrap()
+    };
+    let resp = pool.send(req("/short")).await.unwrap();
+    assert!(
+        text(resp)
+            .await
+            .unwrap_err()
+            .contains("before the response body ended")
+    );
+    let resp = pool.send(req("/extra")).await.unwrap();
+    assert_eq!(text(resp).await.unwrap(), "ok");
+    let resp = pool.send(req("/extra")).await.unwrap();
+    assert_eq!(text(resp).await.unwrap(), "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_repeated() {
+    // Every connection answers its first request, then reads the next and closes without
+    // answering (an upstream's keep-alive timeout racing the request).
+    let (addr, accepted) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_request(&mut s, &mut buf).await.is_some() {
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        }
+        let _ = read_request(&mut s, &mut buf).await;
+    })
+    .await;
+    let pool = pool(addr);
+    assert_eq!(
+        text(pool.send(get("GET", None)).await.unwrap())
+            .await
+            .unwrap(),
+        "ok"
+    );
+    // The GET goes again on a new connection.
+    assert_eq!(
+        text(pool.send(get("GET", None)).await.unwrap())
+            .await
+            .unwrap(),
+        "ok"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // A POST may have been acted on: it is not sent twice.
+    let error = pool.send(get("POST", Some("x"))).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("closed the connection before responding"),
+        "{error}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_connection_closed_while_idle_is_not_used() {
+    let (addr, accepted) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_request(&mut s, &mut buf).await.is_some() {
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        }
+        // Closes at once, while the proxy holds the connection idle.
+    })
+    .await;
+    let pool = pool(addr);
+    for _ in 0..2 {
+        assert_eq!(
+            text(pool.send(get("POST", Some("x"))).await.unwrap())
+                .await
+                .unwrap(),
+            "ok"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The second POST went on a new connection without an error: the FIN was seen first.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn bad_responses_are_errors() {
+    let (addr, _) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_request(&mut s, &mut buf).await.is_some() {
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab")
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let error = pool(addr).send(get("GET", None)).await.unwrap_err();
+    assert!(
+        error.to_string().contains("conflicting Content-Length"),
+        "{error}"
+    );
+}
+
+#[test]
+fn framing_fields_of_this_hop_stay_out_of_the_forwarded_head() {
+    let h = head(
+        "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\
+         transfer-encoding: chunked\r\nx-a: 1\r\n\r\n",
+    );
+    assert!(h.keep_alive && matches!(h.state, State::Chunked(_)));
+    assert_eq!(h.headers.len(), 1, "{:?}", h.headers);
+    // A Connection field that names another field stays, for the hop-by-hop pass to act on.
+    let h = head(
+        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close, x-secret\r\nx-secret: s\r\n\r\n",
+    );
+    assert!(!h.keep_alive);
+    assert_eq!(h.headers[header::CONNECTION], "close, x-secret");
+}
