@@ -5,20 +5,21 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones): they describe one connection and
-/// must not be forwarded. `Upgrade` too: upgrades are not proxied.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// must not be forwarded. `Upgrade` too: upgrades are not proxied. Not `Trailer` (RFC 2616
+/// listed it; RFC 9110 does not): it declares the fields a chunked body ends with, and hyper
+/// sends an HTTP/1.1 client only the trailers it declares.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
 
-/// Which of [`HOP_BY_HOP`] `name` is (its bit), if any; `extra` gets bit 9.
+/// Which of [`HOP_BY_HOP`] `name` is (its bit), if any; `extra` gets the bit after them.
 fn hop_bit(name: &HeaderName, extra: Option<&HeaderName>) -> u16 {
     // Comparing names is cheap (standard headers compare as enum tags), and most requests
     // carry a handful of headers: one pass over them decides what to do.

@@ -1,6 +1,6 @@
 //! How the proxy reads HTTP/1.1 responses from upstreams (its own client, `h1.rs`), end to
 //! end: a client talks to a real proxy listener, the proxy to a scripted upstream on loopback
-//! that writes exact bytes. Chunked bodies, HEAD, close-delimited bodies, reuse
+//! that writes exact bytes. Chunked bodies with trailers, HEAD, close-delimited bodies, reuse
 //! of keep-alive connections, and responses that must not be trusted (conflicting lengths,
 //! more bytes than framed).
 
@@ -35,8 +35,8 @@ async fn scripted() -> (SocketAddr, Arc<AtomicUsize>) {
                     let path = head.split(' ').nth(1).unwrap_or("").to_owned();
                     let answer: Vec<u8> = match path.as_str() {
                         "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
-                            content-length: 999\r\n\r\n4\r\nwiki\r\n5;x=1\r\npedia\r\n\
-                            0\r\nx-sum: 9\r\n\r\n"
+                            content-length: 999\r\ntrailer: x-sum\r\n\r\n4\r\nwiki\r\n\
+                            5;x=1\r\npedia\r\n0\r\nx-sum: 9\r\n\r\n"
                             .to_vec(),
                         "/head" => format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: 10\r\nx-conn: {conn}\r\n\r\n"
@@ -110,7 +110,7 @@ async fn raw(proxy: &Harness, request: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunked_bodies_are_reframed_for_the_client() {
+async fn chunked_bodies_and_declared_trailers_are_reframed_for_the_client() {
     let (proxy, _) = proxy().await;
     let answer = raw(
         &proxy,
@@ -132,6 +132,8 @@ async fn chunked_bodies_are_reframed_for_the_client() {
         body.starts_with("4\r\nwiki\r\n5\r\npedia\r\n0\r\n"),
         "{answer}"
     );
+    // Trailers the upstream declared reach a client that accepts them.
+    assert!(body.contains("x-sum: 9"), "{answer}");
     // An HTTP/1.0 client gets the same body, unframed.
     let answer = raw(&proxy, "GET /chunked HTTP/1.0\r\nhost: a\r\n\r\n").await;
     assert!(answer.ends_with("\r\n\r\nwikipedia"), "{answer}");
