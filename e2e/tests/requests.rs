@@ -12,13 +12,11 @@ mod harness;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use harness::{echo, endpoint, route, snapshot};
-use kanali_dataplane::client::ClientConfig;
+use harness::{detached_proxy_config, echo, endpoint, route, snapshot};
+use kanali_dataplane::RunningProxy;
 use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::Upstreams;
-use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::Echo;
 use kanali_e2e::check::DEADLINE;
 use serde_json::Value;
@@ -36,26 +34,9 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
-        let proxy = kanali_dataplane::start(ProxyConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            client: ClientConfig {
-                // No controller: the test installs the table itself.
-                controllers: vec!["http://127.0.0.1:9".to_owned()],
-                proxy_id: "requests".to_owned(),
-                min_backoff: Duration::from_secs(5),
-                max_backoff: Duration::from_secs(5),
-                tls: None,
-                tls_server_name: None,
-                usage_interval: Duration::from_millis(200),
-            },
-            server: Default::default(),
-            upstream: Default::default(),
-            rate_limits: Default::default(),
-            plugins: Default::default(),
-        })
-        .await
-        .unwrap();
+        let proxy = kanali_dataplane::start(detached_proxy_config("requests"))
+            .await
+            .unwrap();
         let (plain, evil) = (echo("plain").await, echo("evil").await);
         let upstreams = Upstreams::new(Default::default()).unwrap();
         let to = |e: &Echo| endpoint("http", &e.addr.to_string(), "");

@@ -15,15 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use harness::{echo, endpoint, route, snapshot};
+use harness::{detached_proxy_config, echo, endpoint, route, snapshot};
 use http::StatusCode;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kanali_dataplane::client::ClientConfig;
+use kanali_dataplane::RunningProxy;
 use kanali_dataplane::shutdown::ShutdownConfig;
 use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::Upstreams;
-use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::Echo;
 use kanali_e2e::check::DEADLINE;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -37,26 +36,9 @@ struct Env {
 }
 
 async fn start() -> Env {
-    let proxy = kanali_dataplane::start(ProxyConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        client: ClientConfig {
-            // No controller: the test installs the table itself.
-            controllers: vec!["http://127.0.0.1:9".to_owned()],
-            proxy_id: "shutdown".to_owned(),
-            min_backoff: Duration::from_secs(5),
-            max_backoff: Duration::from_secs(5),
-            tls: None,
-            tls_server_name: None,
-            usage_interval: Duration::from_millis(200),
-        },
-        server: Default::default(),
-        upstream: Default::default(),
-        rate_limits: Default::default(),
-        plugins: Default::default(),
-    })
-    .await
-    .unwrap();
+    let proxy = kanali_dataplane::start(detached_proxy_config("shutdown"))
+        .await
+        .unwrap();
     let echo = echo("echo").await;
     let upstreams = Upstreams::new(Default::default()).unwrap();
     let routes = vec![route("/api", endpoint("http", &echo.addr.to_string(), ""))];
