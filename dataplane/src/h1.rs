@@ -288,9 +288,7 @@ pub async fn exchange(
         State::Length(n) if (conn.read.len() as u64) >= n => {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
             body.ready = (n > 0).then(|| take(&mut conn.read, n));
-            if keep_alive && conn.read.is_empty() {
-                pool.release_h1(conn);
-            }
+            give_back(conn, keep_alive, pool);
         }
         state => {
             body.state = state;
@@ -729,16 +727,21 @@ pub struct H1Body {
     keep_alive: bool,
 }
 
+/// A response has been read whole: its connection goes back to `pool` if it can take another
+/// request and nothing is left unread on it (an upstream that sent more than it framed is not
+/// trusted again); otherwise it closes.
+fn give_back(conn: Box<H1Conn>, keep_alive: bool, pool: &HostPool) {
+    if keep_alive && conn.read.is_empty() {
+        pool.release_h1(conn);
+    }
+}
+
 impl H1Body {
-    /// The body ended: the connection goes back if it can take another request and nothing
-    /// is left unread on it (an upstream that sent more than it framed is not trusted again).
+    /// The body ended: see [`give_back`].
     fn finish(&mut self) {
         self.state = State::Done;
-        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.take())
-            && self.keep_alive
-            && conn.read.is_empty()
-        {
-            pool.release_h1(conn);
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.take()) {
+            give_back(conn, self.keep_alive, &pool);
         }
     }
 }

@@ -296,32 +296,36 @@ where
 
 /// Reads one request (head, and a body of its Content-Length) from `stream`; `None` at EOF.
 async fn read_request(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
+    let end = loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            while buf.len() < end + 4 + len {
-                let mut more = [0u8; 4096];
-                let n = stream.read(&mut more).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&more[..n]);
-            }
-            let whole = String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned();
-            buf.drain(..end + 4 + len);
-            return Some(whole);
+            break end + 4;
         }
-        let mut more = [0u8; 4096];
-        let n = stream.read(&mut more).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&more[..n]);
+        read_more(stream, buf).await?;
+    };
+    let len: usize = String::from_utf8_lossy(&buf[..end])
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while buf.len() < end + len {
+        read_more(stream, buf).await?;
     }
+    let whole = String::from_utf8_lossy(&buf[..end + len]).into_owned();
+    buf.drain(..end + len);
+    Some(whole)
+}
+
+/// Reads one request and answers it with `bytes`; nothing at EOF.
+async fn reply_once(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, bytes: &[u8]) {
+    if read_request(stream, buf).await.is_some() {
+        stream.write_all(bytes).await.unwrap();
+    }
+}
+
+/// Appends what one read gives to `buf`; `None` at EOF or on an error.
+async fn read_more(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut more = [0u8; 4096];
+    let n = stream.read(&mut more).await.ok()?;
+    (n > 0).then(|| buf.extend_from_slice(&more[..n]))
 }
 
 fn pool(addr: std::net::SocketAddr) -> Arc<HostPool> {
@@ -339,15 +343,25 @@ fn pool(addr: std::net::SocketAddr) -> Arc<HostPool> {
     Arc::new(HostPool::new(key, None, settings).unwrap())
 }
 
-fn get(method: &str, body: Option<&'static str>) -> Request<RequestBody> {
+/// `method path` for host `up`, with `body` wholly in hand.
+fn request(method: &str, path: &str, body: Option<&'static str>) -> Request<RequestBody> {
     Request::builder()
         .method(method)
-        .uri("/x")
+        .uri(path)
         .header("host", "up")
         .body(RequestBody::complete(
             body.map(|b| Bytes::from_static(b.as_bytes())),
         ))
         .unwrap()
+}
+
+fn get(method: &str, body: Option<&'static str>) -> Request<RequestBody> {
+    request(method, "/x", body)
+}
+
+/// Sends `req` through `pool` and reads the whole body of its answer.
+async fn answer(pool: &Arc<HostPool>, req: Request<RequestBody>) -> String {
+    text(pool.send(req).await.unwrap()).await.unwrap()
 }
 
 async fn text(resp: Response<UpstreamBody>) -> Result<String, String> {
@@ -387,8 +401,10 @@ async fn keep_alive_connections_are_reused_and_split_responses_reassemble() {
         assert_eq!(resp.status(), 200);
         assert_eq!(text(resp).await.unwrap(), format!("{i}:GET /x HTTP/1.1"));
     }
-    let resp = pool.send(get("POST", Some("hello"))).await.unwrap();
-    assert_eq!(text(resp).await.unwrap(), "4:POST /x HTTP/1.1");
+    assert_eq!(
+        answer(&pool, get("POST", Some("hello"))).await,
+        "4:POST /x HTTP/1.1"
+    );
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         1,
@@ -420,26 +436,18 @@ async fn chunked_and_close_delimited_bodies_stream_and_only_the_first_keeps_its_
     })
     .await;
     let pool = pool(addr);
-    let req = |path: &str| {
-        Request::builder()
-            .uri(path)
-            .header("host", "up")
-            .body(RequestBody::complete(None))
-            .unwrap()
-    };
+    let req = |path: &str| request("GET", path, None);
     let resp = pool.send(req("/chunked")).await.unwrap();
     let collected = resp.into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().unwrap()["x-sum"], "9");
     assert_eq!(collected.to_bytes(), "wikipedia");
-    let resp = pool.send(req("/eof")).await.unwrap();
     assert_eq!(
-        text(resp).await.unwrap(),
+        answer(&pool, req("/eof")).await,
         "until close on 0",
         "chunked kept the connection"
     );
-    let resp = pool.send(req("/eof")).await.unwrap();
     assert_eq!(
-        text(resp).await.unwrap(),
+        answer(&pool, req("/eof")).await,
         "until close on 1",
         "close-delimited did not"
     );
@@ -465,13 +473,7 @@ async fn a_body_cut_short_is_an_error_and_extra_bytes_are_not_trusted() {
     })
     .await;
     let pool = pool(addr);
-    let req = |path: &str| {
-        Request::builder()
-            .uri(path)
-            .header("host", "up")
-            .body(RequestBody::complete(None))
-            .unwrap()
-    };
+    let req = |path: &str| request("GET", path, None);
     let resp = pool.send(req("/short")).await.unwrap();
     assert!(
         text(resp)
@@ -479,10 +481,8 @@ async fn a_body_cut_short_is_an_error_and_extra_bytes_are_not_trusted() {
             .unwrap_err()
             .contains("before the response body ended")
     );
-    let resp = pool.send(req("/extra")).await.unwrap();
-    assert_eq!(text(resp).await.unwrap(), "ok");
-    let resp = pool.send(req("/extra")).await.unwrap();
-    assert_eq!(text(resp).await.unwrap(), "ok");
+    assert_eq!(answer(&pool, req("/extra")).await, "ok");
+    assert_eq!(answer(&pool, req("/extra")).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
@@ -492,28 +492,19 @@ async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_rep
     // answering (an upstream's keep-alive timeout racing the request).
     let (addr, accepted) = upstream(|mut s, _| async move {
         let mut buf = Vec::new();
-        if read_request(&mut s, &mut buf).await.is_some() {
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .unwrap();
-        }
+        reply_once(
+            &mut s,
+            &mut buf,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
         let _ = read_request(&mut s, &mut buf).await;
     })
     .await;
     let pool = pool(addr);
-    assert_eq!(
-        text(pool.send(get("GET", None)).await.unwrap())
-            .await
-            .unwrap(),
-        "ok"
-    );
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
     // The GET goes again on a new connection.
-    assert_eq!(
-        text(pool.send(get("GET", None)).await.unwrap())
-            .await
-            .unwrap(),
-        "ok"
-    );
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     // A POST may have been acted on: it is not sent twice.
     let error = pool.send(get("POST", Some("x"))).await.unwrap_err();
@@ -530,22 +521,18 @@ async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_rep
 async fn a_connection_closed_while_idle_is_not_used() {
     let (addr, accepted) = upstream(|mut s, _| async move {
         let mut buf = Vec::new();
-        if read_request(&mut s, &mut buf).await.is_some() {
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .unwrap();
-        }
+        reply_once(
+            &mut s,
+            &mut buf,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
         // Closes at once, while the proxy holds the connection idle.
     })
     .await;
     let pool = pool(addr);
     for _ in 0..2 {
-        assert_eq!(
-            text(pool.send(get("POST", Some("x"))).await.unwrap())
-                .await
-                .unwrap(),
-            "ok"
-        );
+        assert_eq!(answer(&pool, get("POST", Some("x"))).await, "ok");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The second POST went on a new connection without an error: the FIN was seen first.
@@ -556,11 +543,12 @@ async fn a_connection_closed_while_idle_is_not_used() {
 async fn bad_responses_are_errors() {
     let (addr, _) = upstream(|mut s, _| async move {
         let mut buf = Vec::new();
-        if read_request(&mut s, &mut buf).await.is_some() {
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab")
-                .await
-                .unwrap();
-        }
+        reply_once(
+            &mut s,
+            &mut buf,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+        )
+        .await;
     })
     .await;
     let error = pool(addr).send(get("GET", None)).await.unwrap_err();
