@@ -37,15 +37,53 @@ pub enum UpstreamBody {
     H1(H1Body),
 }
 
-/// Why an upstream's body stopped short.
+/// Why a body (a client's or an upstream's) stopped short.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     /// From hyper.
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
-    /// From the HTTP/1.1 client.
+    /// From the proxy's own HTTP/1.1 client or server.
     #[error(transparent)]
     H1(#[from] H1Error),
+}
+
+/// A client's request body.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// Over hyper's server (HTTP/2).
+    Hyper(Incoming),
+    /// Over the proxy's own HTTP/1.x server.
+    H1(crate::h1::server::Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H1(b) => b.size_hint(),
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -116,7 +154,7 @@ impl Body for ProxyBody {
 #[derive(Debug)]
 pub enum RequestBody {
     /// The client's body as it arrives (also: no body at all).
-    Streamed(Incoming),
+    Streamed(ClientBody),
     /// What was read ahead: the data, then the trailers, then (if the body was longer than
     /// the read-ahead limit) the rest as it arrives.
     ReadAhead {
@@ -125,7 +163,7 @@ pub enum RequestBody {
         /// Trailers of a body that ended within the limit.
         trailers: Option<HeaderMap>,
         /// The unread rest.
-        rest: Option<Incoming>,
+        rest: Option<ClientBody>,
     },
 }
 
@@ -157,20 +195,20 @@ impl RequestBody {
     }
 }
 
-impl From<Incoming> for RequestBody {
-    fn from(body: Incoming) -> Self {
+impl From<ClientBody> for RequestBody {
+    fn from(body: ClientBody) -> Self {
         RequestBody::Streamed(body)
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
             RequestBody::ReadAhead {
@@ -234,10 +272,10 @@ impl Body for RequestBody {
 /// for one) may be a conversation, so it streams from the first byte; HTTP/2 framing has no
 /// chunk sizes to get wrong.
 pub async fn read_ahead(
-    body: Incoming,
+    body: ClientBody,
     limit: usize,
     http2: bool,
-) -> Result<RequestBody, hyper::Error> {
+) -> Result<RequestBody, BodyError> {
     let declared = body.size_hint().exact();
     if body.is_end_stream() || limit == 0 || (http2 && declared.is_none()) {
         return Ok(RequestBody::Streamed(body));

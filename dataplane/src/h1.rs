@@ -29,6 +29,8 @@ use tokio_rustls::client::TlsStream;
 
 use crate::pool::HostPool;
 
+pub mod server;
+
 /// A response head larger than this is refused (nginx's default is 4–8 KiB; hyper's ~400).
 const MAX_HEAD: usize = 64 * 1024;
 /// Header fields in a response head (hyper's default is 100 too).
@@ -197,7 +199,7 @@ pub enum H1Error {
     #[error("invalid response: {0}")]
     Invalid(&'static str),
     /// The connection ended before the body did.
-    #[error("the upstream closed the connection before the response body ended")]
+    #[error("the connection closed before the body ended")]
     Truncated,
 }
 
@@ -705,8 +707,10 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     if digits == 0 || digits > 16 {
         return Err(bad);
     }
-    let rest = line[digits..].trim_ascii_start();
-    if !(rest.is_empty() || rest.starts_with(b";")) {
+    // Whitespace only before an extension's `;` (RFC 9112 §7.1.1): a size followed by spaces
+    // alone is one a lenient parser and a strict one would read differently.
+    let rest = &line[digits..];
+    if !(rest.is_empty() || rest.trim_ascii_start().starts_with(b";")) {
         return Err(bad);
     }
     let hex =

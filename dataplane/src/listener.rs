@@ -1,18 +1,17 @@
 //! Accepting connections, cleartext or TLS, and the limits on each connection.
 //!
 //! Each accepted connection gets its own task, which does the TLS handshake (so a slow
-//! handshake never stalls the accept loop), then serves HTTP/1.1 or HTTP/2 with the hyper-util
-//! auto builder. Per connection, besides what hyper enforces:
+//! handshake never stalls the accept loop), then serves HTTP/1.x with the proxy's own server
+//! ([`crate::h1::server`]); a client that opens with the HTTP/2 preface (prior knowledge, or
+//! after ALPN chose `h2`) is handed to hyper's HTTP/2 server. Per connection:
 //!
 //! - a connection that has not delivered a complete request within `header_read_timeout` of
-//!   being accepted (after its TLS handshake) is closed. hyper's own `header_read_timeout`
-//!   only starts once an HTTP/1 connection has been recognised as such, so it misses a client
-//!   that sends nothing or part of the HTTP/2 preface (the auto builder waits for those bytes
-//!   without a timeout), and HTTP/2 has no equivalent at all;
-//! - a connection with no request in flight for `idle_timeout` is closed gracefully (HTTP/2:
-//!   GOAWAY). For HTTP/1.1 hyper already closes a keep-alive connection whose next request
-//!   head does not arrive within `header_read_timeout` (its timer restarts as soon as a
-//!   response is done), so there the effective idle limit is the smaller of the two;
+//!   being accepted (after its TLS handshake) is closed, whatever it sent meanwhile (part of
+//!   a head, part of the HTTP/2 preface, nothing);
+//! - HTTP/1.x: the next request head on a keep-alive connection has to arrive within the
+//!   smaller of `header_read_timeout` and `idle_timeout` of the last response;
+//! - HTTP/2: a connection with no request in flight for `idle_timeout` is closed gracefully
+//!   (GOAWAY);
 //! - once the proxy drains ([`crate::shutdown`]), the connection is asked to go after its next
 //!   response: HTTP/1.x responses carry `Connection: close`, and an HTTP/2 connection sends
 //!   GOAWAY (its requests in flight finish). New connections are still accepted meanwhile.
@@ -23,21 +22,25 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf as _, Bytes};
+use futures_util::FutureExt as _;
 use http::header::{CONNECTION, HeaderValue};
 use http::{Extensions, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::body::{ClientBody, ProxyBody};
+use crate::h1::server::Ended;
 use crate::server::{Proxy, ServerConfig, recover};
 use crate::server_tls::ServerTls;
 use crate::shutdown::DrainSignal;
@@ -72,10 +75,11 @@ pub(crate) async fn serve(
     drain: DrainSignal,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(builder(config));
+    let http2 = Arc::new(http2(config));
     let limits = Limits {
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
+        max_header_bytes: config.max_header_bytes,
     };
     // Every connection task holds a receiver; `closed()` resolves when the last one is gone.
     // (hyper-util's GracefulShutdown does the same, but only for hyper's own connection types,
@@ -98,7 +102,7 @@ pub(crate) async fn serve(
         let conn = Conn {
             peer,
             proxy: proxy.clone(),
-            builder: builder.clone(),
+            http2: http2.clone(),
             limits,
             drain: drain.clone(),
             shutdown: shutdown.clone(),
@@ -120,17 +124,9 @@ pub(crate) async fn serve(
     drained.closed().await;
 }
 
-fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http2(config: &ServerConfig) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        // A client that shuts down its sending side after the request still gets its answer.
-        .half_close(true)
-        .max_buf_size(config.max_header_bytes.max(8192));
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
         // Finds peers that vanished without closing (their requests would otherwise hold
@@ -144,13 +140,14 @@ fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
 struct Limits {
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    max_header_bytes: usize,
 }
 
 /// One accepted connection, owned by its task.
 struct Conn {
     peer: SocketAddr,
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    http2: Arc<http2::Builder<TokioExecutor>>,
     limits: Limits,
     drain: DrainSignal,
     shutdown: watch::Receiver<bool>,
@@ -195,85 +192,230 @@ impl Conn {
         let Conn {
             peer,
             proxy,
-            builder,
+            http2,
             limits,
             drain,
             mut shutdown,
             _drained,
         } = self;
         let activity = Arc::new(Activity::new(drain));
-        let client = Arc::new(crate::server::Peer::new(peer));
-        let service = {
-            let activity = activity.clone();
-            hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                if let Some(tls) = tls {
-                    req.extensions_mut().insert(tls);
-                }
-                let in_flight = activity.begin();
-                let proxy = proxy.clone();
-                let client = client.clone();
-                let version = req.version();
-                // Boxed: hyper keeps the request's future inside the connection's, so unboxed
-                // every connection — idle ones too — would carry the largest request state
-                // (kilobytes) for as long as it lives. Boxed, that memory is a request's.
-                Box::pin(async move {
-                    let mut resp = recover(proxy.handle(req, &client)).await;
-                    in_flight.leave_if_draining(version, &mut resp);
-                    // The request stays in flight until its response body is sent (or
-                    // dropped), so a long download or stream is not "idle".
-                    Ok::<_, Infallible>(resp.map(|body| Tracked {
-                        body,
-                        _in_flight: in_flight,
-                    }))
-                })
-            })
+        let handler = Handler {
+            proxy,
+            client: Arc::new(crate::server::Peer::new(peer)),
+            activity: activity.clone(),
+            tls,
         };
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        let idle = idle(&activity, limits);
-        // Armed when an idle connection is asked to close: a graceful close waits for the
-        // client (HTTP/2 GOAWAY and ping), and a client that never answers must not keep
-        // the connection open.
-        let force = tokio::time::sleep(Duration::MAX / 4);
-        tokio::pin!(conn, idle, force);
-        let (mut closing, mut forcing) = (false, false);
-        loop {
-            tokio::select! {
-                biased;
-                ended = conn.as_mut() => {
-                    if let Err(error) = ended {
-                        tracing::debug!(%error, %peer, "connection ended with an error");
-                    }
-                    return;
+        // HTTP/1.x first (a client that sends the HTTP/2 preface is handed over). Between
+        // requests the connection is idle, and the next head has to arrive within the header
+        // read timeout as well.
+        let h1_limits = Limits {
+            idle_timeout: limits.idle_timeout.min(limits.header_read_timeout),
+            ..limits
+        };
+        let served = {
+            let conn =
+                crate::h1::server::serve(io, limits.max_header_bytes, &activity.closing, |req| {
+                    handler.call(req.map(ClientBody::H1))
+                });
+            let close = |_: Pin<&mut _>| activity.closing.store(true, Ordering::Relaxed);
+            drive(conn, close, &activity, h1_limits, &mut shutdown, peer).await
+        };
+        let (io, read) = match served {
+            Some(Ok(Ended::Http2(io, read))) => (io, read),
+            Some(Ok(Ended::Closed)) | None => return,
+            Some(Err(error)) => {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+                return;
+            }
+        };
+        // Boxed: HTTP/2's connection state is kilobytes, which every HTTP/1 connection would
+        // otherwise carry inside its task.
+        Box::pin(serve_h2(
+            Prefixed { read, io },
+            &http2,
+            handler,
+            &activity,
+            limits,
+            &mut shutdown,
+            peer,
+        ))
+        .await;
+    }
+}
+
+/// Serves an HTTP/2 connection (with prior knowledge, or negotiated by ALPN) with hyper.
+async fn serve_h2<I>(
+    io: Prefixed<I>,
+    http2: &http2::Builder<TokioExecutor>,
+    handler: Handler,
+    activity: &Activity,
+    limits: Limits,
+    shutdown: &mut watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        handler
+            .call(req.map(ClientBody::Hyper))
+            .map(Ok::<_, Infallible>)
+    });
+    let conn = http2.serve_connection(TokioIo::new(io), service);
+    let close = |conn: Pin<&mut _>| {
+        http2::Connection::graceful_shutdown(conn);
+    };
+    if let Some(Err(error)) = drive(conn, close, activity, limits, shutdown, peer).await {
+        tracing::debug!(%error, %peer, "connection ended with an error");
+    }
+}
+
+/// What every request on a connection is handled with.
+#[derive(Clone)]
+struct Handler {
+    proxy: Arc<Proxy>,
+    client: Arc<crate::server::Peer>,
+    activity: Arc<Activity>,
+    tls: Option<TlsConnection>,
+}
+
+impl Handler {
+    fn call(
+        &self,
+        mut req: Request<ClientBody>,
+    ) -> impl Future<Output = Response<Tracked<ProxyBody>>> + Send + use<> {
+        if let Some(tls) = self.tls {
+            req.extensions_mut().insert(tls);
+        }
+        let in_flight = self.activity.begin();
+        let proxy = self.proxy.clone();
+        let client = self.client.clone();
+        let version = req.version();
+        // Boxed: the connection keeps the request's future inside its own, so unboxed every
+        // connection — idle ones too — would carry the largest request state (kilobytes) for
+        // as long as it lives. Boxed, that memory is a request's.
+        Box::pin(async move {
+            let mut resp = recover(proxy.handle(req, &client)).await;
+            in_flight.leave_if_draining(version, &mut resp);
+            // The request stays in flight until its response body is sent (or dropped), so a
+            // long download or stream is not "idle".
+            resp.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            })
+        })
+    }
+}
+
+/// Runs a connection until it ends (its output) or is dropped for not closing when asked
+/// (`None`): closes it gracefully (`close`) when the proxy shuts down, when it has been idle
+/// too long, or when draining asks an HTTP/2 connection to go.
+async fn drive<F: Future>(
+    conn: F,
+    mut close: impl FnMut(Pin<&mut F>),
+    activity: &Activity,
+    limits: Limits,
+    shutdown: &mut watch::Receiver<bool>,
+    peer: SocketAddr,
+) -> Option<F::Output> {
+    let idle = idle(activity, limits);
+    // Armed when an idle connection is asked to close: a graceful close waits for the
+    // client (HTTP/2 GOAWAY and ping), and a client that never answers must not keep the
+    // connection open. Boxed, and only then: a timer is hundreds of bytes that every
+    // connection would otherwise carry.
+    let mut force: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    tokio::pin!(conn, idle);
+    let mut closing = false;
+    let arm = |force: &mut Option<Pin<Box<tokio::time::Sleep>>>| {
+        *force = Some(Box::pin(tokio::time::sleep(limits.header_read_timeout)));
+    };
+    loop {
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => return Some(ended),
+            () = crate::stopped(shutdown), if !closing => {
+                closing = true;
+                close(conn.as_mut());
+            }
+            // An HTTP/2 request was answered while draining: GOAWAY (new streams go to a
+            // new connection, which the balancer sends elsewhere once it caught up).
+            () = activity.goaway.notified(), if !closing => {
+                tracing::debug!(%peer, "draining: sending GOAWAY");
+                closing = true;
+                arm(&mut force);
+                close(conn.as_mut());
+            }
+            reason = &mut idle, if !closing => {
+                tracing::debug!(%peer, reason, "closing connection");
+                closing = true;
+                arm(&mut force);
+                close(conn.as_mut());
+            }
+            () = async {
+                match force.as_mut() {
+                    Some(force) => force.await,
+                    None => std::future::pending().await,
                 }
-                () = crate::stopped(&mut shutdown), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+            }, if force.is_some() => {
+                if activity.idle_for().is_some() {
+                    tracing::debug!(%peer, "connection did not close when asked; dropping it");
+                    return None;
                 }
-                // An HTTP/2 request was answered while draining: GOAWAY (new streams go to a
-                // new connection, which the balancer sends elsewhere once it caught up).
-                () = activity.goaway.notified(), if !closing => {
-                    tracing::debug!(%peer, "draining: sending GOAWAY");
-                    closing = true;
-                    forcing = true;
-                    force.as_mut().reset(Instant::now() + limits.header_read_timeout);
-                    conn.as_mut().graceful_shutdown();
-                }
-                reason = &mut idle, if !closing => {
-                    tracing::debug!(%peer, reason, "closing connection");
-                    closing = true;
-                    forcing = true;
-                    force.as_mut().reset(Instant::now() + limits.header_read_timeout);
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = &mut force, if forcing => {
-                    if activity.idle_for().is_some() {
-                        tracing::debug!(%peer, "connection did not close when asked; dropping it");
-                        return;
-                    }
-                    force.as_mut().reset(Instant::now() + limits.header_read_timeout);
-                }
+                arm(&mut force);
             }
         }
+    }
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Prefixed<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -290,12 +432,14 @@ async fn idle(activity: &Activity, limits: Limits) -> &'static str {
                     "no request within the header read timeout",
                 )
             };
-        match activity.idle_for() {
+        let wait = match activity.idle_for() {
             Some(idle) if idle >= limit => return reason,
-            Some(idle) => tokio::time::sleep(limit - idle).await,
+            Some(idle) => limit - idle,
             // Busy: look again later (the deadline only matters once it is idle).
-            None => tokio::time::sleep(limits.idle_timeout).await,
-        }
+            None => limits.idle_timeout,
+        };
+        // One timer (one await), not one per arm: every connection carries it.
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -310,6 +454,8 @@ struct Activity {
     drain: DrainSignal,
     /// Asks the connection task for a GOAWAY (HTTP/2 only).
     goaway: Notify,
+    /// Asks an HTTP/1.x connection to close (see [`crate::h1::server::serve`]).
+    closing: AtomicBool,
 }
 
 impl Activity {
@@ -320,6 +466,7 @@ impl Activity {
             last_ms: AtomicU64::new(u64::MAX),
             drain,
             goaway: Notify::new(),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -413,6 +560,7 @@ mod tests {
         Limits {
             header_read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
         }
     }
 

@@ -10,11 +10,10 @@ use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::{ProxyBody, RequestBody, read_ahead};
+use crate::body::{ClientBody, ProxyBody, RequestBody, read_ahead};
 use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
 use crate::filter::credentials::UsageLog;
@@ -31,7 +30,7 @@ use crate::upstream::Upstream;
 pub struct ServerConfig {
     /// Time a client has to send the request head (slowloris protection); also the time a
     /// new connection has to complete its TLS handshake, and, for HTTP/1.1, how long a
-    /// keep-alive connection may wait for its next request (hyper's timer covers that gap).
+    /// keep-alive connection may wait for its next request.
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger heads get 431.
     pub max_header_bytes: usize,
@@ -109,7 +108,7 @@ impl Proxy {
     }
 
     /// Handles one request. Never fails: every problem becomes a Kanali error response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<ClientBody>, peer: &Peer) -> Response<ProxyBody> {
         let correlation_id = correlation_id();
         let mut resp = self.route(req, peer, &correlation_id).await;
         resp.headers_mut()
@@ -119,7 +118,7 @@ impl Proxy {
 
     async fn route(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: &Peer,
         correlation_id: &HeaderValue,
     ) -> Response<ProxyBody> {
@@ -224,7 +223,7 @@ impl Proxy {
 
     async fn proxy_pass(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: &Peer,
         pass: Pass,
         correlation_id: &HeaderValue,
@@ -325,7 +324,7 @@ impl Proxy {
     /// Reads a request body ahead (see [`read_ahead`]), or the answer refusing it.
     async fn read_body(
         &self,
-        body: Incoming,
+        body: ClientBody,
         version: Version,
         deadline: tokio::time::Instant,
     ) -> Result<RequestBody, Response<ProxyBody>> {

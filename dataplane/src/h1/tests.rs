@@ -479,7 +479,7 @@ async fn a_body_cut_short_is_an_error_and_extra_bytes_are_not_trusted() {
         text(resp)
             .await
             .unwrap_err()
-            .contains("before the response body ended")
+            .contains("before the body ended")
     );
     assert_eq!(answer(&pool, req("/extra")).await, "ok");
     assert_eq!(answer(&pool, req("/extra")).await, "ok");

@@ -3,7 +3,6 @@
 //! controller), a kept-alive HTTP/1.1 client to it, snapshot builders, and a one-line summary
 //! of an echo answer.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +11,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use kanali_dataplane::server::{Proxy, ServerConfig};
 use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::{UpstreamConfig, Upstreams};
@@ -90,6 +88,8 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub tables: Arc<ArcSwapOption<RouteTable>>,
     pub upstreams: Upstreams,
+    /// Keeps the listener running.
+    _stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Harness {
@@ -105,28 +105,19 @@ impl Harness {
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, peer)) = listener.accept().await else {
-                    return;
-                };
-                let proxy = proxy.clone();
-                let peer = Arc::new(kanali_dataplane::server::Peer::new(peer));
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let proxy = proxy.clone();
-                        let peer = peer.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req, &peer).await) }
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
+        // The proxy's own listener, as kanali-proxy runs it; it stops with the test's runtime.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(kanali_dataplane::server::serve(
+            listener,
+            None,
+            proxy,
+            kanali_dataplane::shutdown::DrainSignal::never(),
+            stopped,
+        ));
         Harness {
             addr,
             tables,
+            _stop: stop,
             upstreams: Upstreams::new(config).unwrap(),
         }
     }

@@ -1,0 +1,348 @@
+//! The HTTP/1 server side on an in-memory stream: what a client sends, byte for byte, and
+//! what it gets back. (The request-smuggling matrix runs end to end in
+//! `e2e/tests/smuggling.rs`; here are the parser's decisions and the connection's behaviour.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+use super::*;
+
+fn parse(head: &[u8]) -> Result<Option<(Parsed, usize)>, Refused> {
+    parse_head(head, &mut Vec::new())
+}
+
+fn refused(head: &[u8]) -> StatusCode {
+    match parse(head) {
+        Err(Refused::Status(status, _)) => status,
+        Err(Refused::Io(e)) => panic!("io error {e}"),
+        Ok(_) => panic!("accepted: {}", String::from_utf8_lossy(head)),
+    }
+}
+
+#[test]
+fn framing_is_read_strictly() {
+    let ok = |head: &[u8]| parse(head).unwrap().unwrap().0;
+    assert_eq!(
+        ok(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").framing,
+        Framing::None
+    );
+    assert_eq!(
+        ok(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n").framing,
+        Framing::Length(5)
+    );
+    assert_eq!(
+        ok(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").framing,
+        Framing::Length(5)
+    );
+    assert_eq!(
+        ok(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").framing,
+        Framing::Chunked
+    );
+    for head in [
+        &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+    ] {
+        assert_eq!(refused(head), StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(
+        refused(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
+        StatusCode::NOT_IMPLEMENTED
+    );
+}
+
+#[test]
+fn connection_persistence_follows_the_version() {
+    let keep = |head: &[u8]| parse(head).unwrap().unwrap().0.keep_alive;
+    assert!(keep(b"GET / HTTP/1.1\r\n\r\n"));
+    assert!(!keep(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+    assert!(!keep(b"GET / HTTP/1.0\r\n\r\n"));
+    assert!(keep(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+    // Only HTTP/1.1 clients wait for 100 Continue.
+    let expect = |head: &[u8]| parse(head).unwrap().unwrap().0.expect_continue;
+    assert!(expect(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"));
+    assert!(!expect(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n"));
+}
+
+#[test]
+fn a_partial_head_asks_for_more() {
+    assert!(parse(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+}
+
+#[test]
+fn chunk_sizes_are_hex() {
+    let mut buf = [0u8; 16];
+    assert_eq!(hex_len(0, &mut buf), b"0");
+    assert_eq!(hex_len(255, &mut buf), b"ff");
+    assert_eq!(hex_len(16 * 1024, &mut buf), b"4000");
+    assert_eq!(hex_len(usize::MAX, &mut buf), b"ffffffffffffffff");
+}
+
+/// A handler that echoes the request body (and the method and path) back.
+async fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes());
+    let text = match body {
+        Ok(b) => format!(
+            "{} {} {}",
+            parts.method,
+            parts.uri,
+            String::from_utf8_lossy(&b)
+        ),
+        Err(e) => format!("error {e}"),
+    };
+    Response::new(Full::new(Bytes::from(text)))
+}
+
+/// Serves one connection with `echo`; the client's end.
+fn connect() -> (DuplexStream, tokio::task::JoinHandle<()>) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let task = tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        let _ = serve(server, 64 * 1024, &closing, echo).await;
+    });
+    (client, task)
+}
+
+/// Reads until the peer closes (or 5 s pass).
+async fn read_all(client: &mut DuplexStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads `n` response bodies' worth: until `marker` was seen `n` times.
+async fn read_until(client: &mut DuplexStream, marker: &str, n: usize) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&out).matches(marker).count() < n {
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(read > 0, "closed early: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..read]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn pipelined_requests_get_their_answers_in_order() {
+    let (mut client, _task) = connect();
+    client
+        .write_all(
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+              POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+              GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_all(&mut client).await;
+    let bodies: Vec<_> = answer
+        .split("HTTP/1.1 200 OK\r\n")
+        .skip(1)
+        .map(|r| r.split("\r\n\r\n").nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["POST /a hello", "POST /b abc", "GET /c "],
+        "{answer}"
+    );
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(answer.contains("\r\ndate: "), "{answer}");
+}
+
+#[tokio::test]
+async fn a_body_in_pieces_streams_and_100_continue_is_sent_once_it_is_wanted() {
+    let (mut client, _task) = connect();
+    client
+        .write_all(
+            b"PUT /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut client, "100 Continue", 1).await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    client.write_all(b"01234").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    client.write_all(b"56789").await.unwrap();
+    let answer = read_until(&mut client, "0123456789", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("PUT /up 0123456789"), "{answer}");
+    // The connection stays open for the next request.
+    client
+        .write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_until(&mut client, "GET /next", 1).await;
+    assert!(next.starts_with("HTTP/1.1 200 OK\r\n"), "{next}");
+}
+
+#[tokio::test]
+async fn a_body_cut_short_reaches_the_handler_as_an_error() {
+    let (mut client, _task) = connect();
+    client
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let answer = read_all(&mut client).await;
+    assert!(answer.contains("error"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+}
+
+#[tokio::test]
+async fn responses_are_framed_by_what_the_body_says() {
+    async fn answer(
+        req: Request<Incoming>,
+    ) -> Response<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>> {
+        let path = req.uri().path().to_owned();
+        let body = match path.as_str() {
+            // Length unknown: chunked, with the declared trailer only.
+            "/stream" => {
+                let frames = futures_util::stream::iter([
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"wiki"))),
+                    Ok(Frame::data(Bytes::from_static(b"pedia"))),
+                    Ok(Frame::trailers({
+                        let mut t = HeaderMap::new();
+                        t.insert("x-sum", HeaderValue::from_static("9"));
+                        t.insert("x-undeclared", HeaderValue::from_static("1"));
+                        t
+                    })),
+                ]);
+                BodyExt::boxed(StreamBody::new(frames))
+            }
+            _ => BodyExt::boxed(Full::new(Bytes::from_static(b"fixed"))),
+        };
+        let mut resp = Response::new(body);
+        if path == "/stream" {
+            resp.headers_mut()
+                .insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        }
+        resp
+    }
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        let _ = serve(server, 64 * 1024, &closing, answer).await;
+    });
+    client
+        .write_all(
+            b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n\
+              HEAD /fixed HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /stream HTTP/1.0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_all(&mut client).await;
+    let responses: Vec<_> = answer.split("HTTP/1.1 200 OK\r\n").skip(1).collect();
+    assert_eq!(responses.len(), 3, "{answer}");
+    assert!(
+        responses[0].contains("transfer-encoding: chunked\r\n"),
+        "{answer}"
+    );
+    assert!(
+        responses[0].ends_with("\r\n\r\n4\r\nwiki\r\n5\r\npedia\r\n0\r\nx-sum: 9\r\n\r\n"),
+        "{answer}"
+    );
+    // HEAD: the length a GET would get, no body.
+    assert!(responses[1].contains("content-length: 5\r\n"), "{answer}");
+    assert!(responses[1].ends_with("\r\n\r\n"), "{answer}");
+    // HTTP/1.0 knows no chunked coding: the body runs until the connection closes.
+    assert!(!responses[2].contains("transfer-encoding"), "{answer}");
+    assert!(responses[2].contains("connection: close\r\n"), "{answer}");
+    assert!(responses[2].ends_with("\r\n\r\nwikipedia"), "{answer}");
+}
+
+#[tokio::test]
+async fn refusals_are_answered_and_the_connection_closed() {
+    let (mut client, task) = connect();
+    client
+        .write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_all(&mut client).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(!answer.contains("/next"), "{answer}");
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_head_over_the_limit_gets_431() {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        let _ = serve(server, 1024, &closing, echo).await;
+    });
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+        "a".repeat(2000)
+    );
+    client.write_all(big.as_bytes()).await.unwrap();
+    let answer = read_all(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+}
+
+#[tokio::test]
+async fn the_http2_preface_hands_the_connection_over() {
+    let (mut client, server) = tokio::io::duplex(1024);
+    let served = tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        serve(server, 1024, &closing, echo).await
+    });
+    client.write_all(&H2_PREFACE[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    client.write_all(&H2_PREFACE[10..]).await.unwrap();
+    client.write_all(b"frames").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    match served.await.unwrap() {
+        Ok(Ended::Http2(_, read)) => assert!(read.starts_with(H2_PREFACE)),
+        _ => panic!("not handed over"),
+    }
+}
+
+#[tokio::test]
+async fn closing_ends_an_idle_connection_and_a_busy_one_after_its_response() {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let closing = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = closing.clone();
+    let served = tokio::spawn(async move {
+        serve(
+            server,
+            64 * 1024,
+            &flag,
+            |req: Request<Incoming>| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                echo(req).await
+            },
+        )
+        .await
+    });
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    closing.store(true, Ordering::Relaxed);
+    let answer = read_all(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(matches!(served.await.unwrap(), Ok(Ended::Closed)));
+}
