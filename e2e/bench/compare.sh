@@ -2,9 +2,15 @@
 # Load comparison: kanali-proxy (1 worker thread) vs nginx vs HAProxy on the same pinned core,
 # using the team's harness (BENCH_DIR, default ../shared/bench: setup.sh + compare.sh).
 # Usage: e2e/bench/compare.sh   (env for the harness passes through: DURATION, ROUNDS, ...)
+#        OTHER=path/to/kanali-proxy e2e/bench/compare.sh   adds that build as "other", same run
 source "$(dirname "$0")/common.sh"
 start_controller
 ctl=$!
 trap 'kill $ctl 2>/dev/null; wait $ctl 2>/dev/null' EXIT
 export CMD_kanali="$proxy_cmd"
-"$BENCH_DIR/compare.sh" kanali=http://127.0.0.1:18083/api/
+targets=(kanali=http://127.0.0.1:18083/api/)
+if [ -n "${OTHER:-}" ]; then
+  export CMD_other="$OTHER --controller http://127.0.0.1:19443 --listen 127.0.0.1:18093 --admin-listen 127.0.0.1:18094 --worker-threads 1 --log warn"
+  targets+=(other=http://127.0.0.1:18093/api/)
+fi
+"$BENCH_DIR/compare.sh" "${targets[@]}"
