@@ -28,14 +28,22 @@ pub enum ProxyBody {
     Upstream(UpstreamBody, Option<InFlight>),
 }
 
-/// A response body from an upstream.
+/// A body that came over hyper or over the proxy's own HTTP/1 code: a client's request body
+/// ([`ClientBody`]) or an upstream's response body ([`UpstreamBody`]).
 #[derive(Debug)]
-pub enum UpstreamBody {
-    /// Over hyper's client (HTTP/2, and HTTP/1.1 requests whose body streams).
+pub enum Over<H> {
+    /// Over hyper: HTTP/2 (from clients or upstreams), and HTTP/1.1 upstream exchanges whose
+    /// request body streams.
     Hyper(Incoming),
-    /// Over the proxy's own HTTP/1.1 client.
-    H1(H1Body),
+    /// Over the proxy's own HTTP/1.x server or client.
+    H1(H),
 }
+
+/// A client's request body.
+pub type ClientBody = Over<crate::h1::server::Incoming>;
+
+/// A response body from an upstream.
+pub type UpstreamBody = Over<H1Body>;
 
 /// Why a body (a client's or an upstream's) stopped short.
 #[derive(Debug, thiserror::Error)]
@@ -48,16 +56,10 @@ pub enum BodyError {
     H1(#[from] H1Error),
 }
 
-/// A client's request body.
-#[derive(Debug)]
-pub enum ClientBody {
-    /// Over hyper's server (HTTP/2).
-    Hyper(Incoming),
-    /// Over the proxy's own HTTP/1.x server.
-    H1(crate::h1::server::Incoming),
-}
-
-impl Body for ClientBody {
+impl<H> Body for Over<H>
+where
+    H: Body<Data = Bytes, Error = H1Error> + Unpin,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -66,51 +68,22 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            Over::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            Over::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ClientBody::Hyper(b) => b.is_end_stream(),
-            ClientBody::H1(b) => b.is_end_stream(),
+            Over::Hyper(b) => b.is_end_stream(),
+            Over::H1(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ClientBody::Hyper(b) => b.size_hint(),
-            ClientBody::H1(b) => b.size_hint(),
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Hyper(b) => b.is_end_stream(),
-            UpstreamBody::H1(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Hyper(b) => b.size_hint(),
-            UpstreamBody::H1(b) => b.size_hint(),
+            Over::Hyper(b) => b.size_hint(),
+            Over::H1(b) => b.size_hint(),
         }
     }
 }
