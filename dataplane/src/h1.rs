@@ -454,28 +454,21 @@ fn parse_head(
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| H1Error::Invalid("bad header name"))?;
         if name == header::CONTENT_LENGTH {
-            for n in field.value.split(|&b| b == b',') {
-                let n =
-                    parse_length(n.trim_ascii()).ok_or(H1Error::Invalid("bad Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(H1Error::Invalid("conflicting Content-Length values"));
-                }
-                length = Some(n);
-            }
+            content_length(field.value, &mut length).map_err(|e| match e {
+                LengthError::NotANumber => H1Error::Invalid("bad Content-Length"),
+                LengthError::Disagree => H1Error::Invalid("conflicting Content-Length values"),
+            })?;
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // Only the final coding decides (RFC 9112 §6.3): a later field overrides.
-            chunked = field
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            chunked = elements(field.value)
+                .next_back()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
             // Hop-by-hop: the proxy frames its own response.
             continue;
         } else if name == header::CONNECTION {
             let mut only_framing = true;
-            for token in field.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
+            for token in elements(field.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
@@ -493,8 +486,7 @@ fn parse_head(
         } else if name == KEEP_ALIVE {
             continue;
         }
-        // Where the value is in `buf`, from the addresses of the two slices (no dereference).
-        let start = (field.value.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+        let start = offset(buf, field.value);
         fields.push((name, start, start + field.value.len()));
     }
     let no_body =
@@ -531,6 +523,41 @@ fn parse_head(
 }
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// The elements of a comma-separated field value (RFC 9110 §5.6.1), trimmed; empty ones
+/// included.
+fn elements(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// Why a `Content-Length` field was refused.
+enum LengthError {
+    /// A value that is not plain digits.
+    NotANumber,
+    /// Values (in this field or an earlier one) that disagree.
+    Disagree,
+}
+
+/// Reads a `Content-Length` field into `length` (what earlier fields said), strictly: every
+/// value plain digits, all of them equal (RFC 9112 §6.3). Whether its last value repeated a
+/// length already known.
+fn content_length(value: &[u8], length: &mut Option<u64>) -> Result<bool, LengthError> {
+    let mut repeated = false;
+    for n in elements(value) {
+        let n = parse_length(n).ok_or(LengthError::NotANumber)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(LengthError::Disagree);
+        }
+        repeated = length.is_some();
+        *length = Some(n);
+    }
+    Ok(repeated)
+}
+
+/// Where `part`, a slice of `buf`, starts in it (from the two addresses; no dereference).
+fn offset(buf: &[u8], part: &[u8]) -> usize {
+    (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize)
+}
 
 /// A `Content-Length` value: digits only, no sign, no overflow.
 fn parse_length(digits: &[u8]) -> Option<u64> {

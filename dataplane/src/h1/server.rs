@@ -36,7 +36,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
-use super::{Chunk, Decoded, Field, H1Error, MAX_HEADERS, State, parse_length, reserve, take};
+use super::{
+    Chunk, Decoded, Field, H1Error, LengthError, MAX_HEADERS, State, content_length, elements,
+    offset, parse_length, reserve, take,
+};
 
 /// What a wait for a request reads at once, on the stack (a request head is usually far
 /// smaller; a larger one takes more reads).
@@ -365,6 +368,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         };
         let (parts, body) = resp.into_parts();
         let (framing, length) = out_framing(&parts, &body, head_request, version);
+        let said_close = says_close(&parts.headers);
         // A body that failed (or that the handler dropped) leaves the connection where its
         // framing cannot be trusted.
         let abandoned = pump
@@ -374,15 +378,16 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             || abandoned
             || closing.load(Ordering::Relaxed)
             || framing == OutFraming::Eof
-            || says_close(&parts.headers);
+            || said_close;
         self.write = scratch::take_write();
         encode_head(
             &mut self.write,
             &parts,
             framing,
             length,
-            close,
-            version == Version::HTTP_10,
+            // The response may say so already.
+            close && !said_close,
+            !close && version == Version::HTTP_10,
         );
         let mut out = Out {
             body: (framing != OutFraming::None).then_some(body),
@@ -769,24 +774,17 @@ fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<(Parsed, usi
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| bad("malformed header field name\n"))?;
         if name == header::CONTENT_LENGTH {
-            let mut same = false;
-            for n in field.value.split(|&b| b == b',') {
-                let n = parse_length(n.trim_ascii())
-                    .ok_or_else(|| bad("Content-Length is not a number\n"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(bad("Content-Length values disagree\n"));
-                }
-                same = length.is_some();
-                length = Some(n);
-            }
+            let repeated = content_length(field.value, &mut length).map_err(|e| match e {
+                LengthError::NotANumber => bad("Content-Length is not a number\n"),
+                LengthError::Disagree => bad("Content-Length values disagree\n"),
+            })?;
             // Only one goes on: repeats of the same value are dropped (RFC 9110 §8.6).
-            if same {
+            if repeated {
                 continue;
             }
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
-            for coding in field.value.split(|&b| b == b',') {
-                let coding = coding.trim_ascii();
+            for coding in elements(field.value) {
                 if coding.is_empty() {
                     continue;
                 }
@@ -800,8 +798,7 @@ fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<(Parsed, usi
                 }
             }
         } else if name == header::CONNECTION {
-            for token in field.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
+            for token in elements(field.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
@@ -851,18 +848,12 @@ fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<(Parsed, usi
     Ok(Some((parsed, len)))
 }
 
-/// Where `part`, a slice of `buf`, starts in it (from the two addresses; no dereference).
-fn offset(buf: &[u8], part: &[u8]) -> usize {
-    (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize)
-}
-
 /// Whether a response's `Connection` header says `close`.
 fn says_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| elements(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
 }
 
 /// How a response body is framed on the wire.
@@ -911,13 +902,15 @@ fn out_framing<B: Body>(
     }
 }
 
-/// Writes the status line and header section. The framing headers are the proxy's own.
+/// Writes the status line and header section. The framing headers are the proxy's own;
+/// `add_close` and `keep_alive_10` add `Connection: close` and (for an HTTP/1.0 client whose
+/// connection stays) `Connection: keep-alive`.
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
     framing: OutFraming,
     length: Option<u64>,
-    close: bool,
+    add_close: bool,
     keep_alive_10: bool,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -927,19 +920,11 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     let own_length = length.is_some() || framing != OutFraming::None;
     let mut dated = false;
-    let mut said_close = false;
     for (name, value) in &parts.headers {
         if name == header::TRANSFER_ENCODING || (own_length && name == header::CONTENT_LENGTH) {
             continue;
         }
-        if name == header::DATE {
-            dated = true;
-        } else if name == header::CONNECTION {
-            said_close |= value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        }
+        dated |= name == header::DATE;
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !dated {
@@ -952,9 +937,9 @@ fn encode_head(
     if framing == OutFraming::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if close && !said_close {
+    if add_close {
         out.extend_from_slice(b"connection: close\r\n");
-    } else if keep_alive_10 && !close {
+    } else if keep_alive_10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -1027,10 +1012,7 @@ impl<B: Body<Data = Bytes> + Unpin> Out<B> {
 
     fn trailer_allowed(&self, name: &HeaderName) -> bool {
         self.trailer.as_ref().is_some_and(|declared| {
-            declared.as_bytes().split(|&b| b == b',').any(|d| {
-                d.trim_ascii()
-                    .eq_ignore_ascii_case(name.as_str().as_bytes())
-            })
+            elements(declared.as_bytes()).any(|d| d.eq_ignore_ascii_case(name.as_str().as_bytes()))
         })
     }
 }
