@@ -398,7 +398,7 @@ fn take_head(
         return Ok(Some(None));
     };
     let bytes = buf.split_to(len).freeze();
-    head.headers = HeaderMap::with_capacity(fields.len());
+    head.headers = HeaderMap::with_capacity(fields.len() + crate::headers::ADDED_HEADERS);
     for (name, start, end) in fields.drain(..) {
         let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
             .map_err(|_| H1Error::Invalid("bad header value"))?;

@@ -73,6 +73,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, extra: Option<&HeaderName>) {
     }
 }
 
+/// How many headers the proxy may add to a request on its way upstream (`X-Forwarded-For`,
+/// `-Proto`, `-Host`, the correlation id, `Host`) or to a response on its way back (the
+/// correlation id, the Service cardinality): a parsed head's map is made with this much room
+/// beyond its own fields, so those inserts never grow (rehash) it.
+pub const ADDED_HEADERS: usize = 5;
+
 /// Name of the forwarded-for header.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Name of the forwarded-proto header.

@@ -447,7 +447,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         } = parsed;
         let uri = Uri::from_maybe_shared(bytes.slice(target.0..target.1))
             .map_err(|_| bad("the request target is not a valid URI\n"))?;
-        let mut headers = HeaderMap::with_capacity(fields.len());
+        let mut headers = HeaderMap::with_capacity(fields.len() + crate::headers::ADDED_HEADERS);
         let mut valid = true;
         for (name, start, end) in fields.drain(..) {
             // Checked by the parser already: visible ASCII, obs-text, spaces and tabs.
