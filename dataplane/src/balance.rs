@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use http::uri::Authority;
 use http::{Request, Response};
 use rustls::ClientConfig;
@@ -100,7 +102,34 @@ impl ServiceBackend {
     /// Sends `req` to one of the addresses; when connecting fails, to another. The returned
     /// guard counts the request against the chosen address until it is dropped (with the
     /// response body).
-    pub async fn send(
+    pub fn send(
+        &self,
+        req: Request<RequestBody>,
+    ) -> impl Future<Output = Result<(Response<UpstreamBody>, InFlight), UpstreamError>> + Send + '_
+    {
+        // The common case without an `async fn` layer (see `HostPool::send`): the address
+        // picked has a connection ready.
+        let ready = {
+            let set = self.addresses.load();
+            pick(&set, now_millis(), |_| false)
+                .and_then(|pool| Some((pool.clone(), pool.ready_connection()?)))
+        };
+        match ready {
+            Some((pool, conn)) => {
+                let in_flight = InFlight::new(&pool);
+                Either::Left(
+                    pool.send_on(conn, req)
+                        .map(move |r| r.map(|resp| (resp, in_flight))),
+                )
+            }
+            // Boxed: connecting (and trying other addresses) is the rare path.
+            None => Either::Right(Box::pin(self.send_connecting(req))),
+        }
+    }
+
+    /// [`send`](Self::send) when a connection has to be made first: on an address where
+    /// connecting fails, the request tries another.
+    async fn send_connecting(
         &self,
         req: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, InFlight), UpstreamError> {

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
@@ -235,23 +237,48 @@ impl HostPool {
 
     /// Sends `req` (origin-form URI, `Host` set, headers final) and returns the response head;
     /// the body streams on.
-    pub async fn send(
+    ///
+    /// Not an `async fn`, nor are the steps below it: each `async fn` keeps its arguments for
+    /// as long as it runs, so every layer would hold its own copy of the request (hundreds of
+    /// bytes) beside the layer it awaits, and every layer's future is moved into its parent's
+    /// on the first poll. Here the request lives in one place, the exchange that sends it, and
+    /// the layers above are combinators around it.
+    pub fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let _in_flight = Counting::new(self);
-        let conn = self.connection().await?;
-        self.send_on(conn, req).await
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + '_ {
+        let counting = Counting::new(self);
+        let sent = match self.ready_connection() {
+            Some(conn) => Either::Left(self.send_on(conn, req)),
+            // Boxed: dialling, or waiting for another request's HTTP/2 handshake, is rare.
+            None => Either::Right(Box::pin(async move {
+                let conn = self.connection().await?;
+                self.send_on(conn, req).await
+            })),
+        };
+        sent.inspect(move |_| drop(counting))
+    }
+
+    /// A connection to send on without waiting: the shared HTTP/2 one, or an idle HTTP/1.1
+    /// one.
+    pub(crate) fn ready_connection(&self) -> Option<Conn> {
+        if let Some(sender) = self.live_h2() {
+            return Some(Conn::H2 {
+                sender,
+                reused: true,
+            });
+        }
+        if self.speaks_h2() {
+            return None;
+        }
+        self.checkout().map(|conn| Conn::H1 { conn, reused: true })
     }
 
     /// A connection to send on: the shared HTTP/2 one, an idle HTTP/1.1 one, or a new one.
     /// An error here means nothing was sent, so the caller may try another address.
     pub(crate) async fn connection(self: &Arc<Self>) -> Result<Conn, UpstreamError> {
-        if let Some(sender) = self.live_h2() {
-            return Ok(Conn::H2 {
-                sender,
-                reused: true,
-            });
+        if let Some(conn) = self.ready_connection() {
+            return Ok(conn);
         }
         if self.speaks_h2() {
             // One handshake for everyone waiting: the connection it makes serves them all.
@@ -262,35 +289,26 @@ impl HostPool {
                     reused: true,
                 });
             }
-            return self.connect().await;
         }
-        match self.checkout() {
-            Some(conn) => Ok(Conn::H1 { conn, reused: true }),
-            None => self.connect().await,
-        }
+        self.connect().await
     }
 
     /// Sends on `conn`. A reused connection that closed before the request went out is
     /// replaced once by a fresh one: nothing reached the upstream, so that is safe.
-    pub(crate) async fn send_on(
+    pub(crate) fn send_on(
         self: &Arc<Self>,
         conn: Conn,
         req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let reused = conn.reused();
-        match self.try_send(conn, req).await {
-            Ok(resp) => Ok(resp),
-            // Boxed: rare, and inline its state would enlarge every request's future.
-            Err(Failed::Unsent(req, _)) if reused => Box::pin(self.resend(*req)).await,
-            Err(Failed::Unsent(_, error) | Failed::Error(error)) => Err(error),
-        }
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
+        let retry = conn.reused();
+        self.clone().dispatch(conn, req, retry)
     }
 
     /// The retry of [`send_on`](Self::send_on): HTTP/2 may find that another request already
     /// replaced the closed connection; HTTP/1.1 takes a fresh one, not the next idle one,
-    /// which may be just as stale.
+    /// which may be just as stale. It is not retried again.
     async fn resend(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let conn = if self.speaks_h2() {
@@ -298,43 +316,95 @@ impl HostPool {
         } else {
             self.connect().await?
         };
-        self.try_send(conn, req)
-            .await
-            .map_err(|failed| match failed {
-                Failed::Unsent(_, error) | Failed::Error(error) => error,
-            })
+        self.dispatch(conn, req, false).await
     }
 
-    async fn try_send(
-        self: &Arc<Self>,
+    /// Sends on `conn` in its protocol; `retry`: once more on a fresh connection if the
+    /// request never left.
+    fn dispatch(
+        self: Arc<Self>,
         conn: Conn,
         req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, Failed> {
+        retry: bool,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         match conn {
             Conn::H1 { conn, reused } => {
                 let (parts, body) = h1_request(req).into_parts();
-                if !body.is_complete() {
+                if body.is_complete() {
+                    Either::Left(self.send_h1(conn, reused, parts, body.into_data(), retry))
+                } else {
                     // Boxed: rare, and its state is hyper's handshake and dispatch.
                     let req = Request::from_parts(parts, body);
-                    return Box::pin(self.send_streamed(conn, req)).await;
-                }
-                let data = body.into_data();
-                match h1::exchange(conn, &parts, data.as_ref(), reused, self).await {
-                    Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
-                    Err(ExchangeError::Retry(source)) => {
-                        let req = Request::from_parts(parts, RequestBody::complete(data));
-                        Err(Failed::Unsent(Box::new(req), self.h1_error(source)))
-                    }
-                    Err(ExchangeError::Fatal(source)) => Err(Failed::Error(self.h1_error(source))),
+                    Either::Right(Either::Left(Box::pin(self.send_streamed(conn, req, retry))))
                 }
             }
-            Conn::H2 { mut sender, .. } => {
-                let req = self.h2_request(req).map_err(Failed::Error)?;
-                let result = sender.try_send_request(req).await;
-                result
-                    .map(|resp| resp.map(UpstreamBody::Hyper))
-                    .map_err(|e| self.hyper_failed(e))
+            Conn::H2 { sender, .. } => {
+                Either::Right(Either::Right(Box::pin(self.send_h2(sender, req, retry))))
             }
+        }
+    }
+
+    /// An HTTP/1.1 exchange whose request body is wholly in hand, in this task.
+    ///
+    /// An `async` block, not an `async fn`: an `async fn` stores its arguments twice (as
+    /// arguments, then as the body's locals), and these are a whole request head.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would store the head twice"
+    )]
+    fn send_h1(
+        self: Arc<Self>,
+        conn: Box<H1Conn>,
+        reused: bool,
+        parts: http::request::Parts,
+        data: Option<bytes::Bytes>,
+        retry: bool,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send {
+        async move {
+            // Decided before the retry is awaited, so the exchange's result is not kept
+            // beside it.
+            match h1::exchange(conn, &parts, data.as_ref(), reused, &self).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+                Err(ExchangeError::Retry(_)) if retry => {}
+                Err(ExchangeError::Retry(source) | ExchangeError::Fatal(source)) => {
+                    return Err(self.h1_error(source));
+                }
+            }
+            // Boxed: rare, and inline its state would enlarge every request's future.
+            let req = Request::from_parts(parts, RequestBody::complete(data));
+            Box::pin(self.resend(req)).await
+        }
+    }
+
+    /// A request over the shared HTTP/2 connection (boxed by the caller: hyper's send future
+    /// is large, and HTTP/2 upstreams are the rarer kind).
+    async fn send_h2(
+        self: Arc<Self>,
+        mut sender: http2::SendRequest<RequestBody>,
+        req: Request<RequestBody>,
+        retry: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let req = self.h2_request(req)?;
+        let result = sender.try_send_request(req).await;
+        match result {
+            Ok(resp) => Ok(resp.map(UpstreamBody::Hyper)),
+            Err(e) => {
+                let failed = self.hyper_failed(e);
+                self.unsent(failed, retry).await
+            }
+        }
+    }
+
+    /// What a failed send comes to: one more try on a fresh connection when the request never
+    /// left and `retry` allows it, else the error.
+    async fn unsent(
+        self: Arc<Self>,
+        failed: Failed,
+        retry: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        match failed {
+            Failed::Unsent(req, _) if retry => Box::pin(self.resend(*req)).await,
+            Failed::Unsent(_, error) | Failed::Error(error) => Err(error),
         }
     }
 
@@ -343,19 +413,24 @@ impl HostPool {
     /// be arriving. Its connection is not reused afterwards: such requests are rare, and
     /// telling when hyper is done with the connection would take a task per request.
     async fn send_streamed(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         conn: Box<H1Conn>,
         req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, Failed> {
+        retry: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (mut sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(conn.into_io()))
             .await
-            .map_err(|e| Failed::Error(self.http_error(e)))?;
+            .map_err(|e| self.http_error(e))?;
         drive(connection, self.key.dial.clone());
         let result = sender.try_send_request(req).await;
-        result
-            .map(|resp| resp.map(UpstreamBody::Hyper))
-            .map_err(|e| self.hyper_failed(e))
+        match result {
+            Ok(resp) => Ok(resp.map(UpstreamBody::Hyper)),
+            Err(e) => {
+                let failed = self.hyper_failed(e);
+                self.unsent(failed, retry).await
+            }
+        }
     }
 
     fn hyper_failed(

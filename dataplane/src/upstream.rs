@@ -145,16 +145,24 @@ impl Upstream {
 
     /// Sends `req` (origin-form URI, headers final) and returns the response head, with the
     /// balancer's in-flight guard for a Service (keep it until the body is done).
-    pub async fn send(
+    pub fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<(Response<UpstreamBody>, Option<InFlight>), UpstreamError> {
+    ) -> impl Future<Output = Result<(Response<UpstreamBody>, Option<InFlight>), UpstreamError>>
+    + Send
+    + '_ {
+        use futures_util::FutureExt as _;
+        use futures_util::future::Either;
+        // Combinators, not an `async fn`: see `HostPool::send`.
         match self {
-            Upstream::Host(pool) => Ok((pool.send(req).await?, None)),
-            Upstream::Service(service) => {
-                let (resp, in_flight) = service.send(req).await?;
-                Ok((resp, Some(in_flight)))
+            Upstream::Host(pool) => {
+                Either::Left(pool.send(req).map(|r| r.map(|resp| (resp, None))))
             }
+            Upstream::Service(service) => Either::Right(
+                service
+                    .send(req)
+                    .map(|r| r.map(|(resp, in_flight)| (resp, Some(in_flight)))),
+            ),
         }
     }
 }
