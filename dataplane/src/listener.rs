@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use bytes::{Buf as _, Bytes};
 use futures_util::FutureExt as _;
+use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use http::header::{CONNECTION, HeaderValue};
 use http::{Extensions, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -290,11 +291,7 @@ impl Handler {
         let proxy = self.proxy.clone();
         let client = self.client.clone();
         let version = req.version();
-        // Boxed: the connection keeps the request's future inside its own, so unboxed every
-        // connection — idle ones too — would carry the largest request state (kilobytes) for
-        // as long as it lives. Boxed, that memory is a request's.
-        Box::pin(async move {
-            let mut resp = recover(proxy.handle(req, &client)).await;
+        let handled = recover(move || proxy.handle(req, &client)).map(move |mut resp| {
             in_flight.leave_if_draining(version, &mut resp);
             // The request stays in flight until its response body is sent (or dropped), so a
             // long download or stream is not "idle".
@@ -302,7 +299,11 @@ impl Handler {
                 body,
                 _in_flight: in_flight,
             })
-        })
+        });
+        // Boxed: the connection keeps the request's future inside its own, so unboxed every
+        // connection — idle ones too — would carry the request's state for as long as it
+        // lives. Boxed, that memory is a request's.
+        Box::pin(handled)
     }
 }
 
@@ -328,34 +329,56 @@ async fn drive<F: Future>(
     let arm = |force: &mut Option<Pin<Box<tokio::time::Sleep>>>| {
         *force = Some(Box::pin(tokio::time::sleep(limits.header_read_timeout)));
     };
+    // The control futures are polled only after one of them woke the task: the connection's
+    // own reads and writes wake it several times per request, and polling a watch, a Notify
+    // and a timer on each of those wakeups cost ~1 000 instructions per request.
+    let woken = Arc::new(WakeFlag::default());
     loop {
-        tokio::select! {
-            biased;
-            ended = conn.as_mut() => return Some(ended),
-            () = crate::stopped(shutdown), if !closing => {
+        woken.woken.store(true, Ordering::Release);
+        let event = {
+            let control = async {
+                tokio::select! {
+                    biased;
+                    () = crate::stopped(shutdown), if !closing => Control::Shutdown,
+                    () = activity.goaway.notified(), if !closing => Control::GoAway,
+                    reason = &mut idle, if !closing => Control::Idle(reason),
+                    () = async {
+                        match force.as_mut() {
+                            Some(force) => force.await,
+                            None => std::future::pending().await,
+                        }
+                    }, if force.is_some() => Control::Force,
+                    // Closing, and not watched by a timer: only the connection is left.
+                    else => std::future::pending().await,
+                }
+            };
+            tokio::pin!(control);
+            tokio::select! {
+                biased;
+                ended = conn.as_mut() => return Some(ended),
+                event = OnWake { future: control.as_mut(), flag: &woken } => event,
+            }
+        };
+        match event {
+            Control::Shutdown => {
                 closing = true;
                 close(conn.as_mut());
             }
             // An HTTP/2 request was answered while draining: GOAWAY (new streams go to a
             // new connection, which the balancer sends elsewhere once it caught up).
-            () = activity.goaway.notified(), if !closing => {
+            Control::GoAway => {
                 tracing::debug!(%peer, "draining: sending GOAWAY");
                 closing = true;
                 arm(&mut force);
                 close(conn.as_mut());
             }
-            reason = &mut idle, if !closing => {
+            Control::Idle(reason) => {
                 tracing::debug!(%peer, reason, "closing connection");
                 closing = true;
                 arm(&mut force);
                 close(conn.as_mut());
             }
-            () = async {
-                match force.as_mut() {
-                    Some(force) => force.await,
-                    None => std::future::pending().await,
-                }
-            }, if force.is_some() => {
+            Control::Force => {
                 if activity.idle_for().is_some() {
                     tracing::debug!(%peer, "connection did not close when asked; dropping it");
                     return None;
@@ -363,6 +386,48 @@ async fn drive<F: Future>(
                 arm(&mut force);
             }
         }
+    }
+}
+
+/// Why [`drive`] was woken other than by its connection.
+enum Control {
+    Shutdown,
+    GoAway,
+    Idle(&'static str),
+    Force,
+}
+
+/// Whether the futures behind it woke their task since they were last polled.
+#[derive(Default)]
+struct WakeFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for WakeFlag {
+    fn wake_by_ref(flag: &Arc<Self>) {
+        flag.woken.store(true, Ordering::Release);
+        flag.task.wake();
+    }
+}
+
+/// Polls `future` only when it asked to be, through `flag` (and the first time, which
+/// [`drive`] marks): other wakeups of the task pass it by.
+struct OnWake<'a, F> {
+    future: Pin<&'a mut F>,
+    flag: &'a Arc<WakeFlag>,
+}
+
+impl<F: Future> Future for OnWake<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = waker_ref(self.flag);
+        self.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
 }
 

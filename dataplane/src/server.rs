@@ -7,23 +7,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures_util::FutureExt as _;
+use futures_util::future::{Either, ready};
 use http::header::{self, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, Uri, Version, request};
 use http_body::Body as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::error::Elapsed;
 
-use crate::body::{ClientBody, ProxyBody, RequestBody, read_ahead};
+use crate::body::{ClientBody, ProxyBody, RequestBody, UpstreamBody, read_ahead};
 use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
 use crate::filter::credentials::UsageLog;
 use crate::filter::wasm::Exchange;
-use crate::filter::{self, RequestInfo};
+use crate::filter::{self, Passed, RequestInfo};
 use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
 use crate::path::upstream_path;
+use crate::pool::InFlight;
 use crate::request::Refusal;
 use crate::table::{Action, RouteTable};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Listener limits, and the optional HTTPS listener.
 #[derive(Clone, Debug)]
@@ -108,262 +112,336 @@ impl Proxy {
     }
 
     /// Handles one request. Never fails: every problem becomes a Kanali error response.
-    pub async fn handle(&self, req: Request<ClientBody>, peer: &Peer) -> Response<ProxyBody> {
+    ///
+    /// Routing, the plugins' request phase and the rewriting of the head happen in this call;
+    /// the future it returns owns what is left — sending upstream, the response phase — and
+    /// borrows nothing. No layer of it is an `async fn`: an `async fn` keeps its arguments (a
+    /// request, here) for as long as it runs, twice over, beside the future it awaits, and
+    /// each layer's future is moved into its parent's on the first poll. Built that way the
+    /// request's state was 5 KiB, copied several times per request.
+    pub fn handle(
+        &self,
+        req: Request<ClientBody>,
+        peer: &Peer,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
         let correlation_id = correlation_id();
-        let mut resp = self.route(req, peer, &correlation_id).await;
-        resp.headers_mut()
-            .insert(&X_KANALI_CORRELATION_ID, correlation_id);
-        resp
+        let (decision, passed) = self.decide(req, peer, &correlation_id);
+        let answer = match (decision, passed) {
+            (Decision::Answer(resp), None) => Either::Left(ready(resp)),
+            (Decision::Forward(forward), passed) => {
+                Either::Right(Either::Left(forward.run(passed)))
+            }
+            // Boxed, as every plugin response phase: rare, and its state is the plugins'.
+            (Decision::Answer(resp), Some(passed)) => {
+                Either::Right(Either::Right(Box::pin(passed.respond(resp))))
+            }
+        };
+        answer.map(move |mut resp| {
+            resp.headers_mut()
+                .insert(&X_KANALI_CORRELATION_ID, correlation_id);
+            resp
+        })
     }
 
-    async fn route(
+    /// Where a request goes: the answer (failure, mock, a plugin's refusal) or its head
+    /// rewritten for the upstream, with what the plugins that passed it keep for the response.
+    fn decide(
         &self,
         req: Request<ClientBody>,
         peer: &Peer,
         correlation_id: &HeaderValue,
-    ) -> Response<ProxyBody> {
-        // The guard is dropped before any await: in-flight requests keep what they computed,
-        // and a snapshot swap never waits for them.
+    ) -> (Decision, Option<Box<Passed>>) {
+        let answer = |resp| (Decision::Answer(resp), None);
         let (mut parts, body) = req.into_parts();
-        let (next, mut passed) = {
-            let tables = self.tables.load();
-            let Some(table) = tables.as_ref() else {
-                return ErrorCode::NoApiProxy.response();
-            };
-            let host = match crate::request::host_of(&parts) {
-                Ok(host) => host,
-                Err(refusal) => return refusal.response(parts.version),
-            };
-            let path = parts.uri.path();
-            let Some(route) = table.router.lookup(host, path) else {
-                return ErrorCode::NoApiProxy.response();
-            };
-            let target = upstream_path(&route.path, &route.target_path, path);
-            // The plugins see every request the route takes, whatever its backend (v2 ran them
-            // before the mock step too).
-            let passed = if route.filters.is_empty() {
-                None
-            } else {
-                let host = host.unwrap_or_default().to_owned();
-                let info = RequestInfo {
-                    method: &parts.method,
-                    upstream_path: &target,
-                    uri: &parts.uri,
-                    host: &host,
-                    peer: peer.addr,
-                    version: parts.version,
-                    https: crate::listener::forwarded_proto(&parts.extensions) == "https",
-                    correlation_id,
-                    end_of_stream: body.is_end_stream(),
-                };
-                match filter::run(
-                    &route.filters,
-                    &info,
-                    &mut parts.headers,
-                    &table.credentials,
-                    &self.usage,
-                ) {
-                    Ok(passed) => Some(passed),
-                    Err(stop) => return stop.into_response(),
-                }
-            };
-            let (upstream, cardinality) = match &route.action {
-                Action::Fail(code) => (Err(code.response()), None),
-                Action::Mock(mock) => {
-                    let resp = mock
-                        .respond(&target, &parts.method)
-                        .unwrap_or_else(|| ErrorCode::NoMockTarget.response());
-                    (Err(resp), None)
-                }
-                Action::Proxy(upstream) => (Ok(upstream.clone()), None),
-                Action::Dynamic(dynamic) => match dynamic.select(&parts.headers) {
-                    Some(chosen) => (
-                        Ok(Upstream::Service(chosen.target.clone())),
-                        (chosen.matches > 1).then_some(chosen.matches),
-                    ),
-                    None => (Err(ErrorCode::NoService.response()), None),
-                },
-            };
-            let next = match upstream {
-                Ok(upstream) => {
-                    let Some(uri) = origin_form(&target, parts.uri.query()) else {
-                        return ErrorCode::Upstream.response();
-                    };
-                    Ok(Pass {
-                        upstream,
-                        uri,
-                        timeout: route.timeout.unwrap_or(self.config.upstream_timeout),
-                        cardinality,
-                    })
-                }
-                Err(answer) => Err(answer),
-            };
-            (next, passed)
+        // In-flight requests keep what they computed from the table, and a snapshot swap
+        // never waits for them: the guard ends with this call, before anything is awaited.
+        let tables = self.tables.load();
+        let Some(table) = tables.as_ref() else {
+            return answer(ErrorCode::NoApiProxy.response());
         };
-        let resp = match next {
-            Ok(pass) => {
-                let cardinality = pass.cardinality;
-                let req = Request::from_parts(parts, body);
-                let wasm = passed.as_mut().and_then(|p| p.wasm.as_mut());
-                let mut resp = self.proxy_pass(req, peer, pass, correlation_id, wasm).await;
-                if let Some(n) = cardinality {
-                    // Said on errors too: v2 set it before proxying.
-                    resp.headers_mut()
-                        .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
-                }
-                resp
-            }
-            Err(answer) => answer,
+        let host = match crate::request::host_of(&parts) {
+            Ok(host) => host,
+            Err(refusal) => return answer(refusal.response(parts.version)),
         };
-        match passed {
-            None => resp,
-            Some(passed) => passed.respond(resp).await,
-        }
-    }
-
-    async fn proxy_pass(
-        &self,
-        req: Request<ClientBody>,
-        peer: &Peer,
-        pass: Pass,
-        correlation_id: &HeaderValue,
-        wasm: Option<&mut Exchange>,
-    ) -> Response<ProxyBody> {
-        let Pass {
-            upstream,
-            uri,
-            timeout,
-            ..
-        } = pass;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let (mut parts, body) = req.into_parts();
-        let version = parts.version;
-        // The host the request was routed by (`route` checked it): the target's authority
-        // (absolute-form, HTTP/2 `:authority`) or the Host header. The upstream and
-        // X-Forwarded-Host get that same name (RFC 9112 §3.2.2: an absolute-form target
-        // replaces Host).
-        let host = match parts.uri.authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => parts.headers.get(header::HOST).cloned(),
+        let path = parts.uri.path();
+        let Some(route) = table.router.lookup(host, path) else {
+            return answer(ErrorCode::NoApiProxy.response());
         };
-        // Never forward an API key (v2 did the same): on routes with the apikey plugin the
-        // plugin has removed its header already; this is for the others.
-        strip_hop_by_hop(
-            &mut parts.headers,
-            Some(&crate::filter::api_key::DEFAULT_HEADER),
-        );
-        let proto = crate::listener::forwarded_proto(&parts.extensions);
-        set_forwarded(
-            &mut parts.headers,
-            &peer.forwarded_for,
-            proto,
-            host.as_ref(),
-        );
-        // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a
-        // header (an HTTP/2 upstream gets it back as :authority). A client that named no
-        // host at all (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
-        match host.or_else(|| HeaderValue::from_str(upstream.authority().as_str()).ok()) {
-            Some(v) => {
-                parts.headers.insert(header::HOST, v);
-            }
-            None => {
-                parts.headers.remove(header::HOST);
-            }
-        }
-        parts
-            .headers
-            .insert(&X_KANALI_CORRELATION_ID, correlation_id.clone());
-        parts.uri = uri;
-        parts.version = Version::HTTP_11;
-
-        // Read ahead, so a malformed or truncated body is refused before anything is sent.
-        // Most requests have no body: only those that do pay for (and carry the state of)
-        // reading it, boxed so it does not enlarge every request's future.
-        let body = if http_body::Body::is_end_stream(&body) {
-            RequestBody::Streamed(body)
+        let target = upstream_path(&route.path, &route.target_path, path);
+        // The plugins see every request the route takes, whatever its backend (v2 ran them
+        // before the mock step too).
+        let passed = if route.filters.is_empty() {
+            None
         } else {
-            match Box::pin(self.read_body(body, version, deadline)).await {
-                Ok(body) => body,
-                Err(refused) => return refused,
+            let host = host.unwrap_or_default().to_owned();
+            let info = RequestInfo {
+                method: &parts.method,
+                upstream_path: &target,
+                uri: &parts.uri,
+                host: &host,
+                peer: peer.addr,
+                version: parts.version,
+                https: crate::listener::forwarded_proto(&parts.extensions) == "https",
+                correlation_id,
+                end_of_stream: body.is_end_stream(),
+            };
+            match filter::run(
+                &route.filters,
+                &info,
+                &mut parts.headers,
+                &table.credentials,
+                &self.usage,
+            ) {
+                Ok(passed) => Some(Box::new(passed)),
+                Err(stop) => return answer(stop.into_response()),
             }
         };
-        if matches!(body, RequestBody::ReadAhead { .. }) {
-            // Reading the body answered the client's 100-continue already.
-            parts.headers.remove(header::EXPECT);
-        }
-        let body = match wasm {
-            None => body,
-            Some(exchange) => match exchange.request_body(&mut parts.headers, body) {
-                Ok(body) => body,
-                Err(stop) => return stop.into_response(),
+        let (upstream, cardinality) = match &route.action {
+            Action::Fail(code) => return (Decision::Answer(code.response()), passed),
+            Action::Mock(mock) => {
+                let resp = mock
+                    .respond(&target, &parts.method)
+                    .unwrap_or_else(|| ErrorCode::NoMockTarget.response());
+                return (Decision::Answer(resp), passed);
+            }
+            Action::Proxy(upstream) => (upstream.clone(), None),
+            Action::Dynamic(dynamic) => match dynamic.select(&parts.headers) {
+                Some(chosen) => (
+                    Upstream::Service(chosen.target.clone()),
+                    (chosen.matches > 1).then_some(chosen.matches),
+                ),
+                None => return (Decision::Answer(ErrorCode::NoService.response()), passed),
             },
         };
-        let request = Request::from_parts(parts, body);
-
-        match tokio::time::timeout_at(deadline, upstream.send(request)).await {
-            Ok(Ok((resp, in_flight))) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers, None);
-                // An HTTP/2 upstream's response goes back in the client's protocol.
-                parts.version = Version::HTTP_11;
-                Response::from_parts(parts, ProxyBody::Upstream(body, in_flight))
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(%error, upstream = %upstream.authority(), "upstream request failed");
-                ErrorCode::Upstream.response()
-            }
-            Err(_) => {
-                tracing::debug!(upstream = %upstream.authority(), ?timeout, "upstream timed out");
-                ErrorCode::Upstream.response()
-            }
-        }
-    }
-}
-
-impl Proxy {
-    /// Reads a request body ahead (see [`read_ahead`]), or the answer refusing it.
-    async fn read_body(
-        &self,
-        body: ClientBody,
-        version: Version,
-        deadline: tokio::time::Instant,
-    ) -> Result<RequestBody, Response<ProxyBody>> {
-        let read = read_ahead(
+        let Some(uri) = origin_form(&target, parts.uri.query()) else {
+            return (Decision::Answer(ErrorCode::Upstream.response()), passed);
+        };
+        let timeout = route.timeout.unwrap_or(self.config.upstream_timeout);
+        let client_version = parts.version;
+        rewrite_head(&mut parts, peer, &upstream, uri, correlation_id);
+        let forward = Forward {
+            parts,
             body,
-            self.config.request_buffer_bytes,
-            version == Version::HTTP_2,
-        );
-        match tokio::time::timeout_at(deadline, read).await {
-            Ok(Ok(body)) => Ok(body),
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "request body refused");
-                Err(Refusal::BadBody.response(version))
-            }
-            Err(_) => Err(Refusal::BodyTimeout.response(version)),
-        }
+            upstream,
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+            cardinality,
+            client_version,
+            read_ahead: self.config.request_buffer_bytes,
+        };
+        (Decision::Forward(forward), passed)
     }
 }
 
-/// Where a proxied request goes, decided while the table guard was held.
-struct Pass {
+/// What [`Proxy::decide`] decided.
+enum Decision {
+    /// The response, made here.
+    Answer(Response<ProxyBody>),
+    /// The request goes upstream.
+    Forward(Forward),
+}
+
+/// A request on its way upstream: its head rewritten, its body still the client's.
+struct Forward {
+    parts: request::Parts,
+    body: ClientBody,
     upstream: Upstream,
-    uri: Uri,
+    deadline: tokio::time::Instant,
     timeout: Duration,
     /// How many Services a dynamic route matched, when more than one.
     cardinality: Option<usize>,
+    /// The client's protocol (the head now says HTTP/1.1).
+    client_version: Version,
+    /// [`ServerConfig::request_buffer_bytes`].
+    read_ahead: usize,
 }
 
-/// Runs a request handler; if it panics, the client still gets the contract's answer (error
-/// 01, with a correlation id) instead of a dropped connection, and the panic is logged.
+impl Forward {
+    /// Sends the request and answers with the upstream's response, or the error that
+    /// replaces it; then the plugins' response phase, if `passed` has one. (An `async` block:
+    /// an `async fn` would keep `self`, a request head, twice.)
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would store the head twice"
+    )]
+    fn run(
+        self,
+        mut passed: Option<Box<Passed>>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        async move {
+            let mut resp = 'resp: {
+                let wasm = passed.as_mut().and_then(|p| p.wasm.as_mut());
+                let request = if self.body.is_end_stream() && wasm.is_none() {
+                    Request::from_parts(self.parts, RequestBody::Streamed(self.body))
+                } else {
+                    // Boxed: most requests have no body, and only those that do pay for
+                    // (and carry the state of) reading it.
+                    let body = body_phase(
+                        self.parts,
+                        self.body,
+                        self.client_version,
+                        self.deadline,
+                        self.read_ahead,
+                        wasm,
+                    );
+                    match Box::pin(body).await {
+                        Ok(request) => request,
+                        Err(refused) => break 'resp refused,
+                    }
+                };
+                let sent =
+                    tokio::time::timeout_at(self.deadline, self.upstream.send(request)).await;
+                upstream_answer(sent, &self.upstream, self.timeout)
+            };
+            if let Some(n) = self.cardinality {
+                // Said on errors too: v2 set it before proxying.
+                resp.headers_mut()
+                    .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
+            }
+            match passed {
+                None => resp,
+                Some(passed) => Box::pin(passed.respond(resp)).await,
+            }
+        }
+    }
+}
+
+/// Rewrites a request head for the upstream: hop-by-hop headers out, `X-Forwarded-*`, `Host`
+/// and the correlation id in, the target in origin form, HTTP/1.1.
+fn rewrite_head(
+    parts: &mut request::Parts,
+    peer: &Peer,
+    upstream: &Upstream,
+    uri: Uri,
+    correlation_id: &HeaderValue,
+) {
+    // The host the request was routed by (`decide` checked it): the target's authority
+    // (absolute-form, HTTP/2 `:authority`) or the Host header. The upstream and
+    // X-Forwarded-Host get that same name (RFC 9112 §3.2.2: an absolute-form target replaces
+    // Host).
+    let host = match parts.uri.authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    };
+    // Never forward an API key (v2 did the same): on routes with the apikey plugin the plugin
+    // has removed its header already; this is for the others.
+    strip_hop_by_hop(
+        &mut parts.headers,
+        Some(&crate::filter::api_key::DEFAULT_HEADER),
+    );
+    let proto = crate::listener::forwarded_proto(&parts.extensions);
+    set_forwarded(
+        &mut parts.headers,
+        &peer.forwarded_for,
+        proto,
+        host.as_ref(),
+    );
+    // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a header
+    // (an HTTP/2 upstream gets it back as :authority). A client that named no host at all
+    // (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
+    match host.or_else(|| HeaderValue::from_str(upstream.authority().as_str()).ok()) {
+        Some(v) => {
+            parts.headers.insert(header::HOST, v);
+        }
+        None => {
+            parts.headers.remove(header::HOST);
+        }
+    }
+    parts
+        .headers
+        .insert(&X_KANALI_CORRELATION_ID, correlation_id.clone());
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+}
+
+/// A request with a body (or Wasm plugins with a body phase): the body read ahead, so a
+/// malformed or truncated one is refused before anything is sent, then the plugins' body
+/// phase.
+async fn body_phase(
+    mut parts: request::Parts,
+    body: ClientBody,
+    client_version: Version,
+    deadline: tokio::time::Instant,
+    read_ahead: usize,
+    wasm: Option<&mut Exchange>,
+) -> Result<Request<RequestBody>, Response<ProxyBody>> {
+    let body = if body.is_end_stream() {
+        RequestBody::Streamed(body)
+    } else {
+        read_body(body, read_ahead, client_version, deadline).await?
+    };
+    if matches!(body, RequestBody::ReadAhead { .. }) {
+        // Reading the body answered the client's 100-continue already.
+        parts.headers.remove(header::EXPECT);
+    }
+    let body = match wasm {
+        None => body,
+        Some(exchange) => exchange
+            .request_body(&mut parts.headers, body)
+            .map_err(|stop| stop.into_response())?,
+    };
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Reads a request body ahead (see [`read_ahead`]), or the answer refusing it.
+async fn read_body(
+    body: ClientBody,
+    limit: usize,
+    version: Version,
+    deadline: tokio::time::Instant,
+) -> Result<RequestBody, Response<ProxyBody>> {
+    let read = read_ahead(body, limit, version == Version::HTTP_2);
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "request body refused");
+            Err(Refusal::BadBody.response(version))
+        }
+        Err(_) => Err(Refusal::BodyTimeout.response(version)),
+    }
+}
+
+/// An upstream's response head, with the balancer's guard for a Service.
+type Sent = (Response<UpstreamBody>, Option<InFlight>);
+
+/// The client's response from what the upstream answered (or the error that replaces it).
+fn upstream_answer(
+    sent: Result<Result<Sent, UpstreamError>, Elapsed>,
+    upstream: &Upstream,
+    timeout: Duration,
+) -> Response<ProxyBody> {
+    match sent {
+        Ok(Ok((resp, in_flight))) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, None);
+            // An HTTP/2 upstream's response goes back in the client's protocol.
+            parts.version = Version::HTTP_11;
+            Response::from_parts(parts, ProxyBody::Upstream(body, in_flight))
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, upstream = %upstream.authority(), "upstream request failed");
+            ErrorCode::Upstream.response()
+        }
+        Err(_) => {
+            tracing::debug!(upstream = %upstream.authority(), ?timeout, "upstream timed out");
+            ErrorCode::Upstream.response()
+        }
+    }
+}
+
+/// Runs a request handler, made by `handler` when first polled; if making or running it
+/// panics, the client still gets the contract's answer (error 01, with a correlation id)
+/// instead of a dropped connection, and the panic is logged.
 ///
-/// A combinator rather than an `async fn`: an `async fn` keeps its argument and the future it
+/// Combinators rather than an `async fn`: an `async fn` keeps its argument and the future it
 /// awaits side by side, which doubled the size of every request's state (and of every copy
-/// of it).
-pub fn recover(
-    handler: impl Future<Output = Response<ProxyBody>>,
-) -> impl Future<Output = Response<ProxyBody>> {
-    use futures_util::FutureExt as _;
-    std::panic::AssertUnwindSafe(handler)
+/// of it). The handler is made lazily because [`Proxy::handle`] does its routing when called.
+pub fn recover<F, Fut>(handler: F) -> impl Future<Output = Response<ProxyBody>>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Response<ProxyBody>>,
+{
+    std::panic::AssertUnwindSafe(futures_util::future::lazy(move |_| handler()).flatten())
         .catch_unwind()
         .map(|result| result.unwrap_or_else(panicked))
 }
@@ -429,12 +507,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_answers_error_01() {
-        let resp = recover(async { panic!("boom") }).await;
+        let resp = recover(|| async { panic!("boom") }).await;
         assert_eq!(resp.status(), 500);
         assert!(resp.headers().contains_key(&X_KANALI_CORRELATION_ID));
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, ErrorCode::Unknown.body().as_bytes());
-        let ok = recover(async { ErrorCode::NoApiProxy.response() }).await;
+        let ok = recover(|| async { ErrorCode::NoApiProxy.response() }).await;
         assert_eq!(ok.status(), 404);
+        // Making the handler is covered too: routing runs when it is made.
+        let made = recover(|| -> std::future::Ready<Response<ProxyBody>> { panic!("routing") });
+        assert_eq!(made.await.status(), 500);
     }
 }
