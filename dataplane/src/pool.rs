@@ -356,14 +356,14 @@ impl HostPool {
         self: Arc<Self>,
         conn: Box<H1Conn>,
         reused: bool,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         data: Option<bytes::Bytes>,
         retry: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send {
         async move {
             // Decided before the retry is awaited, so the exchange's result is not kept
             // beside it.
-            match h1::exchange(conn, &parts, data.as_ref(), reused, &self).await {
+            match h1::exchange(conn, &mut parts, data.as_ref(), reused, &self).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
                 Err(ExchangeError::Retry(_)) if retry => {}
                 Err(ExchangeError::Retry(source) | ExchangeError::Fatal(source)) => {

@@ -18,7 +18,12 @@ fn head(bytes: &str) -> Head {
 
 fn take(bytes: &str, head_request: bool) -> (Result<Option<Option<Head>>, H1Error>, BytesMut) {
     let mut buf = BytesMut::from(bytes);
-    let taken = take_head(&mut buf, head_request, &mut Vec::new());
+    let taken = take_head(
+        &mut buf,
+        head_request,
+        &mut Vec::new(),
+        &mut HeaderMap::new(),
+    );
     (taken, buf)
 }
 
