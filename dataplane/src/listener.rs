@@ -214,10 +214,14 @@ impl Conn {
             ..limits
         };
         let served = {
-            let conn =
-                crate::h1::server::serve(io, limits.max_header_bytes, &activity.closing, |req| {
-                    handler.call(req.map(ClientBody::H1))
-                });
+            // Pinned where it is made: passed by value, the connection's state would be kept
+            // twice, once as `drive`'s argument and once pinned inside it.
+            let conn = std::pin::pin!(crate::h1::server::serve(
+                io,
+                limits.max_header_bytes,
+                &activity.closing,
+                |req| handler.call(req.map(ClientBody::H1))
+            ));
             let close = |_: Pin<&mut _>| activity.closing.store(true, Ordering::Relaxed);
             drive(conn, close, &activity, h1_limits, &mut shutdown, peer).await
         };
@@ -261,7 +265,7 @@ async fn serve_h2<I>(
             .call(req.map(ClientBody::Hyper))
             .map(Ok::<_, Infallible>)
     });
-    let conn = http2.serve_connection(TokioIo::new(io), service);
+    let conn = std::pin::pin!(http2.serve_connection(TokioIo::new(io), service));
     let close = |conn: Pin<&mut _>| {
         http2::Connection::graceful_shutdown(conn);
     };
@@ -311,7 +315,7 @@ impl Handler {
 /// (`None`): closes it gracefully (`close`) when the proxy shuts down, when it has been idle
 /// too long, or when draining asks an HTTP/2 connection to go.
 async fn drive<F: Future>(
-    conn: F,
+    mut conn: Pin<&mut F>,
     mut close: impl FnMut(Pin<&mut F>),
     activity: &Activity,
     limits: Limits,
@@ -324,7 +328,7 @@ async fn drive<F: Future>(
     // connection open. Boxed, and only then: a timer is hundreds of bytes that every
     // connection would otherwise carry.
     let mut force: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    tokio::pin!(conn, idle);
+    tokio::pin!(idle);
     let mut closing = false;
     let arm = |force: &mut Option<Pin<Box<tokio::time::Sleep>>>| {
         *force = Some(Box::pin(tokio::time::sleep(limits.header_read_timeout)));
