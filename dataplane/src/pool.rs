@@ -19,7 +19,7 @@ use futures_util::future::Either;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -80,13 +80,6 @@ pub(crate) enum Conn {
         sender: http2::SendRequest<RequestBody>,
         reused: bool,
     },
-}
-
-/// Why a send failed: with the request when it never left (safe to send again).
-pub(crate) enum Failed {
-    // Boxed: the failure path may allocate, the success path carries the small variant.
-    Unsent(Box<Request<RequestBody>>, UpstreamError),
-    Error(UpstreamError),
 }
 
 impl Conn {
@@ -386,25 +379,23 @@ impl HostPool {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let req = self.h2_request(req)?;
         let result = sender.try_send_request(req).await;
-        match result {
-            Ok(resp) => Ok(resp.map(UpstreamBody::Hyper)),
-            Err(e) => {
-                let failed = self.hyper_failed(e);
-                self.unsent(failed, retry).await
-            }
-        }
+        self.hyper_sent(result, retry).await
     }
 
-    /// What a failed send comes to: one more try on a fresh connection when the request never
-    /// left and `retry` allows it, else the error.
-    async fn unsent(
+    /// What a send over hyper comes to: the response, or — when the request never left and
+    /// `retry` allows it — one more try on a fresh connection, else the error.
+    async fn hyper_sent(
         self: Arc<Self>,
-        failed: Failed,
+        result: Result<Response<hyper::body::Incoming>, TrySendError<Request<RequestBody>>>,
         retry: bool,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        match failed {
-            Failed::Unsent(req, _) if retry => Box::pin(self.resend(*req)).await,
-            Failed::Unsent(_, error) | Failed::Error(error) => Err(error),
+        let mut e = match result {
+            Ok(resp) => return Ok(resp.map(UpstreamBody::Hyper)),
+            Err(e) => e,
+        };
+        match e.take_message() {
+            Some(req) if retry => Box::pin(self.resend(req)).await,
+            _ => Err(self.http_error(e.into_error())),
         }
     }
 
@@ -424,23 +415,7 @@ impl HostPool {
             .map_err(|e| self.http_error(e))?;
         drive(connection, self.key.dial.clone());
         let result = sender.try_send_request(req).await;
-        match result {
-            Ok(resp) => Ok(resp.map(UpstreamBody::Hyper)),
-            Err(e) => {
-                let failed = self.hyper_failed(e);
-                self.unsent(failed, retry).await
-            }
-        }
-    }
-
-    fn hyper_failed(
-        &self,
-        mut e: hyper::client::conn::TrySendError<Request<RequestBody>>,
-    ) -> Failed {
-        match e.take_message() {
-            Some(req) => Failed::Unsent(Box::new(req), self.http_error(e.into_error())),
-            None => Failed::Error(self.http_error(e.into_error())),
-        }
+        self.hyper_sent(result, retry).await
     }
 
     /// HTTP/2 carries the host in `:authority`, which needs an absolute URI: the client's Host
