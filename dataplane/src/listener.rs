@@ -81,6 +81,7 @@ pub(crate) async fn serve(
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
         max_header_bytes: config.max_header_bytes,
+        half_close: config.http1_half_close,
     };
     // Every connection task holds a receiver; `closed()` resolves when the last one is gone.
     // (hyper-util's GracefulShutdown does the same, but only for hyper's own connection types,
@@ -142,6 +143,7 @@ struct Limits {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     max_header_bytes: usize,
+    half_close: bool,
 }
 
 /// One accepted connection, owned by its task.
@@ -216,9 +218,13 @@ impl Conn {
         let served = {
             // Pinned where it is made: passed by value, the connection's state would be kept
             // twice, once as `drive`'s argument and once pinned inside it.
+            let settings = crate::h1::server::Settings {
+                max_head: limits.max_header_bytes,
+                half_close: limits.half_close,
+            };
             let conn = std::pin::pin!(crate::h1::server::serve(
                 io,
-                limits.max_header_bytes,
+                settings,
                 &activity.closing,
                 |req| handler.call(req.map(ClientBody::H1))
             ));
@@ -630,6 +636,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
+            half_close: false,
         }
     }
 

@@ -53,6 +53,10 @@ pub struct ServerConfig {
     /// malformed one is refused (400) instead of reaching the upstream half sent; the rest of
     /// a longer body streams. 0: stream from the first byte.
     pub request_buffer_bytes: usize,
+    /// HTTP/1: keep handling a request after the client shut down its sending side (see
+    /// [`crate::h1::server::Settings::half_close`]). Off: the request is cancelled, upstream
+    /// included, as soon as the client's stream ends.
+    pub http1_half_close: bool,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +70,7 @@ impl Default for ServerConfig {
             http2_keep_alive_timeout: Duration::from_secs(20),
             tls: None,
             request_buffer_bytes: 64 * 1024,
+            http1_half_close: false,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! What the proxy refuses before routing or forwarding (issue #8), sent as raw bytes to a real
 //! proxy listener, with real echo upstreams that count what reached them: an absolute-form
 //! target names the host everywhere, Host must be there exactly once, CONNECT is refused and
-//! ends the connection, and a malformed or truncated body never reaches the upstream.
+//! ends the connection, and a malformed or truncated body never reaches the upstream. A client
+//! that goes away while its request waits for the upstream takes the upstream exchange with it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -213,10 +214,12 @@ async fn malformed_and_truncated_bodies_are_refused_before_anything_is_forwarded
         assert_eq!(env.dialled(), 0, "{what}: the upstream was dialled");
     }
 
+    // (No half-close here: by default that cancels the request.)
+    let chunked_close = chunked.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
     let answer = env
         .exchange(
-            format!("{chunked}5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").as_bytes(),
-            true,
+            format!("{chunked_close}5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").as_bytes(),
+            false,
         )
         .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -260,4 +263,116 @@ async fn long_bodies_stream_and_expect_100_continue_is_answered() {
     let echo = echoed(answer);
     assert_eq!(echo["body"], "hello");
     assert!(echo["headers"].get("expect").is_none(), "{echo}");
+}
+
+/// An upstream that takes one connection, reads a request head, says so, and then answers
+/// `ok` once told to; it reports whether the proxy closed the connection first.
+struct Stalling {
+    addr: SocketAddr,
+    got_request: tokio::sync::oneshot::Receiver<()>,
+    answer: tokio::sync::oneshot::Sender<()>,
+    /// True: the proxy closed the connection before the answer was asked for.
+    closed_first: tokio::task::JoinHandle<bool>,
+}
+
+async fn stalling() -> Stalling {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, got_request) = tokio::sync::oneshot::channel();
+    let (answer, mut answer_rx) = tokio::sync::oneshot::channel::<()>();
+    let closed_first = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the request head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        got_tx.send(()).unwrap();
+        tokio::select! {
+            n = s.read(&mut buf) => {
+                assert_eq!(n.unwrap(), 0, "sent more than one request");
+                true
+            }
+            _ = &mut answer_rx => {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+                false
+            }
+        }
+    });
+    Stalling {
+        addr,
+        got_request,
+        answer,
+        closed_first,
+    }
+}
+
+async fn stalling_proxy(half_close: bool) -> (RunningProxy, Stalling) {
+    let mut config = detached_proxy_config("client-gone");
+    config.server.http1_half_close = half_close;
+    let proxy = kanali_dataplane::start(config).await.unwrap();
+    let upstream = stalling().await;
+    let upstreams = Upstreams::new(Default::default()).unwrap();
+    let routes = vec![route(
+        "/stall",
+        endpoint("http", &upstream.addr.to_string(), ""),
+    )];
+    let table =
+        RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
+    proxy.tables.store(Some(Arc::new(table)));
+    (proxy, upstream)
+}
+
+/// A client that closes its connection while the upstream has yet to answer: the proxy
+/// closes the upstream connection too, instead of waiting out the upstream timeout (60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_takes_its_upstream_exchange_with_it() {
+    let (proxy, upstream) = stalling_proxy(false).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /stall/x HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, upstream.got_request)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(client);
+    let closed_first = tokio::time::timeout(DEADLINE, upstream.closed_first)
+        .await
+        .expect("the proxy closes the upstream connection when the client goes")
+        .unwrap();
+    assert!(closed_first);
+    drop(upstream.answer);
+}
+
+/// With `--http1-half-close`, a client that shut down its sending side after the request
+/// still gets the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_half_close_a_client_that_stopped_sending_gets_its_answer() {
+    let (proxy, upstream) = stalling_proxy(true).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /stall/x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, upstream.got_request)
+        .await
+        .unwrap()
+        .unwrap();
+    client.shutdown().await.unwrap();
+    // Whether or not the proxy has seen the end of the client's stream by now, it answers.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    upstream.answer.send(()).unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    assert!(!upstream.closed_first.await.unwrap());
 }

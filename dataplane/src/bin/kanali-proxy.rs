@@ -71,6 +71,11 @@ struct Args {
     /// rest of a longer body streams. 0: stream every body from its first byte.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(..=64 * 1024 * 1024))]
     request_buffer_bytes: u64,
+    /// HTTP/1: keep handling a request after its client shut down the sending side of the
+    /// connection (a half-close). By default the end of the client's stream cancels the
+    /// request and its upstream exchange: clients usually close only when they give up.
+    #[arg(long)]
+    http1_half_close: bool,
     /// Seconds a connection may stay open with no request in flight (HTTP/1.1 keep-alive
     /// connections are also closed when the next request head takes longer than
     /// --header-read-timeout-secs).
@@ -293,6 +298,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
             max_header_bytes: usize::try_from(args.max_header_bytes)?,
             request_buffer_bytes: usize::try_from(args.request_buffer_bytes)?,
+            http1_half_close: args.http1_half_close,
             upstream_timeout: Duration::from_secs(args.upstream_timeout_secs),
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
             http2_keep_alive_interval: (args.http2_keep_alive_interval_secs > 0)

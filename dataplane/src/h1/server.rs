@@ -58,6 +58,18 @@ pub enum Ended<I> {
     Http2(I, Bytes),
 }
 
+/// How a connection treats its client.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Largest request head accepted; larger heads get 431.
+    pub max_head: usize,
+    /// Keep handling a request after the client shut down its sending side. Off, the end of
+    /// the client's stream while a request is handled means the client is gone (most clients
+    /// close only when they give up): the request is dropped, and with it its upstream
+    /// exchange, as hyper and nginx do.
+    pub half_close: bool,
+}
+
 /// Serves HTTP/1.x requests on `io` with `service` until the connection closes.
 ///
 /// `closing` asks the connection to end: at once when no request is in progress, else after
@@ -66,7 +78,7 @@ pub enum Ended<I> {
 /// does: it owns both).
 pub async fn serve<I, S, F, B>(
     io: I,
-    max_head: usize,
+    settings: Settings,
     closing: &AtomicBool,
     mut service: S,
 ) -> Result<Ended<I>, H1Error>
@@ -81,7 +93,8 @@ where
         io,
         read: BytesMut::new(),
         write: Vec::new(),
-        max_head,
+        max_head: settings.max_head,
+        half_close: settings.half_close,
     };
     let mut first = true;
     loop {
@@ -276,6 +289,8 @@ struct Conn<I> {
     /// [`scratch`]) while a response is, empty between requests.
     write: Vec<u8>,
     max_head: usize,
+    /// See [`Settings::half_close`].
+    half_close: bool,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
@@ -362,9 +377,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 if let Some(pump) = pump.as_mut() {
                     self.poll_pump(pump, cx);
                 }
-                handled.as_mut().poll(cx)
+                if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
+                    return Poll::Ready(Some(resp));
+                }
+                // Once the body is in (or there is none), what the client sends is the next
+                // request, or the end of its stream.
+                let body_in = pump.as_ref().is_none_or(Pump::ended);
+                if body_in && !self.half_close && self.poll_gone(cx) {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
             })
             .await
+        };
+        // Dropping the handler's future (above) dropped its upstream exchange.
+        let Some(resp) = resp else {
+            tracing::debug!("the client closed its connection before the response");
+            return false;
         };
         let (parts, body) = resp.into_parts();
         let (framing, length) = out_framing(&parts, &body, head_request, version);
@@ -690,6 +719,25 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         if self.io.write_all(&head).await.is_ok() {
             let _ = self.io.shutdown().await;
         }
+    }
+
+    /// Reads ahead while a request is handled: whether the client is gone (its stream ended
+    /// or failed). What it sends meanwhile (pipelined requests) is kept for later, up to
+    /// `max_head`; past that, reading waits for the response. After the short read that
+    /// brought the request in, tokio knows the socket is drained, so polling costs no
+    /// system call until the client sends something.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.read.len() < self.max_head {
+            let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(_)) => return true,
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return true,
+                Poll::Ready(Ok(())) => self.read.extend_from_slice(buf.filled()),
+            }
+        }
+        false
     }
 
     /// Between requests: keeps no empty buffer.

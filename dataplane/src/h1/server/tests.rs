@@ -105,12 +105,17 @@ async fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
     Response::new(Full::new(Bytes::from(text)))
 }
 
+const SETTINGS: Settings = Settings {
+    max_head: 64 * 1024,
+    half_close: false,
+};
+
 /// Serves one connection with `echo`; the client's end.
 fn connect() -> (DuplexStream, tokio::task::JoinHandle<()>) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let task = tokio::spawn(async move {
         let closing = AtomicBool::new(false);
-        let _ = serve(server, 64 * 1024, &closing, echo).await;
+        let _ = serve(server, SETTINGS, &closing, echo).await;
     });
     (client, task)
 }
@@ -235,7 +240,7 @@ async fn responses_are_framed_by_what_the_body_says() {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move {
         let closing = AtomicBool::new(false);
-        let _ = serve(server, 64 * 1024, &closing, answer).await;
+        let _ = serve(server, SETTINGS, &closing, answer).await;
     });
     client
         .write_all(
@@ -289,7 +294,16 @@ async fn a_head_over_the_limit_gets_431() {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move {
         let closing = AtomicBool::new(false);
-        let _ = serve(server, 1024, &closing, echo).await;
+        let _ = serve(
+            server,
+            Settings {
+                max_head: 1024,
+                ..SETTINGS
+            },
+            &closing,
+            echo,
+        )
+        .await;
     });
     let big = format!(
         "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
@@ -305,7 +319,16 @@ async fn the_http2_preface_hands_the_connection_over() {
     let (mut client, server) = tokio::io::duplex(1024);
     let served = tokio::spawn(async move {
         let closing = AtomicBool::new(false);
-        serve(server, 1024, &closing, echo).await
+        serve(
+            server,
+            Settings {
+                max_head: 1024,
+                ..SETTINGS
+            },
+            &closing,
+            echo,
+        )
+        .await
     });
     client.write_all(&H2_PREFACE[..10]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -326,7 +349,7 @@ async fn closing_ends_an_idle_connection_and_a_busy_one_after_its_response() {
     let served = tokio::spawn(async move {
         serve(
             server,
-            64 * 1024,
+            SETTINGS,
             &flag,
             |req: Request<Incoming>| async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -345,4 +368,113 @@ async fn closing_ends_an_idle_connection_and_a_busy_one_after_its_response() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.contains("connection: close\r\n"), "{answer}");
     assert!(matches!(served.await.unwrap(), Ok(Ended::Closed)));
+}
+
+type Answer = std::pin::Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+
+/// A handler that answers after `delay`, and says (through `dropped`) whether its future
+/// was dropped before it finished.
+fn slow(
+    delay: Duration,
+    dropped: std::sync::Arc<AtomicBool>,
+) -> impl FnMut(Request<Incoming>) -> Answer {
+    struct Guard(std::sync::Arc<AtomicBool>, bool);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    move |req| {
+        let guard = Guard(dropped.clone(), false);
+        Box::pin(async move {
+            // The whole guard, not just its flag, lives in the future.
+            let mut guard = guard;
+            tokio::time::sleep(delay).await;
+            guard.1 = true;
+            echo(req).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request() {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let dropped = std::sync::Arc::new(AtomicBool::new(false));
+    let handler = slow(Duration::from_secs(3600), dropped.clone());
+    let served = tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        serve(server, SETTINGS, &closing, handler).await
+    });
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!served.is_finished());
+    client.shutdown().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("the connection ends when its client does")
+        .unwrap();
+    assert!(matches!(ended, Ok(Ended::Closed)));
+    assert!(
+        dropped.load(Ordering::Relaxed),
+        "the handler was not dropped"
+    );
+    assert_eq!(read_all(&mut client).await, "", "nothing is answered");
+}
+
+#[tokio::test]
+async fn with_half_close_a_client_that_stopped_sending_still_gets_its_answer() {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let dropped = std::sync::Arc::new(AtomicBool::new(false));
+    let handler = slow(Duration::from_millis(50), dropped.clone());
+    tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        let settings = Settings {
+            half_close: true,
+            ..SETTINGS
+        };
+        let _ = serve(server, settings, &closing, handler).await;
+    });
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let answer = read_all(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("GET /slow "), "{answer}");
+    assert!(!dropped.load(Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn requests_sent_while_one_is_handled_wait_their_turn() {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let dropped = std::sync::Arc::new(AtomicBool::new(false));
+    let handler = slow(Duration::from_millis(30), dropped.clone());
+    tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        let _ = serve(server, SETTINGS, &closing, handler).await;
+    });
+    client
+        .write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Read ahead while /a is handled, then served after it.
+    client
+        .write_all(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_all(&mut client).await;
+    let bodies: Vec<_> = answer
+        .split("HTTP/1.1 200 OK\r\n")
+        .skip(1)
+        .map(|r| r.split("\r\n\r\n").nth(1).unwrap())
+        .collect();
+    assert_eq!(bodies, ["POST /a one", "GET /b "], "{answer}");
+    assert!(!dropped.load(Ordering::Relaxed));
 }
