@@ -376,3 +376,31 @@ async fn with_half_close_a_client_that_stopped_sending_gets_its_answer() {
     assert!(answer.ends_with("ok"), "{answer}");
     assert!(!upstream.closed_first.await.unwrap());
 }
+
+/// A client that writes a large request whole before reading (as Python's http.client does)
+/// gets the error the proxy answered without reading the body (here error 00, no route),
+/// not a reset: the proxy reads and drops the rest of the body before it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answered_before_the_body_reaches_a_client_still_sending_it() {
+    let env = Env::start().await;
+    let size = 32 * 1024 * 1024;
+    let mut s = TcpStream::connect(env.proxy.addr).await.unwrap();
+    let head =
+        format!("POST /nowhere/x HTTP/1.1\r\nHost: a.example\r\nContent-Length: {size}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Far more than the kernel's socket buffers hold: it only goes through if the proxy reads.
+    tokio::time::timeout(DEADLINE, s.write_all(&vec![b'x'; size]))
+        .await
+        .expect("the proxy keeps reading")
+        .expect("the proxy did not reset the connection");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["code"], 0, "{answer}");
+    assert_eq!(env.dialled(), 0);
+}

@@ -27,6 +27,7 @@ use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures_channel::{mpsc, oneshot};
@@ -46,6 +47,10 @@ use super::{
 const STACK_READ: usize = 8 * 1024;
 /// A response head buffer that grew past this is not kept for the next response.
 const KEEP_WRITE: usize = 4 * 1024;
+/// Closing with a request (body) still coming: how long to wait for more of it at a time, and
+/// at most in all (nginx's `lingering_timeout` and `lingering_time`).
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+const LINGER_MAX: Duration = Duration::from_secs(30);
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -447,7 +452,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         }
         // A body left unread (in part) would be parsed as the next request.
         let unread = pump.is_some_and(|p| !p.ended());
-        if close || unread || closing.load(Ordering::Relaxed) {
+        if unread {
+            Box::pin(linger(&mut self.io)).await;
+            return false;
+        }
+        if close || closing.load(Ordering::Relaxed) {
             let _ = self.io.shutdown().await;
             return false;
         }
@@ -717,7 +726,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         head.extend_from_slice(b"\r\n");
         head.extend_from_slice(reason.as_bytes());
         if self.io.write_all(&head).await.is_ok() {
-            let _ = self.io.shutdown().await;
+            // What follows a refused head (its body, say) is still on its way.
+            Box::pin(linger(&mut self.io)).await;
         }
     }
 
@@ -746,6 +756,28 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             self.read = BytesMut::new();
         }
     }
+}
+
+/// Ends a connection whose client may still be sending (a body the proxy answered without
+/// reading): shuts down the sending side, then reads and drops what arrives until the client
+/// closes, goes quiet for [`LINGER_QUIET`], or [`LINGER_MAX`] has passed. Closing a socket
+/// with unread data makes the kernel reset the connection, and a reset can destroy the
+/// response before the client reads it: a client that writes its whole request before
+/// reading (Python's http.client, for one) would see a broken pipe instead of the answer.
+async fn linger<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I) {
+    if io.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = vec![0u8; STACK_READ];
+    let drain = async {
+        loop {
+            match tokio::time::timeout(LINGER_QUIET, io.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_MAX, drain).await;
 }
 
 fn too_large() -> Refused {

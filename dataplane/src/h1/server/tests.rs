@@ -286,6 +286,8 @@ async fn refusals_are_answered_and_the_connection_closed() {
     );
     assert!(answer.contains("connection: close\r\n"), "{answer}");
     assert!(!answer.contains("/next"), "{answer}");
+    // The connection lingers until its client closes too (or goes quiet for 5 s).
+    drop(client);
     task.await.unwrap();
 }
 
@@ -477,4 +479,55 @@ async fn requests_sent_while_one_is_handled_wait_their_turn() {
         .collect();
     assert_eq!(bodies, ["POST /a one", "GET /b "], "{answer}");
     assert!(!dropped.load(Ordering::Relaxed));
+}
+
+/// A client that writes its whole request before it reads gets the answer even when the
+/// handler never read the body: the connection reads and drops the rest before it closes.
+#[tokio::test]
+async fn an_answer_without_reading_the_body_still_reaches_a_client_that_is_sending() {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        let _ = serve(
+            server,
+            SETTINGS,
+            &closing,
+            |_req: Request<Incoming>| async {
+                Response::new(Full::new(Bytes::from_static(b"no such route")))
+            },
+        )
+        .await;
+    });
+    let size = 4 * 1024 * 1024;
+    client
+        .write_all(
+            format!("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Sixty-four times what the stream buffers: only a reader on the other end lets it through.
+    client.write_all(&vec![b'x'; size]).await.unwrap();
+    let answer = read_all(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(answer.ends_with("no such route"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_refused_head_is_answered_to_a_client_that_is_still_sending() {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let closing = AtomicBool::new(false);
+        let _ = serve(server, SETTINGS, &closing, echo).await;
+    });
+    client
+        .write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n")
+        .await
+        .unwrap();
+    client
+        .write_all(&vec![b'x'; 4 * 1024 * 1024])
+        .await
+        .unwrap();
+    let answer = read_all(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }
