@@ -41,13 +41,16 @@ fn hop_bit(name: &HeaderName, extra: Option<&HeaderName>) -> u16 {
 /// Removes hop-by-hop headers and every header the `Connection` header names (and `extra`,
 /// if given: a header the proxy never forwards). One pass finds which are present; only
 /// those are removed, and the common `Connection: keep-alive` / `close` costs no allocation.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, extra: Option<&HeaderName>) {
+/// Returns whether the `Connection` header named any header (which may have been any, even
+/// `Host`).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, extra: Option<&HeaderName>) -> bool {
     let present = headers
         .keys()
         .fold(0u16, |acc, name| acc | hop_bit(name, extra));
     if present == 0 {
-        return;
+        return false;
     }
+    let mut named_any = false;
     if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -65,6 +68,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, extra: Option<&HeaderName>) {
             })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
+        named_any = !named.is_empty();
         for name in named {
             headers.remove(name);
         }
@@ -79,6 +83,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, extra: Option<&HeaderName>) {
     {
         headers.remove(extra);
     }
+    named_any
 }
 
 /// How many headers the proxy may add to a request on its way upstream (`X-Forwarded-For`,
@@ -163,7 +168,10 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("1"));
         h.insert("apikey", HeaderValue::from_static("secret"));
         let apikey = HeaderName::from_static("apikey");
-        strip_hop_by_hop(&mut h, Some(&apikey));
+        assert!(
+            strip_hop_by_hop(&mut h, Some(&apikey)),
+            "Connection named x-secret"
+        );
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
         // Nothing to strip: nothing touched; `close` names no header.
@@ -171,7 +179,7 @@ mod tests {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         h.insert("close", HeaderValue::from_static("kept"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, Some(&apikey));
+        assert!(!strip_hop_by_hop(&mut h, Some(&apikey)));
         assert_eq!(h.len(), 2);
     }
 

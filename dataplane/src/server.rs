@@ -324,13 +324,13 @@ fn rewrite_head(
     // (absolute-form, HTTP/2 `:authority`) or the Host header. The upstream and
     // X-Forwarded-Host get that same name (RFC 9112 §3.2.2: an absolute-form target replaces
     // Host).
-    let host = match parts.uri.authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
+    let (host, in_header) = match parts.uri.authority() {
+        Some(authority) => (HeaderValue::from_str(authority.as_str()).ok(), false),
+        None => (parts.headers.get(header::HOST).cloned(), true),
     };
     // Never forward an API key (v2 did the same): on routes with the apikey plugin the plugin
     // has removed its header already; this is for the others.
-    strip_hop_by_hop(
+    let named = strip_hop_by_hop(
         &mut parts.headers,
         Some(&crate::filter::api_key::DEFAULT_HEADER),
     );
@@ -344,13 +344,21 @@ fn rewrite_head(
     // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a header
     // (an HTTP/2 upstream gets it back as :authority). A client that named no host at all
     // (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
-    match host.or_else(|| HeaderValue::from_str(upstream.authority().as_str()).ok()) {
+    match host {
+        // Most requests: the Host header is the name already (one, `decide` checked), unless
+        // the client's `Connection` header named it.
+        Some(_) if in_header && !named => {}
         Some(v) => {
             parts.headers.insert(header::HOST, v);
         }
-        None => {
-            parts.headers.remove(header::HOST);
-        }
+        None => match HeaderValue::from_str(upstream.authority().as_str()) {
+            Ok(v) => {
+                parts.headers.insert(header::HOST, v);
+            }
+            Err(_) => {
+                parts.headers.remove(header::HOST);
+            }
+        },
     }
     parts
         .headers
@@ -418,7 +426,7 @@ fn upstream_answer(
     match sent {
         Ok(Ok((resp, in_flight))) => {
             let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, None);
+            let _ = strip_hop_by_hop(&mut parts.headers, None);
             // An HTTP/2 upstream's response goes back in the client's protocol.
             parts.version = Version::HTTP_11;
             Response::from_parts(parts, ProxyBody::Upstream(body, in_flight))

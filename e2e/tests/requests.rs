@@ -131,6 +131,17 @@ async fn an_absolute_form_target_names_the_host_for_routing_and_upstream_alike()
         echo["headers"]["x-forwarded-host"],
         serde_json::json!(["a.example"])
     );
+
+    // A Connection header that names Host takes the client's off, not the upstream's.
+    let answer = env
+        .exchange(
+            b"GET /vh/x HTTP/1.1\r\nHost: a.example\r\nConnection: host, close\r\n\r\n",
+            false,
+        )
+        .await;
+    let echo = echoed(&answer);
+    assert_eq!(echo["upstream"], "plain");
+    assert_eq!(echo["headers"]["host"], serde_json::json!(["a.example"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
