@@ -103,9 +103,9 @@ impl ServiceBackend {
     /// guard counts the request against the chosen address until it is dropped (with the
     /// response body).
     pub fn send(
-        &self,
+        self: &Arc<Self>,
         req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<(Response<UpstreamBody>, InFlight), UpstreamError>> + Send + '_
+    ) -> impl Future<Output = Result<(Response<UpstreamBody>, InFlight), UpstreamError>> + Send + use<>
     {
         // The common case without an `async fn` layer (see `HostPool::send`): the address
         // picked has a connection ready.
@@ -123,7 +123,10 @@ impl ServiceBackend {
                 )
             }
             // Boxed: connecting (and trying other addresses) is the rare path.
-            None => Either::Right(Box::pin(self.send_connecting(req))),
+            None => {
+                let this = self.clone();
+                Either::Right(Box::pin(async move { this.send_connecting(req).await }))
+            }
         }
     }
 

@@ -119,22 +119,6 @@ impl std::fmt::Debug for HostPool {
     }
 }
 
-/// Counts a request against a pool while it waits for its response head.
-pub(crate) struct Counting<'a>(&'a HostPool);
-
-impl<'a> Counting<'a> {
-    pub(crate) fn new(pool: &'a HostPool) -> Self {
-        pool.in_flight.fetch_add(1, Ordering::Relaxed);
-        Counting(pool)
-    }
-}
-
-impl Drop for Counting<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Counts a balanced request against its address until dropped. The response body holds it,
 /// so a long download or stream keeps its address busy in the balancer's eyes, not only the
 /// wait for the response head.
@@ -239,15 +223,21 @@ impl HostPool {
     pub fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + '_ {
-        let counting = Counting::new(self);
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
+        // Counted while it waits for the response head. It borrows nothing: the caller can
+        // make it before the future that awaits it, which then holds it and not the request
+        // it was made from as well.
+        let counting = InFlight::new(self);
         let sent = match self.ready_connection() {
             Some(conn) => Either::Left(self.send_on(conn, req)),
             // Boxed: dialling, or waiting for another request's HTTP/2 handshake, is rare.
-            None => Either::Right(Box::pin(async move {
-                let conn = self.connection().await?;
-                self.send_on(conn, req).await
-            })),
+            None => {
+                let pool = self.clone();
+                Either::Right(Box::pin(async move {
+                    let conn = pool.connection().await?;
+                    pool.send_on(conn, req).await
+                }))
+            }
         };
         sent.inspect(move |_| drop(counting))
     }

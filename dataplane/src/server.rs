@@ -263,51 +263,68 @@ struct Forward {
 
 impl Forward {
     /// Sends the request and answers with the upstream's response, or the error that
-    /// replaces it; then the plugins' response phase, if `passed` has one. (An `async` block:
-    /// an `async fn` would keep `self`, a request head, twice.)
-    #[allow(
-        clippy::manual_async_fn,
-        reason = "an async fn would store the head twice"
-    )]
-    fn run(
-        self,
-        mut passed: Option<Box<Passed>>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        async move {
+    /// replaces it; then the plugins' response phase, if `passed` has one.
+    ///
+    /// The upstream send is made here for a request with nothing to read first (most), so
+    /// the returned future holds that send, which owns the head, and not the head as well: an
+    /// `async` block keeps what it captures for as long as it runs.
+    fn run(self, passed: Option<Box<Passed>>) -> impl Future<Output = Response<ProxyBody>> + Send {
+        let Forward {
+            parts,
+            body,
+            upstream,
+            deadline,
+            timeout,
+            cardinality,
+            client_version,
+            read_ahead,
+        } = self;
+        if passed.is_none() && body.is_end_stream() {
+            let request = Request::from_parts(parts, RequestBody::Streamed(body));
+            // Combinators: an `async` block awaiting the send would hold it twice, captured
+            // and pinned.
+            return Either::Left(
+                tokio::time::timeout_at(deadline, upstream.send(request)).map(move |sent| {
+                    let mut resp = upstream_answer(sent, &upstream, timeout);
+                    with_cardinality(&mut resp, cardinality);
+                    resp
+                }),
+            );
+        }
+        // Boxed: only requests with a body to read first, or plugins with a response phase,
+        // carry the state of those.
+        Either::Right(Box::pin(async move {
+            let mut passed = passed;
             let mut resp = 'resp: {
                 let wasm = passed.as_mut().and_then(|p| p.wasm.as_mut());
-                let request = if self.body.is_end_stream() && wasm.is_none() {
-                    Request::from_parts(self.parts, RequestBody::Streamed(self.body))
+                let request = if body.is_end_stream() && wasm.is_none() {
+                    Request::from_parts(parts, RequestBody::Streamed(body))
                 } else {
-                    // Boxed: most requests have no body, and only those that do pay for
-                    // (and carry the state of) reading it.
-                    let body = body_phase(
-                        self.parts,
-                        self.body,
-                        self.client_version,
-                        self.deadline,
-                        self.read_ahead,
-                        wasm,
-                    );
-                    match Box::pin(body).await {
+                    let read = body_phase(parts, body, client_version, deadline, read_ahead, wasm);
+                    match read.await {
                         Ok(request) => request,
                         Err(refused) => break 'resp refused,
                     }
                 };
-                let sent =
-                    tokio::time::timeout_at(self.deadline, self.upstream.send(request)).await;
-                upstream_answer(sent, &self.upstream, self.timeout)
+                let sent = tokio::time::timeout_at(deadline, upstream.send(request)).await;
+                upstream_answer(sent, &upstream, timeout)
             };
-            if let Some(n) = self.cardinality {
-                // Said on errors too: v2 set it before proxying.
-                resp.headers_mut()
-                    .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
-            }
+            with_cardinality(&mut resp, cardinality);
             match passed {
                 None => resp,
+                // Boxed, as every plugin response phase: its state is the plugins'.
                 Some(passed) => Box::pin(passed.respond(resp)).await,
             }
-        }
+        }))
+    }
+}
+
+/// Says how many Services a dynamic route matched, when more than one.
+fn with_cardinality(resp: &mut Response<ProxyBody>, cardinality: Option<usize>) {
+    if let Some(n) = cardinality {
+        // Said on errors too: v2 set it before proxying.
+        resp.headers_mut()
+            .insert(&X_KANALI_SERVICE_CARDINALITY, HeaderValue::from(n));
     }
 }
 

@@ -150,7 +150,7 @@ impl Upstream {
         req: Request<RequestBody>,
     ) -> impl Future<Output = Result<(Response<UpstreamBody>, Option<InFlight>), UpstreamError>>
     + Send
-    + '_ {
+    + use<> {
         use futures_util::FutureExt as _;
         use futures_util::future::Either;
         // Combinators, not an `async fn`: see `HostPool::send`.
