@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Memory per client connection (issue #12): the proxy's RSS with CONNS idle connections open,
 # after each of them served one request (a proxied 200 by default, or a 404 with PATH), and
-# after they all closed, and once 2 000 more requests went through one new connection: mimalloc
-# returns freed pages to the OS (MADV_DONTNEED) at least 1 s after the free, during its next
-# collection, which allocations trigger; a proxy with no traffic at all keeps them until it has
-# some. Prints KiB per connection for each state.
+# after they all closed, and once 20 000 more requests went through one new connection: mimalloc
+# returns freed pages to the OS (MADV_DONTNEED) at least 1 s after the free, during a later
+# collection, which its slow-path allocations trigger (a few seconds of traffic); a proxy with
+# no traffic at all keeps them until it has some. Prints KiB per connection for each state.
 # Usage: e2e/bench/conn-memory.sh   (env: CONNS=10000 PATH_=/api/ ; release build)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -61,7 +61,7 @@ async def main():
     await asyncio.sleep(2)
     closed = rss()
     r, w = await asyncio.open_connection("127.0.0.1", 18083)
-    for _ in range(2000):
+    for _ in range(20000):
         await exchange(r, w, req)
     w.close()
     await asyncio.sleep(1.5)
@@ -69,7 +69,7 @@ async def main():
     kib = lambda a, b: (a - b) * 1.0 / n
     print(f"RSS: {base} KiB before, {idle} with {n} idle connections ({kib(idle, base):.2f} KiB each),"
           f" {served} after one request on each ({kib(served, base):.2f} KiB each), {closed} after closing"
-          f" ({kib(closed, base):.2f} KiB each left), {later} after 2 000 more requests"
+          f" ({kib(closed, base):.2f} KiB each left), {later} after 20 000 more requests"
           f" ({kib(later, base):.2f} KiB each left)")
 asyncio.run(main())
 PY

@@ -349,11 +349,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
 
     /// Hands a request to `service` and writes its response; whether the connection can
     /// take another request.
-    async fn exchange<S, F, B>(&mut self, head: Head, service: &mut S, closing: &AtomicBool) -> bool
+    ///
+    /// Not an `async fn`: the handler is called before the returned future is made, so that
+    /// future holds the handler's future, not the request head as well (an `async fn` keeps
+    /// its arguments for as long as it runs).
+    fn exchange<'a, S, F, B>(
+        &'a mut self,
+        head: Head,
+        service: &mut S,
+        closing: &'a AtomicBool,
+    ) -> impl Future<Output = bool> + 'a
     where
         S: FnMut(Request<Incoming>) -> F,
-        F: Future<Output = Response<B>>,
-        B: Body<Data = Bytes> + Unpin,
+        F: Future<Output = Response<B>> + 'a,
+        B: Body<Data = Bytes> + Unpin + 'a,
         B::Error: Display,
     {
         let Head {
@@ -376,91 +385,94 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 Incoming::stream(State::Chunked(Chunk::Size), None, expect_continue)
             }
         };
-        let resp = {
-            let mut handled = pin!(service(Request::from_parts(parts, body)));
-            poll_fn(|cx| {
+        let handled = service(Request::from_parts(parts, body));
+        async move {
+            let resp = {
+                let mut handled = pin!(handled);
+                poll_fn(|cx| {
+                    if let Some(pump) = pump.as_mut() {
+                        self.poll_pump(pump, cx);
+                    }
+                    if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
+                        return Poll::Ready(Some(resp));
+                    }
+                    // Once the body is in (or there is none), what the client sends is the next
+                    // request, or the end of its stream.
+                    let body_in = pump.as_ref().is_none_or(Pump::ended);
+                    if body_in && !self.half_close && self.poll_gone(cx) {
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending
+                })
+                .await
+            };
+            // Dropping the handler's future (above) dropped its upstream exchange.
+            let Some(resp) = resp else {
+                tracing::debug!("the client closed its connection before the response");
+                return false;
+            };
+            let (parts, body) = resp.into_parts();
+            let (framing, length) = out_framing(&parts, &body, head_request, version);
+            let said_close = says_close(&parts.headers);
+            // A body that failed (or that the handler dropped) leaves the connection where its
+            // framing cannot be trusted.
+            let abandoned = pump
+                .as_ref()
+                .is_some_and(|p| matches!(p.phase, Phase::Abandoned));
+            let close = !keep_alive
+                || abandoned
+                || closing.load(Ordering::Relaxed)
+                || framing == OutFraming::Eof
+                || said_close;
+            self.write = scratch::take_write();
+            encode_head(
+                &mut self.write,
+                &parts,
+                framing,
+                length,
+                // The response may say so already.
+                close && !said_close,
+                !close && version == Version::HTTP_10,
+            );
+            let mut out = Out {
+                body: (framing != OutFraming::None).then_some(body),
+                framing,
+                trailer: (framing == OutFraming::Chunked)
+                    .then(|| parts.headers.get(header::TRAILER).cloned())
+                    .flatten(),
+                at: 0,
+                data: Bytes::new(),
+                tail: b"",
+                last_chunk: false,
+                done: framing == OutFraming::None || framing == OutFraming::Length(0),
+            };
+            drop(parts);
+            let written = poll_fn(|cx| {
                 if let Some(pump) = pump.as_mut() {
                     self.poll_pump(pump, cx);
                 }
-                if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
-                    return Poll::Ready(Some(resp));
-                }
-                // Once the body is in (or there is none), what the client sends is the next
-                // request, or the end of its stream.
-                let body_in = pump.as_ref().is_none_or(Pump::ended);
-                if body_in && !self.half_close && self.poll_gone(cx) {
-                    return Poll::Ready(None);
-                }
-                Poll::Pending
+                self.poll_response(&mut out, cx)
             })
-            .await
-        };
-        // Dropping the handler's future (above) dropped its upstream exchange.
-        let Some(resp) = resp else {
-            tracing::debug!("the client closed its connection before the response");
-            return false;
-        };
-        let (parts, body) = resp.into_parts();
-        let (framing, length) = out_framing(&parts, &body, head_request, version);
-        let said_close = says_close(&parts.headers);
-        // A body that failed (or that the handler dropped) leaves the connection where its
-        // framing cannot be trusted.
-        let abandoned = pump
-            .as_ref()
-            .is_some_and(|p| matches!(p.phase, Phase::Abandoned));
-        let close = !keep_alive
-            || abandoned
-            || closing.load(Ordering::Relaxed)
-            || framing == OutFraming::Eof
-            || said_close;
-        self.write = scratch::take_write();
-        encode_head(
-            &mut self.write,
-            &parts,
-            framing,
-            length,
-            // The response may say so already.
-            close && !said_close,
-            !close && version == Version::HTTP_10,
-        );
-        let mut out = Out {
-            body: (framing != OutFraming::None).then_some(body),
-            framing,
-            trailer: (framing == OutFraming::Chunked)
-                .then(|| parts.headers.get(header::TRAILER).cloned())
-                .flatten(),
-            at: 0,
-            data: Bytes::new(),
-            tail: b"",
-            last_chunk: false,
-            done: framing == OutFraming::None || framing == OutFraming::Length(0),
-        };
-        drop(parts);
-        let written = poll_fn(|cx| {
-            if let Some(pump) = pump.as_mut() {
-                self.poll_pump(pump, cx);
+            .await;
+            // The response is done with (and with it the request's hold on its upstream).
+            drop(out);
+            scratch::give_write(std::mem::take(&mut self.write));
+            if let Err(error) = written {
+                tracing::debug!(%error, "response not sent whole");
+                return false;
             }
-            self.poll_response(&mut out, cx)
-        })
-        .await;
-        // The response is done with (and with it the request's hold on its upstream).
-        drop(out);
-        scratch::give_write(std::mem::take(&mut self.write));
-        if let Err(error) = written {
-            tracing::debug!(%error, "response not sent whole");
-            return false;
+            // A body left unread (in part) would be parsed as the next request.
+            let unread = pump.is_some_and(|p| !p.ended());
+            if unread {
+                Box::pin(linger(&mut self.io)).await;
+                return false;
+            }
+            if close || closing.load(Ordering::Relaxed) {
+                let _ = self.io.shutdown().await;
+                return false;
+            }
+            true
         }
-        // A body left unread (in part) would be parsed as the next request.
-        let unread = pump.is_some_and(|p| !p.ended());
-        if unread {
-            Box::pin(linger(&mut self.io)).await;
-            return false;
-        }
-        if close || closing.load(Ordering::Relaxed) {
-            let _ = self.io.shutdown().await;
-            return false;
-        }
-        true
     }
 
     /// Takes a request head off the front of the buffer, if it is all there.
