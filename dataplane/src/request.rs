@@ -248,6 +248,8 @@ mod tests {
             "[::1]x",
             "a.example:99999",
             ":80",
+            "ünï.example",
+            "a\texample",
         ] {
             assert_eq!(
                 host(&req(v11, "/x", &[bad])),
