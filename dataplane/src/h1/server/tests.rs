@@ -110,14 +110,36 @@ const SETTINGS: Settings = Settings {
     half_close: false,
 };
 
-/// Serves one connection with `echo`; the client's end.
-fn connect() -> (DuplexStream, tokio::task::JoinHandle<()>) {
+type Served = tokio::task::JoinHandle<Result<Ended<DuplexStream>, H1Error>>;
+
+/// Serves one connection with `service`: the client's end, and the connection's task.
+fn serving<S, F, B>(settings: Settings, service: S) -> (DuplexStream, Served)
+where
+    S: FnMut(Request<Incoming>) -> F + Send + 'static,
+    F: Future<Output = Response<B>> + Send,
+    B: Body<Data = Bytes> + Unpin + Send,
+    B::Error: Display,
+{
     let (client, server) = tokio::io::duplex(64 * 1024);
     let task = tokio::spawn(async move {
         let closing = AtomicBool::new(false);
-        let _ = serve(server, SETTINGS, &closing, echo).await;
+        serve(server, settings, &closing, service).await
     });
     (client, task)
+}
+
+/// Serves one connection with `echo`; the client's end.
+fn connect() -> (DuplexStream, Served) {
+    serving(SETTINGS, echo)
+}
+
+/// The bodies of the `200 OK` responses in `answer`, in order.
+fn bodies(answer: &str) -> Vec<&str> {
+    answer
+        .split("HTTP/1.1 200 OK\r\n")
+        .skip(1)
+        .map(|r| r.split("\r\n\r\n").nth(1).unwrap())
+        .collect()
 }
 
 /// Reads until the peer closes (or 5 s pass).
@@ -154,13 +176,8 @@ async fn pipelined_requests_get_their_answers_in_order() {
         .await
         .unwrap();
     let answer = read_all(&mut client).await;
-    let bodies: Vec<_> = answer
-        .split("HTTP/1.1 200 OK\r\n")
-        .skip(1)
-        .map(|r| r.split("\r\n\r\n").nth(1).unwrap())
-        .collect();
     assert_eq!(
-        bodies,
+        bodies(&answer),
         ["POST /a hello", "POST /b abc", "GET /c "],
         "{answer}"
     );
@@ -237,11 +254,7 @@ async fn responses_are_framed_by_what_the_body_says() {
         }
         resp
     }
-    let (mut client, server) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(async move {
-        let closing = AtomicBool::new(false);
-        let _ = serve(server, SETTINGS, &closing, answer).await;
-    });
+    let (mut client, _task) = serving(SETTINGS, answer);
     client
         .write_all(
             b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -288,25 +301,16 @@ async fn refusals_are_answered_and_the_connection_closed() {
     assert!(!answer.contains("/next"), "{answer}");
     // The connection lingers until its client closes too (or goes quiet for 5 s).
     drop(client);
-    task.await.unwrap();
+    assert!(matches!(task.await.unwrap(), Ok(Ended::Closed)));
 }
 
 #[tokio::test]
 async fn a_head_over_the_limit_gets_431() {
-    let (mut client, server) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(async move {
-        let closing = AtomicBool::new(false);
-        let _ = serve(
-            server,
-            Settings {
-                max_head: 1024,
-                ..SETTINGS
-            },
-            &closing,
-            echo,
-        )
-        .await;
-    });
+    let settings = Settings {
+        max_head: 1024,
+        ..SETTINGS
+    };
+    let (mut client, _task) = serving(settings, echo);
     let big = format!(
         "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
         "a".repeat(2000)
@@ -402,13 +406,8 @@ fn slow(
 
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_its_request() {
-    let (mut client, server) = tokio::io::duplex(64 * 1024);
     let dropped = std::sync::Arc::new(AtomicBool::new(false));
-    let handler = slow(Duration::from_secs(3600), dropped.clone());
-    let served = tokio::spawn(async move {
-        let closing = AtomicBool::new(false);
-        serve(server, SETTINGS, &closing, handler).await
-    });
+    let (mut client, served) = serving(SETTINGS, slow(Duration::from_secs(3600), dropped.clone()));
     client
         .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -430,17 +429,12 @@ async fn a_client_that_goes_away_cancels_its_request() {
 
 #[tokio::test]
 async fn with_half_close_a_client_that_stopped_sending_still_gets_its_answer() {
-    let (mut client, server) = tokio::io::duplex(64 * 1024);
     let dropped = std::sync::Arc::new(AtomicBool::new(false));
-    let handler = slow(Duration::from_millis(50), dropped.clone());
-    tokio::spawn(async move {
-        let closing = AtomicBool::new(false);
-        let settings = Settings {
-            half_close: true,
-            ..SETTINGS
-        };
-        let _ = serve(server, settings, &closing, handler).await;
-    });
+    let settings = Settings {
+        half_close: true,
+        ..SETTINGS
+    };
+    let (mut client, _task) = serving(settings, slow(Duration::from_millis(50), dropped.clone()));
     client
         .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -454,13 +448,8 @@ async fn with_half_close_a_client_that_stopped_sending_still_gets_its_answer() {
 
 #[tokio::test]
 async fn requests_sent_while_one_is_handled_wait_their_turn() {
-    let (mut client, server) = tokio::io::duplex(64 * 1024);
     let dropped = std::sync::Arc::new(AtomicBool::new(false));
-    let handler = slow(Duration::from_millis(30), dropped.clone());
-    tokio::spawn(async move {
-        let closing = AtomicBool::new(false);
-        let _ = serve(server, SETTINGS, &closing, handler).await;
-    });
+    let (mut client, _task) = serving(SETTINGS, slow(Duration::from_millis(30), dropped.clone()));
     client
         .write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none")
         .await
@@ -472,12 +461,7 @@ async fn requests_sent_while_one_is_handled_wait_their_turn() {
         .await
         .unwrap();
     let answer = read_all(&mut client).await;
-    let bodies: Vec<_> = answer
-        .split("HTTP/1.1 200 OK\r\n")
-        .skip(1)
-        .map(|r| r.split("\r\n\r\n").nth(1).unwrap())
-        .collect();
-    assert_eq!(bodies, ["POST /a one", "GET /b "], "{answer}");
+    assert_eq!(bodies(&answer), ["POST /a one", "GET /b "], "{answer}");
     assert!(!dropped.load(Ordering::Relaxed));
 }
 
@@ -485,18 +469,8 @@ async fn requests_sent_while_one_is_handled_wait_their_turn() {
 /// handler never read the body: the connection reads and drops the rest before it closes.
 #[tokio::test]
 async fn an_answer_without_reading_the_body_still_reaches_a_client_that_is_sending() {
-    let (mut client, server) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(async move {
-        let closing = AtomicBool::new(false);
-        let _ = serve(
-            server,
-            SETTINGS,
-            &closing,
-            |_req: Request<Incoming>| async {
-                Response::new(Full::new(Bytes::from_static(b"no such route")))
-            },
-        )
-        .await;
+    let (mut client, _task) = serving(SETTINGS, |_req: Request<Incoming>| async {
+        Response::new(Full::new(Bytes::from_static(b"no such route")))
     });
     let size = 4 * 1024 * 1024;
     client
@@ -515,11 +489,7 @@ async fn an_answer_without_reading_the_body_still_reaches_a_client_that_is_sendi
 
 #[tokio::test]
 async fn a_refused_head_is_answered_to_a_client_that_is_still_sending() {
-    let (mut client, server) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(async move {
-        let closing = AtomicBool::new(false);
-        let _ = serve(server, SETTINGS, &closing, echo).await;
-    });
+    let (mut client, _task) = connect();
     client
         .write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n")
         .await
