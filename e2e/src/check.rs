@@ -34,6 +34,23 @@ where
     }
 }
 
+/// Reads a raw connection until its peer closes it: all that arrived, as text.
+///
+/// # Panics
+/// If it is not closed within [`DEADLINE`], or reading fails.
+pub async fn read_until_closed<R>(stream: &mut R) -> String
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut bytes))
+        .await
+        .unwrap_or_else(|_| panic!("the connection is not closed within {DEADLINE:?}"))
+        .unwrap_or_else(|e| panic!("reading the connection failed: {e}"));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// A response collected whole.
 #[derive(Debug)]
 pub struct Answer {

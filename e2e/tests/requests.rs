@@ -11,15 +11,13 @@
 mod harness;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use harness::{detached_proxy_config, echo, endpoint, route, snapshot};
+use harness::{detached_proxy_config, echo, endpoint, install, route};
 use kanali_dataplane::RunningProxy;
-use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::Upstreams;
 use kanali_e2e::Echo;
-use kanali_e2e::check::DEADLINE;
+use kanali_e2e::check::{DEADLINE, read_until_closed};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -39,16 +37,13 @@ impl Env {
             .await
             .unwrap();
         let (plain, evil) = (echo("plain").await, echo("evil").await);
-        let upstreams = Upstreams::new(Default::default()).unwrap();
         let to = |e: &Echo| endpoint("http", &e.addr.to_string(), "");
         let mut evil_route = route("/vh", to(&evil));
         evil_route.virtual_host = "evil.example".to_owned();
         let mut plain_route = route("/vh", to(&plain));
         plain_route.virtual_host = "a.example".to_owned();
         let routes = vec![route("/api", to(&plain)), evil_route, plain_route];
-        let table =
-            RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
-        proxy.tables.store(Some(Arc::new(table)));
+        let upstreams = install(&proxy, routes);
         Env {
             proxy,
             plain,
@@ -263,12 +258,7 @@ async fn long_bodies_stream_and_expect_100_continue_is_answered() {
     let interim = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     s.write_all(b"hello").await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&rest).into_owned();
+    let answer = read_until_closed(&mut s).await;
     let answer = answer.trim_start_matches("\r\n");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let echo = echoed(answer);
@@ -280,13 +270,13 @@ async fn long_bodies_stream_and_expect_100_continue_is_answered() {
 /// `ok` once told to; it reports whether the proxy closed the connection first.
 struct Stalling {
     addr: SocketAddr,
-    got_request: tokio::sync::oneshot::Receiver<()>,
     answer: tokio::sync::oneshot::Sender<()>,
     /// True: the proxy closed the connection before the answer was asked for.
     closed_first: tokio::task::JoinHandle<bool>,
 }
 
-async fn stalling() -> Stalling {
+/// The upstream, and what says it got the request head.
+async fn stalling() -> (Stalling, tokio::sync::oneshot::Receiver<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (got_tx, got_request) = tokio::sync::oneshot::channel();
@@ -312,44 +302,41 @@ async fn stalling() -> Stalling {
             }
         }
     });
-    Stalling {
+    let upstream = Stalling {
         addr,
-        got_request,
         answer,
         closed_first,
-    }
+    };
+    (upstream, got_request)
 }
 
-async fn stalling_proxy(half_close: bool) -> (RunningProxy, Stalling) {
+/// A proxy (`--http1-half-close` or not) whose one route goes to a [`stalling`] upstream,
+/// and a client whose `request` that upstream has received and not answered.
+async fn stalled(half_close: bool, request: &[u8]) -> (RunningProxy, TcpStream, Stalling) {
     let mut config = detached_proxy_config("client-gone");
     config.server.http1_half_close = half_close;
     let proxy = kanali_dataplane::start(config).await.unwrap();
-    let upstream = stalling().await;
-    let upstreams = Upstreams::new(Default::default()).unwrap();
+    let (upstream, got_request) = stalling().await;
     let routes = vec![route(
         "/stall",
         endpoint("http", &upstream.addr.to_string(), ""),
     )];
-    let table =
-        RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
-    proxy.tables.store(Some(Arc::new(table)));
-    (proxy, upstream)
+    let _upstreams = install(&proxy, routes);
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(request).await.unwrap();
+    tokio::time::timeout(DEADLINE, got_request)
+        .await
+        .unwrap()
+        .unwrap();
+    (proxy, client, upstream)
 }
 
 /// A client that closes its connection while the upstream has yet to answer: the proxy
 /// closes the upstream connection too, instead of waiting out the upstream timeout (60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_takes_its_upstream_exchange_with_it() {
-    let (proxy, upstream) = stalling_proxy(false).await;
-    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
-    client
-        .write_all(b"GET /stall/x HTTP/1.1\r\nHost: a.example\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::timeout(DEADLINE, upstream.got_request)
-        .await
-        .unwrap()
-        .unwrap();
+    let (_proxy, client, upstream) =
+        stalled(false, b"GET /stall/x HTTP/1.1\r\nHost: a.example\r\n\r\n").await;
     drop(client);
     let closed_first = tokio::time::timeout(DEADLINE, upstream.closed_first)
         .await
@@ -363,26 +350,13 @@ async fn a_client_that_goes_away_takes_its_upstream_exchange_with_it() {
 /// still gets the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_half_close_a_client_that_stopped_sending_gets_its_answer() {
-    let (proxy, upstream) = stalling_proxy(true).await;
-    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
-    client
-        .write_all(b"GET /stall/x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::timeout(DEADLINE, upstream.got_request)
-        .await
-        .unwrap()
-        .unwrap();
+    let request = b"GET /stall/x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n";
+    let (_proxy, mut client, upstream) = stalled(true, request).await;
     client.shutdown().await.unwrap();
     // Whether or not the proxy has seen the end of the client's stream by now, it answers.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     upstream.answer.send(()).unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_until_closed(&mut client).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("ok"), "{answer}");
     assert!(!upstream.closed_first.await.unwrap());
@@ -404,12 +378,7 @@ async fn an_error_answered_before_the_body_reaches_a_client_still_sending_it() {
         .await
         .expect("the proxy keeps reading")
         .expect("the proxy did not reset the connection");
-    let mut answer = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_until_closed(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["code"], 0, "{answer}");

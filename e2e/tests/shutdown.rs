@@ -11,17 +11,15 @@
 mod harness;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use harness::{detached_proxy_config, echo, endpoint, route, snapshot};
+use harness::{detached_proxy_config, echo, endpoint, install, route};
 use http::StatusCode;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kanali_dataplane::RunningProxy;
 use kanali_dataplane::shutdown::ShutdownConfig;
-use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::Upstreams;
 use kanali_e2e::Echo;
 use kanali_e2e::check::DEADLINE;
@@ -40,11 +38,8 @@ async fn start() -> Env {
         .await
         .unwrap();
     let echo = echo("echo").await;
-    let upstreams = Upstreams::new(Default::default()).unwrap();
     let routes = vec![route("/api", endpoint("http", &echo.addr.to_string(), ""))];
-    let table =
-        RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
-    proxy.tables.store(Some(Arc::new(table)));
+    let upstreams = install(&proxy, routes);
     Env {
         proxy,
         _echo: echo,

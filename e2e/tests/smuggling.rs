@@ -25,9 +25,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use harness::{detached_proxy_config, endpoint, route, snapshot};
+use harness::{detached_proxy_config, endpoint, install, route};
 use kanali_dataplane::RunningProxy;
-use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::Upstreams;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -339,14 +338,11 @@ impl Env {
         let proxy = kanali_dataplane::start(detached_proxy_config("smuggling"))
             .await
             .unwrap();
-        let upstreams = Upstreams::new(Default::default()).unwrap();
         let routes = vec![route(
             "/api/",
             endpoint("http", &upstream.addr.to_string(), ""),
         )];
-        let table =
-            RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
-        proxy.tables.store(Some(Arc::new(table)));
+        let upstreams = install(&proxy, routes);
         Env {
             proxy,
             upstream,

@@ -84,6 +84,17 @@ pub fn detached_proxy_config(id: &str) -> kanali_dataplane::ProxyConfig {
     }
 }
 
+/// Serves `routes` on a proxy started with [`detached_proxy_config`]; the returned
+/// `Upstreams` made the table's pools (tests keep it for their length).
+#[allow(dead_code)] // proxy_upstreams.rs serves through `Proxy::handle` instead
+pub fn install(proxy: &kanali_dataplane::RunningProxy, routes: Vec<pb::Route>) -> Upstreams {
+    let upstreams = Upstreams::new(Default::default()).unwrap();
+    let table =
+        RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
+    proxy.tables.store(Some(Arc::new(table)));
+    upstreams
+}
+
 pub struct Harness {
     pub addr: SocketAddr,
     pub tables: Arc<ArcSwapOption<RouteTable>>,
