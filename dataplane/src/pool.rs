@@ -224,9 +224,9 @@ impl HostPool {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
-        // Counted while it waits for the response head. It borrows nothing: the caller can
-        // make it before the future that awaits it, which then holds it and not the request
-        // it was made from as well.
+        // Counted while it waits for the response head. The count holds the pool's `Arc`, so
+        // the returned future borrows nothing: a caller can make it at once and keep only it,
+        // not also the request it was made from (see `Forward::run`).
         let counting = InFlight::new(self);
         let sent = match self.ready_connection() {
             Some(conn) => Either::Left(self.send_on(conn, req)),
