@@ -1,10 +1,13 @@
 //! Standalone mode's source: a directory of YAML manifests, as `kubectl apply -f DIR` would read
 //! it. Every `*.yaml`/`*.yml` file (multi-document, `kind: List` too) is parsed; a file that does
 //! not parse is reported with its name, line and reason, and the objects it last held stay in
-//! effect, so a half-saved edit never takes routes down.
+//! effect, so a half-saved edit never takes routes down. Files are read document by document
+//! where that reads the same, so that one changed document in a file of hundreds is the only
+//! one parsed again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Endpoints, Secret, Service};
@@ -111,6 +114,101 @@ pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, FileError> {
         decode_document(doc.value, &mut parsed).map_err(|m| err(line, m))?;
     }
     Ok(parsed)
+}
+
+/// Splits a manifest file into the texts of its documents, at the lines that start one
+/// (`---`, alone or followed by a space). YAML forbids such a line inside any scalar or
+/// collection, so the split is where any parser would split. `None` for a file in which a
+/// document could depend on what comes before it (directives, `...` markers) or that holds
+/// more documents than a file may: such a file is parsed whole.
+fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let marker = |m: &str| {
+            line.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+        };
+        if line.starts_with('%') || marker("...") {
+            return None;
+        }
+        if marker("---") && at > start {
+            documents.push(&text[start..at]);
+            start = at;
+        }
+        at += line.len();
+    }
+    if at > start || documents.is_empty() {
+        documents.push(&text[start..]);
+    }
+    // The parser's own limit for a whole file.
+    let most = serde_saphyr::Budget::default().max_documents;
+    (documents.len() <= most).then_some(documents)
+}
+
+/// A file's documents by their text: what each decoded to.
+type Pieces = HashMap<String, Piece>;
+
+/// What one document of a file decoded to, kept by its text across scans.
+#[derive(Clone)]
+struct Piece {
+    parsed: Arc<ParsedFile>,
+    /// The share of a whole file's parser budget it was held to: 1 / `share`.
+    share: usize,
+}
+
+/// Parses `text` document by document, taking documents whose text is unchanged from `known`
+/// instead of parsing them again. Each document is held to an equal share of the parser budget
+/// a whole file gets (the count of documents, rounded up to a power of two), so a file read
+/// this way never costs more than one read whole. `None` when a document cannot be read on its
+/// own or its share is too small: the caller parses the whole file, which gives the
+/// authoritative answer, with the file's line numbers in any error.
+fn parse_documents(text: &str, known: &Pieces) -> Option<(Vec<Arc<ParsedFile>>, Pieces)> {
+    let documents = split_documents(text)?;
+    let share = documents.len().next_power_of_two();
+    let mut order = Vec::with_capacity(documents.len());
+    let mut pieces = HashMap::with_capacity(documents.len());
+    for document in documents {
+        let reusable = known.get(document).filter(|p| p.share >= share);
+        if let Some(piece) = pieces.get(document).or(reusable).cloned() {
+            order.push(piece.parsed.clone());
+            pieces.insert(document.to_owned(), piece);
+            continue;
+        }
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple_with_options(document, budget_share(share)).ok()?;
+        let mut parsed = ParsedFile::default();
+        for doc in docs {
+            decode_document(doc, &mut parsed).ok()?;
+        }
+        let parsed = Arc::new(parsed);
+        order.push(parsed.clone());
+        pieces.insert(document.to_owned(), Piece { parsed, share });
+    }
+    Some((order, pieces))
+}
+
+/// The parser's default budget for a whole file, divided by `share` where it adds up across
+/// documents.
+fn budget_share(share: usize) -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    let part = |total: usize| (total / share).max(1);
+    budget.max_events = part(budget.max_events);
+    budget.max_aliases = part(budget.max_aliases);
+    budget.max_anchors = part(budget.max_anchors);
+    budget.max_recorded_anchor_events = part(budget.max_recorded_anchor_events);
+    budget.max_recorded_anchor_bytes = part(budget.max_recorded_anchor_bytes);
+    budget.max_total_property_interpolation_work =
+        part(budget.max_total_property_interpolation_work);
+    budget.max_documents = part(budget.max_documents);
+    budget.max_nodes = part(budget.max_nodes);
+    budget.max_total_scalar_bytes = part(budget.max_total_scalar_bytes);
+    budget.max_total_comment_bytes = part(budget.max_total_comment_bytes);
+    budget.max_merge_keys = part(budget.max_merge_keys);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }
 
 fn first_line(s: &str) -> &str {
@@ -239,7 +337,11 @@ pub struct Scan {
 struct FileState {
     /// The content last parsed; `None` when the last read failed (nothing to compare with).
     text: Option<String>,
-    parsed: Option<ParsedFile>,
+    /// The last good version's objects, document by document in file order (or in one piece
+    /// when it was parsed whole).
+    parsed: Option<Vec<Arc<ParsedFile>>>,
+    /// The last good version's documents by text, when it could be read one by one.
+    pieces: Pieces,
     error: Option<FileError>,
 }
 
@@ -313,30 +415,32 @@ impl FileSource {
             {
                 continue;
             }
-            match parse_file(&display, &text) {
-                Ok(parsed) => {
-                    self.files.insert(
-                        path,
-                        FileState {
-                            text: Some(text),
-                            parsed: Some(parsed),
-                            error: None,
-                        },
-                    );
-                }
+            let last = self.files.remove(&path);
+            let none = HashMap::new();
+            let known = last.as_ref().map_or(&none, |s| &s.pieces);
+            let parsed = match parse_documents(&text, known) {
+                Some(by_document) => Ok(by_document),
+                None => parse_file(&display, &text).map(|p| (vec![Arc::new(p)], HashMap::new())),
+            };
+            let state = match parsed {
+                Ok((order, pieces)) => FileState {
+                    text: Some(text),
+                    parsed: Some(order),
+                    pieces,
+                    error: None,
+                },
                 Err(error) => {
                     tracing::warn!(%error, "manifest file not applied; keeping its last good objects");
-                    let parsed = self.files.remove(&path).and_then(|s| s.parsed);
-                    self.files.insert(
-                        path,
-                        FileState {
-                            text: Some(text),
-                            parsed,
-                            error: Some(error),
-                        },
-                    );
+                    let (parsed, pieces) = last.map(|s| (s.parsed, s.pieces)).unwrap_or_default();
+                    FileState {
+                        text: Some(text),
+                        parsed,
+                        pieces,
+                        error: Some(error),
+                    }
                 }
-            }
+            };
+            self.files.insert(path, state);
         }
         self.files.retain(|path, _| present.contains(path));
         Ok(self.collect())
@@ -347,6 +451,7 @@ impl FileSource {
         let state = self.files.entry(path.to_owned()).or_insert(FileState {
             text: None,
             parsed: None,
+            pieces: HashMap::new(),
             error: None,
         });
         state.text = None;
@@ -365,9 +470,10 @@ impl FileSource {
             let Some(parsed) = &state.parsed else {
                 continue;
             };
+            let ignored = parsed.iter().flat_map(|p| &p.ignored);
             scan.ignored
-                .extend(parsed.ignored.iter().map(|i| format!("{display}: {i}")));
-            for obj in &parsed.objects {
+                .extend(ignored.map(|i| format!("{display}: {i}")));
+            for obj in parsed.iter().flat_map(|p| &p.objects) {
                 let key = obj.key();
                 if let Some(first) = seen.get(&key) {
                     scan.errors.push(FileError {

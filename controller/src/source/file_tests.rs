@@ -556,3 +556,193 @@ subsets: [{addresses: [{ip: 127.0.0.1}], ports: [{port: 8080}]}]
         ["EndpointSlice shop/orders-abc", "Endpoints default/orders"]
     );
 }
+
+// --- Reading a file document by document ---
+
+#[test]
+fn files_split_at_document_start_lines_only() {
+    let split = |t| split_documents(t).unwrap();
+    assert_eq!(split(""), [""]);
+    assert_eq!(split("a: 1\n"), ["a: 1\n"]);
+    assert_eq!(split("---\na: 1\n"), ["---\na: 1\n"]);
+    assert_eq!(
+        split("# head\na: 1\n--- \nb: 2\n---\t# c\n---\r\nd: 4\n---"),
+        [
+            "# head\na: 1\n",
+            "--- \nb: 2\n",
+            "---\t# c\n",
+            "---\r\nd: 4\n",
+            "---"
+        ]
+    );
+    // Not markers: more dashes, text after, indented, inside a block scalar.
+    let text = "a: |\n  ---\n  x\n----\n---x\n ---\nb: 1\n";
+    assert_eq!(split(text), [text]);
+    // A document of its own content on the marker line.
+    assert_eq!(split("--- a\n--- |\n  b\n"), ["--- a\n", "--- |\n  b\n"]);
+    // Directives and document-end markers tie documents together: the file is read whole.
+    assert_eq!(split_documents("%YAML 1.2\n---\na: 1\n"), None);
+    assert_eq!(split_documents("a: 1\n...\n---\nb: 2\n"), None);
+    assert_eq!(split_documents("a: 1\n..."), None);
+    // So is a file with more documents than the parser reads in one.
+    assert_eq!(
+        split_documents(&"---\n".repeat(1024)).map(|d| d.len()),
+        Some(1024)
+    );
+    assert_eq!(split_documents(&"---\n".repeat(1025)), None);
+}
+
+/// Objects and ignored documents, as text, for comparing two readings of a file.
+fn reading(parsed: &[Arc<ParsedFile>]) -> (Vec<String>, Vec<String>) {
+    let objects = parsed.iter().flat_map(|p| &p.objects);
+    let ignored = parsed.iter().flat_map(|p| p.ignored.iter().cloned());
+    (
+        objects.map(|o| format!("{o:?}")).collect(),
+        ignored.collect(),
+    )
+}
+
+#[test]
+fn documents_read_one_by_one_give_what_the_file_read_whole_gives() {
+    let texts = [
+        PROXY.to_owned(),
+        format!(
+            "---\n{}---\n---\n# only a comment\n---\n{}\n---\n",
+            mk_proxy_yaml("a", "/a"),
+            mk_proxy_yaml("b", "/b")
+        ),
+        format!(
+            "# a list, then an object the parser must not split inside\napiVersion: v1\nkind: List\nitems:\n- {}\n---\n{}",
+            mk_proxy_yaml("c", "/c").replace('\n', "\n  "),
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData:\n  key: |\n    ---\n    not a document\n"
+        ),
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n--- {{apiVersion: kanali.io/v2, kind: ApiProxy, metadata: {{name: e}}, spec: {{source: {{path: /e}}, target: {{backend: {{endpoint: 'http://up'}}}}}}}}\n---\r\n{}",
+            mk_proxy_yaml("f", "/f").replace('\n', "\r\n")
+        ),
+        format!(
+            "{}---\n{}",
+            mk_proxy_yaml("g", "/g"),
+            mk_proxy_yaml("g", "/g")
+        ),
+    ];
+    for text in &texts {
+        let whole = parse_file("x.yaml", text).unwrap();
+        let (pieces, _) = parse_documents(text, &HashMap::new()).expect(text);
+        assert_eq!(reading(&pieces), reading(&[Arc::new(whole)]), "{text}");
+    }
+}
+
+#[test]
+fn a_document_that_does_not_read_alone_sends_the_file_to_be_read_whole() {
+    // Bad YAML, a type error, an unknown version: the whole file's reading says where.
+    for bad in [
+        "apiVersion: [\n",
+        "apiVersion: kanali.io/v1\nkind: ApiProxy\n",
+    ] {
+        let text = format!("{PROXY}---\n{bad}");
+        assert!(parse_documents(&text, &HashMap::new()).is_none(), "{text}");
+    }
+    // A document too big for its share of the file's budget (1 024 documents: 244 nodes
+    // each) is fine in the file read whole.
+    let big = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big}}\ndata: [{}]\n",
+        vec!["x"; 300].join(", ")
+    );
+    let text = format!("{big}{}", "---\n".repeat(1023));
+    assert!(parse_documents(&text, &HashMap::new()).is_none());
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "big.yaml", &text);
+    let scan = FileSource::new(dir.path()).scan().unwrap();
+    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    assert_eq!(
+        scan.ignored,
+        ["big.yaml: v1 ConfigMap is not read by Kanali"]
+    );
+}
+
+#[test]
+fn a_changed_document_is_read_again_and_the_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut source = FileSource::new(dir.path());
+    let file = |b: &str| {
+        [("a", "/a"), ("b", b), ("c", "/c")]
+            .map(|(n, p)| mk_proxy_yaml(n, p))
+            .join("---\n")
+    };
+    let pieces = |source: &FileSource| {
+        source
+            .files
+            .values()
+            .next()
+            .unwrap()
+            .parsed
+            .clone()
+            .unwrap()
+    };
+    write(dir.path(), "m.yaml", &file("/b"));
+    source.scan().unwrap();
+    let before = pieces(&source);
+    assert_eq!(before.len(), 3);
+
+    write(dir.path(), "m.yaml", &file("/b2"));
+    let scan = source.scan().unwrap();
+    let paths: Vec<_> = scan
+        .objects
+        .api_proxies
+        .iter()
+        .map(|p| p.spec.source.path.as_str())
+        .collect();
+    assert_eq!(paths, ["/a", "/b2", "/c"]);
+    let after = pieces(&source);
+    assert!(Arc::ptr_eq(&before[0], &after[0]) && Arc::ptr_eq(&before[2], &after[2]));
+    assert!(!Arc::ptr_eq(&before[1], &after[1]));
+
+    // Broken, the file keeps its last good objects; mended, only the mended document is read.
+    // (The error's line is the file's: where the parser gave up, two lines below the `[`.)
+    write(dir.path(), "m.yaml", &file("["));
+    let scan = source.scan().unwrap();
+    assert_eq!(scan.errors.len(), 1, "{:?}", scan.errors);
+    assert_eq!(scan.errors[0].line, Some(20), "{}", scan.errors[0]);
+    assert_eq!(scan.objects.api_proxies[1].spec.source.path, "/b2");
+    write(dir.path(), "m.yaml", &file("/b3"));
+    let scan = source.scan().unwrap();
+    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    assert_eq!(scan.objects.api_proxies[1].spec.source.path, "/b3");
+    let mended = pieces(&source);
+    assert!(Arc::ptr_eq(&before[0], &mended[0]) && Arc::ptr_eq(&before[2], &mended[2]));
+
+    // A document that moves keeps its reading. One read as one of 4 (with a quarter of the
+    // file's budget) is read again when the file grows to 5 (an eighth each).
+    write(
+        dir.path(),
+        "m.yaml",
+        &format!(
+            "---\n{}---\n{}",
+            mk_proxy_yaml("c", "/c"),
+            mk_proxy_yaml("b", "/b3")
+        ),
+    );
+    source.scan().unwrap();
+    let moved = pieces(&source);
+    assert!(Arc::ptr_eq(&before[2], &moved[0]) && Arc::ptr_eq(&mended[1], &moved[1]));
+    let four = format!("{}---\n{}", file("/b3"), mk_proxy_yaml("d", "/d"));
+    write(dir.path(), "m.yaml", &four);
+    source.scan().unwrap();
+    let read_as_four = pieces(&source);
+    assert!(Arc::ptr_eq(&moved[0], &read_as_four[2]));
+    write(
+        dir.path(),
+        "m.yaml",
+        &format!("{four}---\n{}", mk_proxy_yaml("e", "/e")),
+    );
+    let scan = source.scan().unwrap();
+    assert_eq!(scan.objects.api_proxies.len(), 5);
+    let read_as_five = pieces(&source);
+    assert!(
+        read_as_four
+            .iter()
+            .zip(&read_as_five)
+            .all(|(a, b)| !Arc::ptr_eq(a, b))
+    );
+}
