@@ -73,10 +73,12 @@ PY
 python3 "$tmp/write.py" "$tmp/manifests" "$EXTRA" once
 cp -r "$tmp/manifests" "$tmp/control"
 # The controller and the writer share LOAD_CPU with wrk: the proxy's core is the one measured.
+# Their logs count the snapshots each compiled: a controller that falls behind merges changes
+# (the debounce), and then its CPU per run hides a higher cost per change.
 taskset -c "$LOAD_CPU" "$bin/kanali-controller" --manifests "$tmp/manifests" --manifests-debounce-ms 5 \
-  --grpc-listen 127.0.0.1:19443 --admin-listen 127.0.0.1:19080 --log warn & controller=$!; pids+=($controller)
+  --grpc-listen 127.0.0.1:19443 --admin-listen 127.0.0.1:19080 --log info 2> "$tmp/manifests.log" & controller=$!; pids+=($controller)
 taskset -c "$LOAD_CPU" "$bin/kanali-controller" --manifests "$tmp/control" --manifests-debounce-ms 5 \
-  --grpc-listen 127.0.0.1:19444 --admin-listen 127.0.0.1:19081 --log warn & control=$!; pids+=($control)
+  --grpc-listen 127.0.0.1:19444 --admin-listen 127.0.0.1:19081 --log info 2> "$tmp/control.log" & control=$!; pids+=($control)
 taskset -c "$PROXY_CPU" "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
   --admin-listen 127.0.0.1:18084 --worker-threads 1 --log info --log-json > "$tmp/proxy.log" 2>&1 & proxy=$!; pids+=($proxy)
 for _ in $(seq 100); do
@@ -86,30 +88,31 @@ done
 [ "$code" = 200 ] || { echo "/api/ answers $code" >&2; exit 1; }
 
 applied() { grep -c '"applied update"' "$tmp/proxy.log" || true; }
+compiled() { grep -c 'new snapshot' "$tmp/$1.log" || true; }
 ticks() { awk '{print $14 + $15}' "/proc/${1:-$proxy}/stat"; }
-run() { # kind -> tsv line: kind rps p99 requests non2xx socket-errors applied cpu-us/req controller-cpu-ms
-  local before out t0 c0 dir=manifests c=$controller w=; before=$(applied); t0=$(ticks)
+run() { # kind -> tsv line: kind rps p99 requests non2xx socket-errors applied cpu-us/req controller-cpu-ms compiled
+  local before out t0 c0 s0 dir=manifests c=$controller w=; before=$(applied); t0=$(ticks)
   [ "$1" = control ] && { dir=control; c=$control; }
-  c0=$(ticks "$c")
+  c0=$(ticks "$c") s0=$(compiled "$dir")
   if [ "$1" != steady ]; then
     (sleep 0.5; taskset -c "$LOAD_CPU" python3 "$tmp/write.py" "$tmp/$dir" "$EXTRA" "$SWAPS" "$INTERVAL_MS") & w=$!
   fi
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency http://127.0.0.1:18083/api/)
   [ -n "$w" ] && wait "$w"
   sleep 0.5
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" \
     "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" "$(awk '$1 == "99%" {print $2}' <<<"$out")" \
     "$(awk '/requests in/ {print $1}' <<<"$out")" "$(awk '/Non-2xx/ {print $NF}' <<<"$out")" \
     "$(awk -F'[ ,]+' '/Socket errors/ {print $5 + $7 + $9 + $11}' <<<"$out")" "$(( $(applied) - before ))" \
     "$(awk -v t=$(( $(ticks) - t0 )) -v hz="$(getconf CLK_TCK)" -v n="$(awk '/requests in/ {print $1}' <<<"$out")" 'BEGIN{printf "%.2f", t * 1e6 / hz / n}')" \
-    "$(( ($(ticks "$c") - c0) * 1000 / $(getconf CLK_TCK) ))"
+    "$(( ($(ticks "$c") - c0) * 1000 / $(getconf CLK_TCK) ))" "$(( $(compiled "$dir") - s0 ))"
 }
 for round in $(seq "$ROUNDS"); do run steady; run control; run swaps; done > "$tmp/results.tsv"
 
 echo "## $SWAPS snapshot swaps every $INTERVAL_MS ms under load ($EXTRA other routes; $ROUNDS rounds)"
 echo
-echo "| run | req/s | p99 | requests | non-2xx | socket errors | updates applied | proxy CPU µs/req | controller CPU ms |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| run | req/s | p99 | requests | non-2xx | socket errors | updates applied | proxy CPU µs/req | controller CPU ms | snapshots compiled | controller ms per snapshot |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 python3 - "$tmp/results.tsv" <<'PY'
 import sys, statistics as st
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
@@ -117,7 +120,8 @@ def ms(v):
     return float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-1]) * 1000
 p99 = {}
 for r in rows:
-    print(f"| {r[0]} | {float(r[1]):.0f} | {ms(r[2]):.2f} ms | {r[3]} | {r[4] or 0} | {r[5] or 0} | {r[6]} | {r[7]} | {r[8]} |")
+    per = f"{int(r[8]) / int(r[9]):.1f}" if int(r[9]) else "-"
+    print(f"| {r[0]} | {float(r[1]):.0f} | {ms(r[2]):.2f} ms | {r[3]} | {r[4] or 0} | {r[5] or 0} | {r[6]} | {r[7]} | {r[8]} | {r[9]} | {per} |")
 for kind in ("steady", "control", "swaps"):
     p99[kind] = st.median(ms(r[2]) for r in rows if r[0] == kind)
 print(f"\nmedian p99: {p99['steady']:.2f} ms steady, {p99['control']:.2f} ms control "
