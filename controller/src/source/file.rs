@@ -154,61 +154,108 @@ type Pieces = HashMap<String, Piece>;
 #[derive(Clone)]
 struct Piece {
     parsed: Arc<ParsedFile>,
-    /// The share of a whole file's parser budget it was held to: 1 / `share`.
-    share: usize,
+    /// What reading it used of the parser's budget.
+    used: Usage,
+}
+
+/// The parser's budget counts that add up over the documents of a file: events, aliases,
+/// anchors, recorded anchor events and bytes, documents, nodes, scalar bytes, comment bytes,
+/// merge keys.
+#[derive(Clone, Copy, Default)]
+struct Usage([usize; 10]);
+
+impl Usage {
+    fn of(r: &serde_saphyr::budget::BudgetReport) -> Usage {
+        Usage([
+            r.events,
+            r.aliases,
+            r.anchors,
+            r.recorded_anchor_events,
+            r.recorded_anchor_bytes,
+            r.documents,
+            r.nodes,
+            r.total_scalar_bytes,
+            r.total_comment_bytes,
+            r.merge_keys,
+        ])
+    }
+
+    /// What the parser allows a whole file.
+    fn limits() -> Usage {
+        let b = serde_saphyr::Budget::default();
+        Usage([
+            b.max_events,
+            b.max_aliases,
+            b.max_anchors,
+            b.max_recorded_anchor_events,
+            b.max_recorded_anchor_bytes,
+            b.max_documents,
+            b.max_nodes,
+            b.max_total_scalar_bytes,
+            b.max_total_comment_bytes,
+            b.max_merge_keys,
+        ])
+    }
+
+    fn add(&mut self, other: Usage) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a = a.saturating_add(b);
+        }
+    }
+
+    fn within(&self, limits: &Usage) -> bool {
+        self.0.iter().zip(limits.0).all(|(u, l)| *u <= l)
+    }
 }
 
 /// Parses `text` document by document, taking documents whose text is unchanged from `known`
-/// instead of parsing them again. Each document is held to an equal share of the parser budget
-/// a whole file gets (the count of documents, rounded up to a power of two), so a file read
-/// this way never costs more than one read whole. `None` when a document cannot be read on its
-/// own or its share is too small: the caller parses the whole file, which gives the
-/// authoritative answer, with the file's line numbers in any error.
+/// instead of parsing them again. Each document is read under the parser's budget for a whole
+/// file, and what all of them used together must fit that budget as well, so a file read this
+/// way passes the same limits as one read whole. `None` when a document cannot be read on its
+/// own or the file's documents together go over the budget: the caller parses the whole file,
+/// which gives the authoritative answer, with the file's line numbers in any error.
 fn parse_documents(text: &str, known: &Pieces) -> Option<(Vec<Arc<ParsedFile>>, Pieces)> {
     let documents = split_documents(text)?;
-    let share = documents.len().next_power_of_two();
+    let limits = Usage::limits();
+    let mut used = Usage::default();
     let mut order = Vec::with_capacity(documents.len());
     let mut pieces = HashMap::with_capacity(documents.len());
     for document in documents {
-        let reusable = known.get(document).filter(|p| p.share >= share);
-        if let Some(piece) = pieces.get(document).or(reusable).cloned() {
-            order.push(piece.parsed.clone());
-            pieces.insert(document.to_owned(), piece);
-            continue;
+        let piece = match pieces.get(document).or_else(|| known.get(document)) {
+            Some(piece) => Piece::clone(piece),
+            None => parse_document(document)?,
+        };
+        used.add(piece.used);
+        if !used.within(&limits) {
+            return None;
         }
-        let docs: Vec<serde_json::Value> =
-            serde_saphyr::from_multiple_with_options(document, budget_share(share)).ok()?;
-        let mut parsed = ParsedFile::default();
-        for doc in docs {
-            decode_document(doc, &mut parsed).ok()?;
-        }
-        let parsed = Arc::new(parsed);
-        order.push(parsed.clone());
-        pieces.insert(document.to_owned(), Piece { parsed, share });
+        order.push(piece.parsed.clone());
+        pieces.insert(document.to_owned(), piece);
     }
     Some((order, pieces))
 }
 
-/// The parser's default budget for a whole file, divided by `share` where it adds up across
-/// documents.
-fn budget_share(share: usize) -> serde_saphyr::Options {
-    let mut budget = serde_saphyr::Budget::default();
-    let part = |total: usize| (total / share).max(1);
-    budget.max_events = part(budget.max_events);
-    budget.max_aliases = part(budget.max_aliases);
-    budget.max_anchors = part(budget.max_anchors);
-    budget.max_recorded_anchor_events = part(budget.max_recorded_anchor_events);
-    budget.max_recorded_anchor_bytes = part(budget.max_recorded_anchor_bytes);
-    budget.max_total_property_interpolation_work =
-        part(budget.max_total_property_interpolation_work);
-    budget.max_documents = part(budget.max_documents);
-    budget.max_nodes = part(budget.max_nodes);
-    budget.max_total_scalar_bytes = part(budget.max_total_scalar_bytes);
-    budget.max_total_comment_bytes = part(budget.max_total_comment_bytes);
-    budget.max_merge_keys = part(budget.max_merge_keys);
+/// Reads one document's text (which may hold several documents, or none) on its own, with
+/// what the parser used of its budget.
+fn parse_document(document: &str) -> Option<Piece> {
+    let report = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let sink = report.clone();
     let mut options = serde_saphyr::Options::default();
-    options.budget = Some(budget);
-    options
+    options.budget_report_cb = Some(std::rc::Rc::new(std::cell::RefCell::new(
+        move |r: serde_saphyr::budget::BudgetReport| *sink.borrow_mut() = Some(Usage::of(&r)),
+    )));
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(document, options).ok()?;
+    let mut parsed = ParsedFile::default();
+    for doc in docs {
+        decode_document(doc, &mut parsed).ok()?;
+    }
+    // No report, nothing to account with: the file is read whole.
+    let used = report.borrow_mut().take()?;
+    Some(Piece {
+        parsed: Arc::new(parsed),
+        used,
+    })
 }
 
 fn first_line(s: &str) -> &str {
