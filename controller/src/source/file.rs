@@ -213,26 +213,32 @@ impl Usage {
 /// file, and what all of them used together must fit that budget as well, so a file read this
 /// way passes the same limits as one read whole. `None` when a document cannot be read on its
 /// own or the file's documents together go over the budget: the caller parses the whole file,
-/// which gives the authoritative answer, with the file's line numbers in any error.
-fn parse_documents(text: &str, known: &Pieces) -> Option<(Vec<Arc<ParsedFile>>, Pieces)> {
-    let documents = split_documents(text)?;
+/// which gives the authoritative answer, with the file's line numbers in any error. The
+/// documents read (or taken from `known`) come back either way.
+fn parse_documents(text: &str, known: &Pieces) -> (Option<Vec<Arc<ParsedFile>>>, Pieces) {
+    let mut pieces = HashMap::new();
+    let Some(documents) = split_documents(text) else {
+        return (None, pieces);
+    };
     let limits = Usage::limits();
     let mut used = Usage::default();
     let mut order = Vec::with_capacity(documents.len());
-    let mut pieces = HashMap::with_capacity(documents.len());
     for document in documents {
         let piece = match pieces.get(document).or_else(|| known.get(document)) {
             Some(piece) => Piece::clone(piece),
-            None => parse_document(document)?,
+            None => match parse_document(document) {
+                Some(piece) => piece,
+                None => return (None, pieces),
+            },
         };
         used.add(piece.used);
-        if !used.within(&limits) {
-            return None;
-        }
         order.push(piece.parsed.clone());
         pieces.insert(document.to_owned(), piece);
+        if !used.within(&limits) {
+            return (None, pieces);
+        }
     }
-    Some((order, pieces))
+    (Some(order), pieces)
 }
 
 /// Reads one document's text (which may hold several documents, or none) on its own, with
@@ -465,12 +471,15 @@ impl FileSource {
             let last = self.files.remove(&path);
             let none = HashMap::new();
             let known = last.as_ref().map_or(&none, |s| &s.pieces);
-            let parsed = match parse_documents(&text, known) {
-                Some(by_document) => Ok(by_document),
-                None => parse_file(&display, &text).map(|p| (vec![Arc::new(p)], HashMap::new())),
+            let (by_document, pieces) = parse_documents(&text, known);
+            let parsed = match by_document {
+                Some(order) => Ok(order),
+                None => parse_file(&display, &text).map(|p| vec![Arc::new(p)]),
             };
             let state = match parsed {
-                Ok((order, pieces)) => FileState {
+                // Read whole or not, the documents read on their own are kept: a file with one
+                // that never reads alone re-reads only its changed documents before the whole.
+                Ok(order) => FileState {
                     text: Some(text),
                     parsed: Some(order),
                     pieces,

@@ -628,7 +628,7 @@ fn documents_read_one_by_one_give_what_the_file_read_whole_gives() {
     ];
     for text in &texts {
         let whole = parse_file("x.yaml", text).unwrap();
-        let (pieces, _) = parse_documents(text, &HashMap::new()).expect(text);
+        let pieces = parse_documents(text, &HashMap::new()).0.expect(text);
         assert_eq!(reading(&pieces), reading(&[Arc::new(whole)]), "{text}");
     }
 }
@@ -641,7 +641,10 @@ fn a_document_that_does_not_read_alone_sends_the_file_to_be_read_whole() {
         "apiVersion: kanali.io/v1\nkind: ApiProxy\n",
     ] {
         let text = format!("{PROXY}---\n{bad}");
-        assert!(parse_documents(&text, &HashMap::new()).is_none(), "{text}");
+        assert!(
+            parse_documents(&text, &HashMap::new()).0.is_none(),
+            "{text}"
+        );
     }
     // A big document among many small ones is read on its own: each gets the whole file's
     // budget, and only their sum is held to it.
@@ -650,7 +653,7 @@ fn a_document_that_does_not_read_alone_sends_the_file_to_be_read_whole() {
         vec!["x"; 300].join(", ")
     );
     let text = format!("{big}{}", "---\n".repeat(1023));
-    let (pieces, _) = parse_documents(&text, &HashMap::new()).unwrap();
+    let pieces = parse_documents(&text, &HashMap::new()).0.unwrap();
     let whole = parse_file("big.yaml", &text).unwrap();
     assert_eq!(reading(&pieces), reading(&[Arc::new(whole)]));
 }
@@ -666,11 +669,15 @@ fn documents_that_each_fit_but_together_go_over_the_budget_are_read_whole() {
         )
     };
     let (a, b) = (half("a"), half("b"));
-    let (_, known) = parse_documents(&a, &HashMap::new()).unwrap();
+    let (read, known) = parse_documents(&a, &HashMap::new());
+    assert!(read.is_some());
     let text = format!("{a}---\n{b}");
-    assert!(parse_documents(&text, &HashMap::new()).is_none());
+    let (read, pieces) = parse_documents(&text, &HashMap::new());
+    assert!(read.is_none());
+    // What was read comes back, to be taken next time instead of read again.
+    assert_eq!(pieces.len(), 2);
     // A document taken from an earlier reading counts as if read again.
-    assert!(parse_documents(&format!("{a}---\n{a}"), &known).is_none());
+    assert!(parse_documents(&format!("{a}---\n{a}"), &known).0.is_none());
     // The file read whole is over the budget: that is the answer a user gets.
     let err = parse_file("x.yaml", &text).unwrap_err();
     assert!(err.message.contains("budget breached: Anchors"), "{err}");
