@@ -30,7 +30,8 @@ use prost::Message as _;
 
 // As in the controller and proxy binaries.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: std::alloc::System = std::alloc::System;
+use mimalloc as _;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/statm")

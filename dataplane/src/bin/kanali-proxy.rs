@@ -212,8 +212,15 @@ fn parse_header_default(s: &str) -> Result<(String, String), String> {
 
 // The request path allocates small, short-lived objects at a high rate (headers, futures);
 // mimalloc's thread-local free lists make that measurably cheaper than glibc malloc.
+//
+// mimalloc is the process's malloc (the workspace builds it with `override`), reached through
+// `System`, which asks for plain `malloc` at ordinary alignments. The `mimalloc` crate's own
+// allocator asks for every block aligned, and mimalloc serves an aligned block over 1 KiB (a
+// header map, say) by over-allocating and aligning inside it: 0.8 % of the instructions per
+// request (e2e/bench/RESULTS.md).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: std::alloc::System = std::alloc::System;
+use mimalloc as _;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
