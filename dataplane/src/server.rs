@@ -459,21 +459,28 @@ fn upstream_answer(
     }
 }
 
-/// Runs a request handler, made by `handler` when first polled; if making or running it
-/// panics, the client still gets the contract's answer (error 01, with a correlation id)
-/// instead of a dropped connection, and the panic is logged.
+/// Makes a request handler with `handler` and runs it; if making or running it panics, the
+/// client still gets the contract's answer (error 01, with a correlation id) instead of a
+/// dropped connection, and the panic is logged.
 ///
-/// Combinators rather than an `async fn`: an `async fn` keeps its argument and the future it
-/// awaits side by side, which doubled the size of every request's state (and of every copy
-/// of it). The handler is made lazily because [`Proxy::handle`] does its routing when called.
+/// The handler is made here, not when first polled: [`Proxy::handle`] routes when called,
+/// and a lazily made handler is moved once more, into the future that polls it, on every
+/// request. Combinators rather than an `async fn`: an `async fn` keeps its argument and the
+/// future it awaits side by side, which doubled the size of every request's state (and of
+/// every copy of it).
 pub fn recover<F, Fut>(handler: F) -> impl Future<Output = Response<ProxyBody>>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Response<ProxyBody>>,
 {
-    std::panic::AssertUnwindSafe(futures_util::future::lazy(move |_| handler()).flatten())
-        .catch_unwind()
-        .map(|result| result.unwrap_or_else(panicked))
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)) {
+        Ok(handling) => Either::Left(
+            std::panic::AssertUnwindSafe(handling)
+                .catch_unwind()
+                .map(|result| result.unwrap_or_else(panicked)),
+        ),
+        Err(panic) => Either::Right(ready(panicked(panic))),
+    }
 }
 
 #[cold]
