@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 
 use super::{
     Chunk, Decoded, Field, H1Error, LengthError, MAX_HEADERS, State, content_length, elements,
-    offset, parse_length, reserve, take,
+    field_name, offset, parse_length, reserve, take,
 };
 
 /// What a wait for a request reads at once, on the stack (a request head is usually far
@@ -863,8 +863,8 @@ fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<(Parsed, usi
     let mut keep_alive = false;
     let mut expect_continue = false;
     for field in req.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| bad("malformed header field name\n"))?;
+        let name =
+            field_name(field.name.as_bytes()).map_err(|_| bad("malformed header field name\n"))?;
         if name == header::CONTENT_LENGTH {
             let repeated = content_length(field.value, &mut length).map_err(|e| match e {
                 LengthError::NotANumber => bad("Content-Length is not a number\n"),

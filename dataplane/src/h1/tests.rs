@@ -44,6 +44,146 @@ fn refused(bytes: &str) -> String {
     }
 }
 
+/// `Title-Case` of a lowercase name, as most clients and servers spell it.
+fn title_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = true;
+    for c in name.chars() {
+        out.push(if upper { c.to_ascii_uppercase() } else { c });
+        upper = c == '-';
+    }
+    out
+}
+
+#[test]
+fn field_names_read_as_from_bytes_reads_them() {
+    // Every name the http crate knows (so every one `field_name` could match), in the
+    // spellings that reach the proxy, and names it does not know.
+    let known = [
+        header::ACCEPT,
+        header::ACCEPT_CHARSET,
+        header::ACCEPT_ENCODING,
+        header::ACCEPT_LANGUAGE,
+        header::ACCEPT_RANGES,
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        header::ACCESS_CONTROL_MAX_AGE,
+        header::ACCESS_CONTROL_REQUEST_HEADERS,
+        header::ACCESS_CONTROL_REQUEST_METHOD,
+        header::AGE,
+        header::ALLOW,
+        header::ALT_SVC,
+        header::AUTHORIZATION,
+        header::CACHE_CONTROL,
+        header::CACHE_STATUS,
+        header::CDN_CACHE_CONTROL,
+        header::CONNECTION,
+        header::CONTENT_DISPOSITION,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LANGUAGE,
+        header::CONTENT_LENGTH,
+        header::CONTENT_LOCATION,
+        header::CONTENT_RANGE,
+        header::CONTENT_SECURITY_POLICY,
+        header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
+        header::CONTENT_TYPE,
+        header::COOKIE,
+        header::DNT,
+        header::DATE,
+        header::ETAG,
+        header::EXPECT,
+        header::EXPIRES,
+        header::FORWARDED,
+        header::FROM,
+        header::HOST,
+        header::IF_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_NONE_MATCH,
+        header::IF_RANGE,
+        header::IF_UNMODIFIED_SINCE,
+        header::LAST_MODIFIED,
+        header::LINK,
+        header::LOCATION,
+        header::MAX_FORWARDS,
+        header::ORIGIN,
+        header::PRAGMA,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::PUBLIC_KEY_PINS,
+        header::PUBLIC_KEY_PINS_REPORT_ONLY,
+        header::RANGE,
+        header::REFERER,
+        header::REFERRER_POLICY,
+        header::REFRESH,
+        header::RETRY_AFTER,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::SEC_WEBSOCKET_EXTENSIONS,
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::SEC_WEBSOCKET_VERSION,
+        header::SERVER,
+        header::SET_COOKIE,
+        header::STRICT_TRANSPORT_SECURITY,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::USER_AGENT,
+        header::UPGRADE,
+        header::UPGRADE_INSECURE_REQUESTS,
+        header::VARY,
+        header::VIA,
+        header::WARNING,
+        header::WWW_AUTHENTICATE,
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::X_DNS_PREFETCH_CONTROL,
+        header::X_FRAME_OPTIONS,
+        header::X_XSS_PROTECTION,
+    ];
+    let mut spellings: Vec<String> = Vec::new();
+    for name in known.iter().map(HeaderName::as_str).chain([
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "keep-alive",
+        "apikey",
+        "x-request-id",
+        "a",
+    ]) {
+        spellings.push(name.to_owned());
+        spellings.push(title_case(name));
+        spellings.push(name.to_ascii_uppercase());
+    }
+    // The same lengths as matched names, one byte off; and names that are not names.
+    spellings.extend(
+        [
+            "Hosu",
+            "Dat\u{e9}",
+            "ETaG",
+            "Content-Lengtx",
+            "Content-Length ",
+            "Host:",
+            "",
+            "ho st",
+        ]
+        .map(str::to_owned),
+    );
+    spellings.push("ETag".to_owned());
+    let mut matched = 0;
+    for spelling in &spellings {
+        let ours = field_name(spelling.as_bytes());
+        let theirs = HeaderName::from_bytes(spelling.as_bytes());
+        match (&ours, &theirs) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{spelling:?}"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("{spelling:?}: {ours:?} against {theirs:?}"),
+        }
+        matched += usize::from(ours.is_ok());
+    }
+    assert!(matched > 250, "{matched}");
+}
+
 #[test]
 fn content_lengths_are_digits_without_overflow() {
     assert_eq!(parse_length(b"0"), Some(0));
