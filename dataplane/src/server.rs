@@ -3,7 +3,9 @@
 //! failure and a correlation id on every response.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -131,21 +133,18 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
         let correlation_id = correlation_id();
         let (decision, passed) = self.decide(req, peer, &correlation_id);
-        let answer = match (decision, passed) {
-            (Decision::Answer(resp), None) => Either::Left(ready(resp)),
-            (Decision::Forward(forward), passed) => {
-                Either::Right(Either::Left(forward.run(passed)))
-            }
+        let state = match (decision, passed) {
+            (Decision::Answer(resp), None) => Handled::Answer { resp: Some(resp) },
+            (Decision::Forward(forward), passed) => forward.run(passed),
             // Boxed, as every plugin response phase: rare, and its state is the plugins'.
-            (Decision::Answer(resp), Some(passed)) => {
-                Either::Right(Either::Right(Box::pin(passed.respond(resp))))
-            }
+            (Decision::Answer(resp), Some(passed)) => Handled::Boxed {
+                handling: Box::pin(passed.respond(resp)),
+            },
         };
-        answer.map(move |mut resp| {
-            resp.headers_mut()
-                .insert(&X_KANALI_CORRELATION_ID, correlation_id);
-            resp
-        })
+        Handling {
+            state,
+            correlation_id: Some(correlation_id),
+        }
     }
 
     /// Where a request goes: the answer (failure, mock, a plugin's refusal) or its head
@@ -268,7 +267,7 @@ impl Forward {
     /// The upstream send is made here for a request with nothing to read first (most), so
     /// the returned future holds that send, which owns the head, and not the head as well: an
     /// `async` block keeps what it captures for as long as it runs.
-    fn run(self, passed: Option<Box<Passed>>) -> impl Future<Output = Response<ProxyBody>> + Send {
+    fn run(self, passed: Option<Box<Passed>>) -> Handled<impl Sending> {
         let Forward {
             parts,
             body,
@@ -281,41 +280,110 @@ impl Forward {
         } = self;
         if passed.is_none() && body.is_end_stream() {
             let request = Request::from_parts(parts, RequestBody::Streamed(body));
-            // Combinators: an `async` block awaiting the send would hold it twice, captured
-            // and pinned.
-            return Either::Left(
-                tokio::time::timeout_at(deadline, upstream.send(request)).map(move |sent| {
-                    let mut resp = upstream_answer(sent, &upstream, timeout);
-                    with_cardinality(&mut resp, cardinality);
-                    resp
-                }),
-            );
+            // Not an `async` block: awaiting the send, it would hold it twice, captured and
+            // pinned.
+            return Handled::Sending {
+                sent: tokio::time::timeout_at(deadline, upstream.send(request)),
+                upstream,
+                timeout,
+                cardinality,
+            };
         }
         // Boxed: only requests with a body to read first, or plugins with a response phase,
         // carry the state of those.
-        Either::Right(Box::pin(async move {
-            let mut passed = passed;
-            let mut resp = 'resp: {
-                let wasm = passed.as_mut().and_then(|p| p.wasm.as_mut());
-                let request = if body.is_end_stream() && wasm.is_none() {
-                    Request::from_parts(parts, RequestBody::Streamed(body))
-                } else {
-                    let read = body_phase(parts, body, client_version, deadline, read_ahead, wasm);
-                    match read.await {
-                        Ok(request) => request,
-                        Err(refused) => break 'resp refused,
-                    }
+        Handled::Boxed {
+            handling: Box::pin(async move {
+                let mut passed = passed;
+                let mut resp = 'resp: {
+                    let wasm = passed.as_mut().and_then(|p| p.wasm.as_mut());
+                    let request = if body.is_end_stream() && wasm.is_none() {
+                        Request::from_parts(parts, RequestBody::Streamed(body))
+                    } else {
+                        let read =
+                            body_phase(parts, body, client_version, deadline, read_ahead, wasm);
+                        match read.await {
+                            Ok(request) => request,
+                            Err(refused) => break 'resp refused,
+                        }
+                    };
+                    let sent = tokio::time::timeout_at(deadline, upstream.send(request)).await;
+                    upstream_answer(sent, &upstream, timeout)
                 };
-                let sent = tokio::time::timeout_at(deadline, upstream.send(request)).await;
-                upstream_answer(sent, &upstream, timeout)
-            };
-            with_cardinality(&mut resp, cardinality);
-            match passed {
-                None => resp,
-                // Boxed, as every plugin response phase: its state is the plugins'.
-                Some(passed) => Box::pin(passed.respond(resp)).await,
+                with_cardinality(&mut resp, cardinality);
+                match passed {
+                    None => resp,
+                    // Boxed, as every plugin response phase: its state is the plugins'.
+                    Some(passed) => Box::pin(passed.respond(resp)).await,
+                }
+            }),
+        }
+    }
+}
+
+/// What [`Upstream::send`] returns.
+trait Sending: Future<Output = Result<Sent, UpstreamError>> + Send {}
+
+impl<F: Future<Output = Result<Sent, UpstreamError>> + Send> Sending for F {}
+
+pin_project_lite::pin_project! {
+    /// A request being handled, as one future: its answer, put together where it is ready.
+    ///
+    /// One layer, not a combinator for each step (`Either`s of the ways a request goes,
+    /// `Map`s that finish the answer and add the correlation id): every layer moved the
+    /// 192-byte response once more on its way out, and matched its own state on every poll.
+    struct Handling<S> {
+        #[pin]
+        state: Handled<S>,
+        correlation_id: Option<HeaderValue>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// How a request is answered.
+    #[project = HandledProj]
+    enum Handled<S> {
+        /// Already: a failure, a mock, a plugin's refusal.
+        Answer { resp: Option<Response<ProxyBody>> },
+        /// By the upstream, with nothing to read or run first (most requests).
+        Sending {
+            #[pin]
+            sent: tokio::time::Timeout<S>,
+            upstream: Upstream,
+            timeout: Duration,
+            cardinality: Option<usize>,
+        },
+        /// After reading the body first, or with the plugins' response phase.
+        Boxed { handling: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> },
+    }
+}
+
+impl<S: Sending> Future for Handling<S> {
+    type Output = Response<ProxyBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = match this.state.project() {
+            // Taken once: polling a finished future again is a caller's bug, answered 01.
+            HandledProj::Answer { resp } => {
+                resp.take().unwrap_or_else(|| ErrorCode::Unknown.response())
             }
-        }))
+            HandledProj::Sending {
+                sent,
+                upstream,
+                timeout,
+                cardinality,
+            } => {
+                let sent = ready!(sent.poll(cx));
+                let mut resp = upstream_answer(sent, upstream, *timeout);
+                with_cardinality(&mut resp, *cardinality);
+                resp
+            }
+            HandledProj::Boxed { handling } => ready!(handling.as_mut().poll(cx)),
+        };
+        if let Some(id) = this.correlation_id.take() {
+            resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
+        }
+        Poll::Ready(resp)
     }
 }
 
