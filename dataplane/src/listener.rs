@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::body::{ClientBody, ProxyBody};
 use crate::h1::server::Ended;
-use crate::server::{Proxy, ServerConfig, recover};
+use crate::server::{Proxy, ServerConfig};
 use crate::server_tls::ServerTls;
 use crate::shutdown::DrainSignal;
 
@@ -298,10 +298,8 @@ impl Handler {
             req.extensions_mut().insert(tls);
         }
         let in_flight = self.activity.begin();
-        let proxy = self.proxy.clone();
-        let client = self.client.clone();
         let version = req.version();
-        let handled = recover(move || proxy.handle(req, &client)).map(move |mut resp| {
+        let handled = self.proxy.handle(req, &self.client, move |mut resp| {
             in_flight.leave_if_draining(version, &mut resp);
             // The request stays in flight until its response body is sent (or dropped), so a
             // long download or stream is not "idle".

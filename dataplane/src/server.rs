@@ -9,8 +9,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use futures_util::FutureExt as _;
-use futures_util::future::{Either, ready};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version, request};
 use http_body::Body as _;
@@ -118,32 +116,44 @@ impl Proxy {
         }
     }
 
-    /// Handles one request. Never fails: every problem becomes a Kanali error response.
+    /// Handles one request. Never fails: every problem becomes a Kanali error response, and a
+    /// panic while routing or answering becomes error 01 (logged) rather than a dropped
+    /// connection. `finish` gets the response last, with its correlation id; its result is
+    /// the future's output.
     ///
     /// Routing, the plugins' request phase and the rewriting of the head happen in this call;
     /// the future it returns owns what is left — sending upstream, the response phase — and
     /// borrows nothing. No layer of it is an `async fn`: an `async fn` keeps its arguments (a
     /// request, here) for as long as it runs, twice over, beside the future it awaits, and
     /// each layer's future is moved into its parent's on the first poll. Built that way the
-    /// request's state was 5 KiB, copied several times per request.
-    pub fn handle(
+    /// request's state was 5 KiB, copied several times per request. `finish` and the panic
+    /// guard are inside it for the same reason: as layers around it, each moved the ~700-byte
+    /// future once more.
+    pub fn handle<F, R>(
         &self,
         req: Request<ClientBody>,
         peer: &Peer,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
+        finish: F,
+    ) -> impl Future<Output = R> + Send + use<F, R>
+    where
+        F: FnOnce(Response<ProxyBody>) -> R + Send,
+    {
         let correlation_id = correlation_id();
-        let (decision, passed) = self.decide(req, peer, &correlation_id);
-        let state = match (decision, passed) {
-            (Decision::Answer(resp), None) => Handled::Answer { resp: Some(resp) },
-            (Decision::Forward(forward), passed) => forward.run(passed),
-            // Boxed, as every plugin response phase: rare, and its state is the plugins'.
-            (Decision::Answer(resp), Some(passed)) => Handled::Boxed {
-                handling: Box::pin(passed.respond(resp)),
-            },
-        };
+        let state = guarded(&correlation_id, || {
+            let (decision, passed) = self.decide(req, peer, &correlation_id);
+            match (decision, passed) {
+                (Decision::Answer(resp), None) => Handled::Answer { resp: Some(resp) },
+                (Decision::Forward(forward), passed) => forward.run(passed),
+                // Boxed, as every plugin response phase: rare, and its state is the plugins'.
+                (Decision::Answer(resp), Some(passed)) => Handled::Boxed {
+                    handling: Box::pin(passed.respond(resp)),
+                },
+            }
+        });
         Handling {
             state,
             correlation_id: Some(correlation_id),
+            finish: Some(finish),
         }
     }
 
@@ -331,10 +341,11 @@ pin_project_lite::pin_project! {
     /// One layer, not a combinator for each step (`Either`s of the ways a request goes,
     /// `Map`s that finish the answer and add the correlation id): every layer moved the
     /// 192-byte response once more on its way out, and matched its own state on every poll.
-    struct Handling<S> {
+    struct Handling<S, F> {
         #[pin]
         state: Handled<S>,
         correlation_id: Option<HeaderValue>,
+        finish: Option<F>,
     }
 }
 
@@ -357,12 +368,19 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<S: Sending> Future for Handling<S> {
-    type Output = Response<ProxyBody>;
+/// What `make` makes, or the answer to its panic (for the request `id`).
+fn guarded<S>(id: &HeaderValue, make: impl FnOnce() -> Handled<S>) -> Handled<S> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(make)).unwrap_or_else(|panic| {
+        Handled::Answer {
+            resp: Some(panicked(panic, id)),
+        }
+    })
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut resp = match this.state.project() {
+impl<S: Sending> Handled<S> {
+    /// The answer, once there is one.
+    fn poll_answer(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
+        Poll::Ready(match self.project() {
             // Taken once: polling a finished future again is a caller's bug, answered 01.
             HandledProj::Answer { resp } => {
                 resp.take().unwrap_or_else(|| ErrorCode::Unknown.response())
@@ -379,11 +397,34 @@ impl<S: Sending> Future for Handling<S> {
                 resp
             }
             HandledProj::Boxed { handling } => ready!(handling.as_mut().poll(cx)),
+        })
+    }
+}
+
+impl<S: Sending, F, R> Future for Handling<S, F>
+where
+    F: FnOnce(Response<ProxyBody>) -> R,
+{
+    type Output = R;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<R> {
+        let this = self.project();
+        let state = this.state;
+        // A panic leaves the state half-done; it is answered here and never polled again.
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.poll_answer(cx)));
+        let mut resp = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(resp)) => resp,
+            Err(panic) => panicked(panic, this.correlation_id.as_ref().unwrap_or(&NO_ID)),
         };
         if let Some(id) = this.correlation_id.take() {
             resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
         }
-        Poll::Ready(resp)
+        match this.finish.take() {
+            Some(finish) => Poll::Ready(finish(resp)),
+            None => panic!("a request's handling was polled after it answered"),
+        }
     }
 }
 
@@ -527,42 +568,19 @@ fn upstream_answer(
     }
 }
 
-/// Makes a request handler with `handler` and runs it; if making or running it panics, the
-/// client still gets the contract's answer (error 01, with a correlation id) instead of a
-/// dropped connection, and the panic is logged.
-///
-/// The handler is made here, not when first polled: [`Proxy::handle`] routes when called,
-/// and a lazily made handler is moved once more, into the future that polls it, on every
-/// request. Combinators rather than an `async fn`: an `async fn` keeps its argument and the
-/// future it awaits side by side, which doubled the size of every request's state (and of
-/// every copy of it).
-pub fn recover<F, Fut>(handler: F) -> impl Future<Output = Response<ProxyBody>>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Response<ProxyBody>>,
-{
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)) {
-        Ok(handling) => Either::Left(
-            std::panic::AssertUnwindSafe(handling)
-                .catch_unwind()
-                .map(|result| result.unwrap_or_else(panicked)),
-        ),
-        Err(panic) => Either::Right(ready(panicked(panic))),
-    }
-}
+/// A correlation id for a log line about a request that no longer has one.
+static NO_ID: HeaderValue = HeaderValue::from_static("-");
 
+/// Error 01 for a request (`id`) whose handling panicked, and the panic logged.
 #[cold]
-fn panicked(panic: Box<dyn std::any::Any + Send>) -> Response<ProxyBody> {
+fn panicked(panic: Box<dyn std::any::Any + Send>, id: &HeaderValue) -> Response<ProxyBody> {
     let what = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default();
-    let mut resp = ErrorCode::Unknown.response::<ProxyBody>();
-    let id = correlation_id();
     tracing::error!(panic = %what, correlation_id = ?id, "request handler panicked; answered error 01");
-    resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
-    resp
+    ErrorCode::Unknown.response::<ProxyBody>()
 }
 
 /// The request target sent upstream: `path[?query]`, the query exactly as the client sent it.
@@ -610,17 +628,40 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
 
+    /// Never made: the send type of handlings that do not send.
+    type NoSend = std::future::Ready<Result<Sent, UpstreamError>>;
+    /// A `finish` that keeps the response as it is.
+    type AsIs = fn(Response<ProxyBody>) -> Response<ProxyBody>;
+
+    fn handling(state: Handled<NoSend>, id: &HeaderValue) -> Handling<NoSend, AsIs> {
+        Handling {
+            state,
+            correlation_id: Some(id.clone()),
+            finish: Some(|resp| resp),
+        }
+    }
+
     #[tokio::test]
-    async fn a_panicking_handler_answers_error_01() {
-        let resp = recover(|| async { panic!("boom") }).await;
+    async fn a_panic_while_routing_or_answering_answers_error_01() {
+        let id = correlation_id();
+        let answering = Handled::Boxed {
+            handling: Box::pin(async { panic!("boom") }),
+        };
+        let resp = handling(answering, &id).await;
         assert_eq!(resp.status(), 500);
-        assert!(resp.headers().contains_key(&X_KANALI_CORRELATION_ID));
+        assert_eq!(resp.headers().get(&X_KANALI_CORRELATION_ID), Some(&id));
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, ErrorCode::Unknown.body().as_bytes());
-        let ok = recover(|| async { ErrorCode::NoApiProxy.response() }).await;
-        assert_eq!(ok.status(), 404);
-        // Making the handler is covered too: routing runs when it is made.
-        let made = recover(|| -> std::future::Ready<Response<ProxyBody>> { panic!("routing") });
-        assert_eq!(made.await.status(), 500);
+        // Routing runs when the handling is made.
+        let routing = guarded(&id, || panic!("routing"));
+        let resp = handling(routing, &id).await;
+        assert_eq!(resp.status(), 500);
+        assert_eq!(resp.headers().get(&X_KANALI_CORRELATION_ID), Some(&id));
+        let ok = Handled::Answer {
+            resp: Some(ErrorCode::NoApiProxy.response()),
+        };
+        let resp = handling(ok, &id).await;
+        assert_eq!(resp.status(), 404);
+        assert_eq!(resp.headers().get(&X_KANALI_CORRELATION_ID), Some(&id));
     }
 }
