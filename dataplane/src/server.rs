@@ -372,7 +372,7 @@ pin_project_lite::pin_project! {
 fn guarded<S>(id: &HeaderValue, make: impl FnOnce() -> Handled<S>) -> Handled<S> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(make)).unwrap_or_else(|panic| {
         Handled::Answer {
-            resp: Some(panicked(panic, id)),
+            resp: Some(panicked(panic, Some(id))),
         }
     })
 }
@@ -381,7 +381,7 @@ impl<S: Sending> Handled<S> {
     /// The answer, once there is one.
     fn poll_answer(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
         Poll::Ready(match self.project() {
-            // Taken once: polling a finished future again is a caller's bug, answered 01.
+            // Taken once: `Handling` is not polled again once it answered (it would panic).
             HandledProj::Answer { resp } => {
                 resp.take().unwrap_or_else(|| ErrorCode::Unknown.response())
             }
@@ -416,7 +416,7 @@ where
         let mut resp = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(resp)) => resp,
-            Err(panic) => panicked(panic, this.correlation_id.as_ref().unwrap_or(&NO_ID)),
+            Err(panic) => panicked(panic, this.correlation_id.as_ref()),
         };
         if let Some(id) = this.correlation_id.take() {
             resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
@@ -568,17 +568,15 @@ fn upstream_answer(
     }
 }
 
-/// A correlation id for a log line about a request that no longer has one.
-static NO_ID: HeaderValue = HeaderValue::from_static("-");
-
 /// Error 01 for a request (`id`) whose handling panicked, and the panic logged.
 #[cold]
-fn panicked(panic: Box<dyn std::any::Any + Send>, id: &HeaderValue) -> Response<ProxyBody> {
+fn panicked(panic: Box<dyn std::any::Any + Send>, id: Option<&HeaderValue>) -> Response<ProxyBody> {
     let what = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default();
+    let id = id.and_then(|v| v.to_str().ok()).unwrap_or("-");
     tracing::error!(panic = %what, correlation_id = ?id, "request handler panicked; answered error 01");
     ErrorCode::Unknown.response::<ProxyBody>()
 }
