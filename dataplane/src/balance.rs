@@ -17,6 +17,7 @@ use http::{Request, Response};
 use rustls::ClientConfig;
 
 use crate::body::{RequestBody, UpstreamBody};
+use crate::headers::Added;
 use crate::pool::{HostPool, InFlight, now_millis};
 use crate::upstream::UpstreamError;
 
@@ -99,12 +100,14 @@ impl ServiceBackend {
         }
     }
 
-    /// Sends `req` to one of the addresses; when connecting fails, to another. The returned
+    /// Sends `req` (with `added`, see [`HostPool::send`]) to one of the addresses; when
+    /// connecting fails, to another. The returned
     /// guard counts the request against the chosen address until it is dropped (with the
     /// response body).
     pub fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
+        added: Option<Added>,
     ) -> impl Future<Output = Result<(Response<UpstreamBody>, InFlight), UpstreamError>> + Send + use<>
     {
         // The common case without an `async fn` layer (see `HostPool::send`): the address
@@ -118,14 +121,16 @@ impl ServiceBackend {
             Some((pool, conn)) => {
                 let in_flight = InFlight::new(&pool);
                 Either::Left(
-                    pool.send_on(conn, req)
+                    pool.send_on(conn, req, added)
                         .map(move |r| r.map(|resp| (resp, in_flight))),
                 )
             }
             // Boxed: connecting (and trying other addresses) is the rare path.
             None => {
                 let this = self.clone();
-                Either::Right(Box::pin(async move { this.send_connecting(req).await }))
+                Either::Right(Box::pin(
+                    async move { this.send_connecting(req, added).await },
+                ))
             }
         }
     }
@@ -135,6 +140,7 @@ impl ServiceBackend {
     async fn send_connecting(
         &self,
         req: Request<RequestBody>,
+        added: Option<Added>,
     ) -> Result<(Response<UpstreamBody>, InFlight), UpstreamError> {
         // Allocates only after a failure.
         let mut tried: Vec<Arc<HostPool>> = Vec::new();
@@ -150,7 +156,7 @@ impl ServiceBackend {
             };
             let in_flight = InFlight::new(&pool);
             match pool.connection().await {
-                Ok(conn) => return Ok((pool.send_on(conn, req).await?, in_flight)),
+                Ok(conn) => return Ok((pool.send_on(conn, req, added).await?, in_flight)),
                 Err(error) if error.is_connect() => {
                     tracing::debug!(%error, service = %self.authority, "connect failed; trying another address");
                     last_error = Some(error);

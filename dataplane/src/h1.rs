@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::headers::Added;
 use crate::pool::HostPool;
 
 pub mod server;
@@ -224,12 +225,14 @@ struct Head {
     keep_alive: bool,
 }
 
-/// Sends a request whose whole body is `body` on `conn`, and reads the response head. The
-/// returned response owns the connection until its body has been read; then the connection
-/// goes back to `pool` if it can take another request.
+/// Sends a request whose whole body is `body` on `conn`, with the headers `added` after its
+/// map's, and reads the response head. The returned response owns the connection until its
+/// body has been read; then the connection goes back to `pool` if it can take another
+/// request.
 pub async fn exchange(
     mut conn: Box<H1Conn>,
     parts: &mut request::Parts,
+    added: Option<&Added>,
     body: Option<&Bytes>,
     reused: bool,
     pool: &Arc<HostPool>,
@@ -238,7 +241,7 @@ pub async fn exchange(
     {
         let H1Conn { io, write, .. } = &mut *conn;
         write.clear();
-        encode_head(write, parts, body);
+        encode_head(write, parts, added, body);
         let inline = body.filter(|b| b.len() <= INLINE_BODY);
         if let Some(b) = inline {
             write.extend_from_slice(b);
@@ -309,7 +312,12 @@ pub async fn exchange(
 /// `Content-Length` the request carried is replaced by the length of what is sent (a plugin
 /// may have changed the body), and a request that came without a body but with a
 /// `Content-Length` keeps saying 0.
-fn encode_head(out: &mut Vec<u8>, parts: &request::Parts, body: Option<&Bytes>) {
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &request::Parts,
+    added: Option<&Added>,
+    body: Option<&Bytes>,
+) {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -328,6 +336,9 @@ fn encode_head(out: &mut Vec<u8>, parts: &request::Parts, body: Option<&Bytes>) 
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(added) = added {
+        added.encode(out);
     }
     match body {
         Some(b) => {

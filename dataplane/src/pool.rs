@@ -29,6 +29,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::body::{RequestBody, UpstreamBody};
 use crate::h1::{self, ExchangeError, H1Conn, Io};
+use crate::headers::Added;
 use crate::upstream::UpstreamError;
 use crate::upstream_tls::server_name;
 
@@ -213,7 +214,7 @@ impl HostPool {
     }
 
     /// Sends `req` (origin-form URI, `Host` set, headers final) and returns the response head;
-    /// the body streams on.
+    /// the body streams on. `added`: headers sent after the map's (see [`Added`]).
     ///
     /// Not an `async fn`, nor are the steps below it: each `async fn` keeps its arguments for
     /// as long as it runs, so every layer would hold its own copy of the request (hundreds of
@@ -223,19 +224,20 @@ impl HostPool {
     pub fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
+        added: Option<Added>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         // Counted while it waits for the response head. The count holds the pool's `Arc`, so
         // the returned future borrows nothing: a caller can make it at once and keep only it,
         // not also the request it was made from (see `Forward::run`).
         let counting = InFlight::new(self);
         let sent = match self.ready_connection() {
-            Some(conn) => Either::Left(self.send_on(conn, req)),
+            Some(conn) => Either::Left(self.send_on(conn, req, added)),
             // Boxed: dialling, or waiting for another request's HTTP/2 handshake, is rare.
             None => {
                 let pool = self.clone();
                 Either::Right(Box::pin(async move {
                     let conn = pool.connection().await?;
-                    pool.send_on(conn, req).await
+                    pool.send_on(conn, req, added).await
                 }))
             }
         };
@@ -282,9 +284,10 @@ impl HostPool {
         self: &Arc<Self>,
         conn: Conn,
         req: Request<RequestBody>,
+        added: Option<Added>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         let retry = conn.reused();
-        self.clone().dispatch(conn, req, retry)
+        self.clone().dispatch(conn, req, added, retry)
     }
 
     /// The retry of [`send_on`](Self::send_on): HTTP/2 may find that another request already
@@ -299,30 +302,35 @@ impl HostPool {
         } else {
             self.connect().await?
         };
-        self.dispatch(conn, req, false).await
+        self.dispatch(conn, req, None, false).await
     }
 
     /// Sends on `conn` in its protocol; `retry`: once more on a fresh connection if the
-    /// request never left.
+    /// request never left. Only the proxy's own HTTP/1.1 exchange writes `added` beside the
+    /// map; for hyper it goes into the map.
     fn dispatch(
         self: Arc<Self>,
         conn: Conn,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
+        added: Option<Added>,
         retry: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         match conn {
-            Conn::H1 { conn, reused } => {
+            Conn::H1 { conn, reused } if req.body().is_complete() => {
                 let (parts, body) = h1_request(req).into_parts();
-                if body.is_complete() {
-                    Either::Left(self.send_h1(conn, reused, parts, body.into_data(), retry))
-                } else {
-                    // Boxed: rare, and its state is hyper's handshake and dispatch.
-                    let req = Request::from_parts(parts, body);
-                    Either::Right(Either::Left(Box::pin(self.send_streamed(conn, req, retry))))
-                }
+                Either::Left(self.send_h1(conn, reused, parts, added, body.into_data(), retry))
             }
-            Conn::H2 { sender, .. } => {
-                Either::Right(Either::Right(Box::pin(self.send_h2(sender, req, retry))))
+            conn => {
+                if let Some(added) = added {
+                    added.apply(req.headers_mut());
+                }
+                // Boxed: rare, and their state is hyper's handshake and dispatch.
+                Either::Right(Box::pin(match conn {
+                    Conn::H1 { conn, .. } => {
+                        Either::Left(self.send_streamed(conn, h1_request(req), retry))
+                    }
+                    Conn::H2 { sender, .. } => Either::Right(self.send_h2(sender, req, retry)),
+                }))
             }
         }
     }
@@ -340,13 +348,22 @@ impl HostPool {
         conn: Box<H1Conn>,
         reused: bool,
         mut parts: http::request::Parts,
+        added: Option<Added>,
         data: Option<bytes::Bytes>,
         retry: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send {
         async move {
             // Decided before the retry is awaited, so the exchange's result is not kept
             // beside it.
-            match h1::exchange(conn, &mut parts, data.as_ref(), reused, &self).await {
+            let sent = h1::exchange(
+                conn,
+                &mut parts,
+                added.as_ref(),
+                data.as_ref(),
+                reused,
+                &self,
+            );
+            match sent.await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
                 Err(ExchangeError::Retry(_)) if retry => {}
                 Err(ExchangeError::Retry(source) | ExchangeError::Fatal(source)) => {
@@ -354,6 +371,9 @@ impl HostPool {
                 }
             }
             // Boxed: rare, and inline its state would enlarge every request's future.
+            if let Some(added) = added {
+                added.apply(&mut parts.headers);
+            }
             let req = Request::from_parts(parts, RequestBody::complete(data));
             Box::pin(self.resend(req)).await
         }

@@ -22,7 +22,7 @@ use crate::errors::ErrorCode;
 use crate::filter::credentials::UsageLog;
 use crate::filter::wasm::Exchange;
 use crate::filter::{self, Passed, RequestInfo};
-use crate::headers::{X_KANALI_CORRELATION_ID, set_forwarded, strip_hop_by_hop};
+use crate::headers::{Added, X_KANALI_CORRELATION_ID, strip_hop_by_hop};
 use crate::path::upstream_path;
 use crate::pool::InFlight;
 use crate::request::Refusal;
@@ -232,9 +232,10 @@ impl Proxy {
         };
         let timeout = route.timeout.unwrap_or(self.config.upstream_timeout);
         let client_version = parts.version;
-        rewrite_head(&mut parts, peer, &upstream, uri, correlation_id);
+        let added = rewrite_head(&mut parts, peer, &upstream, uri, correlation_id);
         let forward = Forward {
             parts,
+            added,
             body,
             upstream,
             deadline: tokio::time::Instant::now() + timeout,
@@ -258,6 +259,8 @@ enum Decision {
 /// A request on its way upstream: its head rewritten, its body still the client's.
 struct Forward {
     parts: request::Parts,
+    /// What the proxy sets on it, beside its map.
+    added: Added,
     body: ClientBody,
     upstream: Upstream,
     deadline: tokio::time::Instant,
@@ -279,7 +282,8 @@ impl Forward {
     /// `async` block keeps what it captures for as long as it runs.
     fn run(self, passed: Option<Box<Passed>>) -> Handled<impl Sending> {
         let Forward {
-            parts,
+            mut parts,
+            added,
             body,
             upstream,
             deadline,
@@ -293,7 +297,7 @@ impl Forward {
             // Not an `async` block: awaiting the send, it would hold it twice, captured and
             // pinned.
             return Handled::Sending {
-                sent: tokio::time::timeout_at(deadline, upstream.send(request)),
+                sent: tokio::time::timeout_at(deadline, upstream.send(request, Some(added))),
                 upstream,
                 timeout,
                 cardinality,
@@ -306,6 +310,14 @@ impl Forward {
                 let mut passed = passed;
                 let mut resp = 'resp: {
                     let wasm = passed.as_mut().and_then(|p| p.wasm.as_mut());
+                    // A Wasm plugin's body phase sees the head as it will go.
+                    let added = match wasm {
+                        Some(_) => {
+                            added.apply(&mut parts.headers);
+                            None
+                        }
+                        None => Some(added),
+                    };
                     let request = if body.is_end_stream() && wasm.is_none() {
                         Request::from_parts(parts, RequestBody::Streamed(body))
                     } else {
@@ -316,7 +328,8 @@ impl Forward {
                             Err(refused) => break 'resp refused,
                         }
                     };
-                    let sent = tokio::time::timeout_at(deadline, upstream.send(request)).await;
+                    let send = upstream.send(request, added);
+                    let sent = tokio::time::timeout_at(deadline, send).await;
                     upstream_answer(sent, &upstream, timeout)
                 };
                 with_cardinality(&mut resp, cardinality);
@@ -437,15 +450,16 @@ fn with_cardinality(resp: &mut Response<ProxyBody>, cardinality: Option<usize>) 
     }
 }
 
-/// Rewrites a request head for the upstream: hop-by-hop headers out, `X-Forwarded-*`, `Host`
-/// and the correlation id in, the target in origin form, HTTP/1.1.
+/// Rewrites a request head for the upstream: hop-by-hop headers out, `Host` in, the target in
+/// origin form, HTTP/1.1; returns the `X-Forwarded-*` headers and correlation id to send with
+/// it.
 fn rewrite_head(
     parts: &mut request::Parts,
     peer: &Peer,
     upstream: &Upstream,
     uri: Uri,
     correlation_id: &HeaderValue,
-) {
+) -> Added {
     // The host the request was routed by (`decide` checked it): the target's authority
     // (absolute-form, HTTP/2 `:authority`) or the Host header. The upstream and
     // X-Forwarded-Host get that same name (RFC 9112 §3.2.2: an absolute-form target replaces
@@ -456,26 +470,19 @@ fn rewrite_head(
     };
     // Never forward an API key (v2 did the same): on routes with the apikey plugin the plugin
     // has removed its header already; this is for the others.
-    let named = strip_hop_by_hop(
+    let stripped = strip_hop_by_hop(
         &mut parts.headers,
         Some(&crate::filter::api_key::DEFAULT_HEADER),
-    );
-    let proto = crate::listener::forwarded_proto(&parts.extensions);
-    set_forwarded(
-        &mut parts.headers,
-        &peer.forwarded_for,
-        proto,
-        host.as_ref(),
     );
     // HTTP/2 clients send the host as :authority, which HTTP/1.1 upstreams need as a header
     // (an HTTP/2 upstream gets it back as :authority). A client that named no host at all
     // (HTTP/1.0) gets the upstream's own, since HTTP/1.1 requires one.
-    match host {
+    match &host {
         // Most requests: the Host header is the name already (one, `decide` checked), unless
         // the client's `Connection` header named it.
-        Some(_) if in_header && !named => {}
+        Some(_) if in_header && !stripped.named_any => {}
         Some(v) => {
-            parts.headers.insert(header::HOST, v);
+            parts.headers.insert(header::HOST, v.clone());
         }
         None => match HeaderValue::from_str(upstream.authority().as_str()) {
             Ok(v) => {
@@ -486,11 +493,16 @@ fn rewrite_head(
             }
         },
     }
-    parts
-        .headers
-        .insert(&X_KANALI_CORRELATION_ID, correlation_id.clone());
     parts.uri = uri;
     parts.version = Version::HTTP_11;
+    Added::take(
+        &mut parts.headers,
+        stripped.proxy_set,
+        &peer.forwarded_for,
+        crate::listener::forwarded_proto(&parts.extensions),
+        host,
+        correlation_id.clone(),
+    )
 }
 
 /// A request with a body (or Wasm plugins with a body phase): the body read ahead, so a

@@ -20,6 +20,7 @@ use rustls::ClientConfig;
 use crate::balance::{ServiceBackend, ServiceKey};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::dynamic::HeaderDefaults;
+use crate::headers::Added;
 use crate::pool::{HostPool, InFlight, PoolKey, PoolSettings};
 use crate::upstream_tls::{TlsContext, TlsError};
 
@@ -143,11 +144,13 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` (origin-form URI, headers final) and returns the response head, with the
-    /// balancer's in-flight guard for a Service (keep it until the body is done).
+    /// Sends `req` (origin-form URI, headers final) with the headers `added` beside its map,
+    /// and returns the response head, with the balancer's in-flight guard for a Service (keep
+    /// it until the body is done).
     pub fn send(
         &self,
         req: Request<RequestBody>,
+        added: Option<Added>,
     ) -> impl Future<Output = Result<(Response<UpstreamBody>, Option<InFlight>), UpstreamError>>
     + Send
     + use<> {
@@ -156,11 +159,11 @@ impl Upstream {
         // Combinators, not an `async fn`: see `HostPool::send`.
         match self {
             Upstream::Host(pool) => {
-                Either::Left(pool.send(req).map(|r| r.map(|resp| (resp, None))))
+                Either::Left(pool.send(req, added).map(|r| r.map(|resp| (resp, None))))
             }
             Upstream::Service(service) => Either::Right(
                 service
-                    .send(req)
+                    .send(req, added)
                     .map(|r| r.map(|(resp, in_flight)| (resp, Some(in_flight)))),
             ),
         }

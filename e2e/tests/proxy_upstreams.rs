@@ -140,6 +140,64 @@ async fn h2_upstream_shares_one_connection_and_gets_the_host_as_authority() {
     assert!(h1.connections.load(Ordering::SeqCst) <= 2);
 }
 
+/// The client's `X-Forwarded-*` and correlation id, which the proxy sets itself.
+const SPOOFED: [(&str, &str); 5] = [
+    ("x-forwarded-for", "10.0.0.1"),
+    ("x-forwarded-for", "10.0.0.2"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-kanali-correlation-id", "spoofed"),
+];
+
+#[tokio::test]
+async fn the_headers_the_proxy_sets_replace_the_clients_over_http1_and_http2() {
+    // Over HTTP/1.1 the proxy writes them beside the head's map; for HTTP/2 they go into it.
+    let ca = Ca::new("ca");
+    let h2 = tls_echo(&ca, &["127.0.0.1"], None, &["h2", "http/1.1"]).await;
+    let h1 = echo("plain").await;
+    let h = Harness::start(UpstreamConfig::default()).await;
+    h.apply(&snapshot(
+        "v1",
+        vec![
+            route("/h2", endpoint("https", &h2.addr.to_string(), "shop/ca#1")),
+            route("/h1", endpoint("http", &h1.addr.to_string(), "")),
+        ],
+        vec![material("shop/ca#1", Some(&ca), None)],
+        vec![],
+    ));
+    for path in ["/h1", "/h2"] {
+        for (sent, chain) in [
+            (&SPOOFED[..], "10.0.0.1, 10.0.0.2, 127.0.0.1"),
+            (&[][..], "127.0.0.1"),
+        ] {
+            let a = h.get(path, sent).await;
+            let headers = &a.json()["headers"];
+            let id = a.headers["x-kanali-correlation-id"].to_str().unwrap();
+            let case = format!("{path} {sent:?}: {headers}");
+            assert_eq!(
+                headers["x-forwarded-for"],
+                serde_json::json!([chain]),
+                "{case}"
+            );
+            assert_eq!(
+                headers["x-forwarded-proto"],
+                serde_json::json!(["http"]),
+                "{case}"
+            );
+            let host = serde_json::json!(["api.example.org"]);
+            assert_eq!(headers["x-forwarded-host"], host, "{case}");
+            assert_eq!(
+                headers["x-kanali-correlation-id"],
+                serde_json::json!([id]),
+                "{case}"
+            );
+            assert_ne!(id, "spoofed");
+        }
+    }
+    assert_eq!(h2.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(h1.hits.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn hostname_mismatch_fails_unless_the_proxy_opts_out() {
     let ca = Ca::new("ca");

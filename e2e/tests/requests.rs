@@ -140,6 +140,35 @@ async fn an_absolute_form_target_names_the_host_for_routing_and_upstream_alike()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_body_gets_the_headers_the_proxy_sets_and_not_the_clients() {
+    // A body is read ahead before the request goes (another way through the proxy than a
+    // bodyless GET's).
+    let env = Env::start().await;
+    let answer = env
+        .exchange(
+            b"POST /api/x HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.1\r\n\
+              X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n\
+              X-Kanali-Correlation-Id: spoofed\r\nContent-Length: 5\r\n\
+              Connection: close\r\n\r\nhello",
+            false,
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let echo = echoed(&answer);
+    let headers = &echo["headers"];
+    let json = |v: &str| serde_json::json!([v]);
+    assert_eq!(headers["x-forwarded-for"], json("10.0.0.1, 127.0.0.1"));
+    assert_eq!(headers["x-forwarded-proto"], json("http"));
+    assert_eq!(headers["x-forwarded-host"], json("a.example"));
+    let id = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-kanali-correlation-id: "))
+        .unwrap_or_else(|| panic!("no correlation id: {answer}"));
+    assert_eq!(headers["x-kanali-correlation-id"], json(id));
+    assert_eq!(echo["body"], "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_must_be_there_exactly_once_and_valid() {
     let env = Env::start().await;
     for (what, request) in [

@@ -382,7 +382,12 @@ fn request_heads_carry_the_true_length_of_what_is_sent() {
         b.body(()).unwrap().into_parts().0
     };
     let mut out = Vec::new();
-    encode_head(&mut out, &req("GET", &[("host", "up"), ("x-a", "1")]), None);
+    encode_head(
+        &mut out,
+        &req("GET", &[("host", "up"), ("x-a", "1")]),
+        None,
+        None,
+    );
     assert_eq!(
         out,
         b"GET /a/b?c=d%20e HTTP/1.1\r\nhost: up\r\nx-a: 1\r\n\r\n"
@@ -399,7 +404,7 @@ fn request_heads_carry_the_true_length_of_what_is_sent() {
             ("host", "up"),
         ],
     );
-    encode_head(&mut out, &parts, Some(&body));
+    encode_head(&mut out, &parts, None, Some(&body));
     assert_eq!(
         out,
         b"POST /a/b?c=d%20e HTTP/1.1\r\nhost: up\r\ncontent-length: 5\r\n\r\n"
@@ -407,13 +412,18 @@ fn request_heads_carry_the_true_length_of_what_is_sent() {
 
     // No body: a declared length stays, as 0; none is added where there was none.
     out.clear();
-    encode_head(&mut out, &req("POST", &[("content-length", "0")]), None);
+    encode_head(
+        &mut out,
+        &req("POST", &[("content-length", "0")]),
+        None,
+        None,
+    );
     assert_eq!(
         out,
         b"POST /a/b?c=d%20e HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
     );
     out.clear();
-    encode_head(&mut out, &req("DELETE", &[]), None);
+    encode_head(&mut out, &req("DELETE", &[]), None, None);
     assert_eq!(out, b"DELETE /a/b?c=d%20e HTTP/1.1\r\n\r\n");
 }
 
@@ -506,7 +516,7 @@ fn get(method: &str, body: Option<&'static str>) -> Request<RequestBody> {
 
 /// Sends `req` through `pool` and reads the whole body of its answer.
 async fn answer(pool: &Arc<HostPool>, req: Request<RequestBody>) -> String {
-    text(pool.send(req).await.unwrap()).await.unwrap()
+    text(pool.send(req, None).await.unwrap()).await.unwrap()
 }
 
 async fn text(resp: Response<UpstreamBody>) -> Result<String, String> {
@@ -542,7 +552,7 @@ async fn keep_alive_connections_are_reused_and_split_responses_reassemble() {
     .await;
     let pool = pool(addr);
     for i in 1..=3 {
-        let resp = pool.send(get("GET", None)).await.unwrap();
+        let resp = pool.send(get("GET", None), None).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(text(resp).await.unwrap(), format!("{i}:GET /x HTTP/1.1"));
     }
@@ -582,7 +592,7 @@ async fn chunked_and_close_delimited_bodies_stream_and_only_the_first_keeps_its_
     .await;
     let pool = pool(addr);
     let req = |path: &str| request("GET", path, None);
-    let resp = pool.send(req("/chunked")).await.unwrap();
+    let resp = pool.send(req("/chunked"), None).await.unwrap();
     let collected = resp.into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().unwrap()["x-sum"], "9");
     assert_eq!(collected.to_bytes(), "wikipedia");
@@ -619,7 +629,7 @@ async fn a_body_cut_short_is_an_error_and_extra_bytes_are_not_trusted() {
     .await;
     let pool = pool(addr);
     let req = |path: &str| request("GET", path, None);
-    let resp = pool.send(req("/short")).await.unwrap();
+    let resp = pool.send(req("/short"), None).await.unwrap();
     assert!(
         text(resp)
             .await
@@ -652,7 +662,7 @@ async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_rep
     assert_eq!(answer(&pool, get("GET", None)).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     // A POST may have been acted on: it is not sent twice.
-    let error = pool.send(get("POST", Some("x"))).await.unwrap_err();
+    let error = pool.send(get("POST", Some("x")), None).await.unwrap_err();
     assert!(
         error
             .to_string()
@@ -696,7 +706,7 @@ async fn bad_responses_are_errors() {
         .await;
     })
     .await;
-    let error = pool(addr).send(get("GET", None)).await.unwrap_err();
+    let error = pool(addr).send(get("GET", None), None).await.unwrap_err();
     assert!(
         error.to_string().contains("conflicting Content-Length"),
         "{error}"
