@@ -94,16 +94,15 @@ const HISTORY: usize = 32;
 fn fingerprints(compiled: &Compiled) -> Fingerprints {
     use prost::Message as _;
     use std::hash::{Hash as _, Hasher as _};
-    let routes: HashMap<(&str, &str), &pb::Route> = compiled
-        .snapshot
-        .routes
-        .iter()
-        .filter_map(|r| {
-            r.source
-                .as_ref()
-                .map(|s| ((s.namespace.as_str(), s.name.as_str()), r))
-        })
-        .collect();
+    let mut routes: HashMap<(&str, &str), &pb::Route> =
+        HashMap::with_capacity(compiled.snapshot.routes.len());
+    routes.extend(compiled.snapshot.routes.iter().filter_map(|r| {
+        r.source
+            .as_ref()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), r))
+    }));
+    // One buffer for every route's encoding, not an allocation each.
+    let mut encoded = Vec::new();
     compiled
         .diagnostics
         .iter()
@@ -118,7 +117,9 @@ fn fingerprints(compiled: &Compiled) -> Fingerprints {
                     d.object.name.as_str(),
                 );
                 if let Some(route) = routes.get(&key) {
-                    route.encode_to_vec().hash(&mut h);
+                    encoded.clear();
+                    route.encode_raw(&mut encoded);
+                    encoded.hash(&mut h);
                 }
             }
             (d.object.clone(), h.finish())

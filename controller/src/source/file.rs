@@ -61,13 +61,16 @@ pub enum AnyObject {
 }
 
 impl AnyObject {
-    fn key(&self) -> (&'static str, String, String) {
-        fn k<K: kube::Resource>(kind: &'static str, o: &K) -> (&'static str, String, String) {
+    fn key(&self) -> (&'static str, &str, &str) {
+        fn k<'a, K: kube::Resource>(
+            kind: &'static str,
+            o: &'a K,
+        ) -> (&'static str, &'a str, &'a str) {
             let m = o.meta();
             (
                 kind,
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
             )
         }
         match self {
@@ -516,12 +519,28 @@ impl FileSource {
 
     fn collect(&self) -> Scan {
         let mut scan = Scan::default();
-        let mut seen: BTreeMap<(&'static str, String, String), String> = BTreeMap::new();
-        for (path, state) in &self.files {
-            let display = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        // Where each object was first defined. Borrowed, and hashed rather than ordered: this
+        // runs over every object on every change (it was a fifth of the controller's work for
+        // an edit among 1 000 objects, with a key's two strings copied for each).
+        let objects = || {
+            let parsed = self.files.values().flat_map(|s| s.parsed.iter().flatten());
+            parsed.flat_map(|p| &p.objects)
+        };
+        let mut seen: HashMap<(&'static str, &str, &str), &str> =
+            HashMap::with_capacity(objects().count());
+        // The one kind there are many of; an ApiProxy is ~1 KiB, copied at every doubling.
+        let api_proxies = objects().filter(|o| matches!(o, AnyObject::ApiProxy(_)));
+        scan.objects.api_proxies.reserve(api_proxies.count());
+        let displays: Vec<String> = self
+            .files
+            .keys()
+            .map(|path| {
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        for (state, display) in self.files.values().zip(&displays) {
             scan.errors.extend(state.error.clone());
             let Some(parsed) = &state.parsed else {
                 continue;
@@ -542,7 +561,7 @@ impl FileSource {
                     });
                     continue;
                 }
-                seen.insert(key, display.clone());
+                seen.insert(key, display);
                 let o = &mut scan.objects;
                 match obj.clone() {
                     AnyObject::ApiProxy(x) => o.api_proxies.push(*x),
