@@ -756,3 +756,37 @@ fn a_changed_document_is_read_again_and_the_others_are_not() {
     assert!(Arc::ptr_eq(&moved[1], &after_growing[1]));
     assert!(Arc::ptr_eq(&moved[0], &after_growing[2]));
 }
+
+#[test]
+fn an_object_defined_twice_is_used_from_the_first_file_and_the_second_named() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", PROXY);
+    write(
+        dir.path(),
+        "b.yaml",
+        &PROXY.replace("path: /p", "path: /other"),
+    );
+    // The same name in another namespace, or of another kind, is another object.
+    write(
+        dir.path(),
+        "c.yaml",
+        &PROXY.replace("namespace: shop", "namespace: ops"),
+    );
+    let scan = FileSource::new(dir.path()).scan().unwrap();
+    let paths: Vec<_> = scan
+        .objects
+        .api_proxies
+        .iter()
+        .map(|p| p.spec.source.path.clone())
+        .collect();
+    assert_eq!(paths, ["/p", "/p"]);
+    let errors: Vec<_> = scan
+        .errors
+        .iter()
+        .map(|e| format!("{}: {}", e.file, e.message))
+        .collect();
+    assert_eq!(
+        errors,
+        ["b.yaml: ApiProxy shop/p is also defined in a.yaml; the copy in a.yaml is used"]
+    );
+}
