@@ -101,9 +101,8 @@ impl ServiceBackend {
     }
 
     /// Sends `req` (with `added`, see [`HostPool::send`]) to one of the addresses; when
-    /// connecting fails, to another. The returned
-    /// guard counts the request against the chosen address until it is dropped (with the
-    /// response body).
+    /// connecting fails, to another. The returned guard counts the request against the chosen
+    /// address until it is dropped (with the response body).
     pub fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
