@@ -112,15 +112,21 @@ impl Controller {
 }
 
 /// Decrypts what is new, then compiles and publishes.
-async fn decrypt_and_publish(shared: &Shared, vault: &keys::SharedVault, mut scan: Scan) {
+async fn decrypt_and_publish(
+    shared: &Shared,
+    vault: &keys::SharedVault,
+    compiler: &mut compile::Compiler,
+    mut scan: Scan,
+) {
     scan.objects.decrypted = keys::decrypt(vault, scan.objects.api_keys.clone()).await;
-    publish(shared, scan);
+    publish(shared, compiler, scan);
 }
 
-fn publish(shared: &Shared, scan: Scan) {
+fn publish(shared: &Shared, compiler: &mut compile::Compiler, scan: Scan) {
     let started = std::time::Instant::now();
-    let compiled = compile::compile(&scan.objects);
-    tracing::debug!(elapsed = ?started.elapsed(), routes = compiled.snapshot.routes.len(), "compiled");
+    let compiled = compiler.compile(&scan.objects);
+    tracing::debug!(elapsed = ?started.elapsed(), routes = compiled.snapshot.routes.len(),
+        reused = compiler.reused(), "compiled");
     for d in compiled.diagnostics.iter().filter(|d| !d.is_ok()) {
         let ready = d.ready();
         tracing::warn!(object = %d.object, reason = %ready.reason, message = %ready.message, "object not ready");
@@ -217,7 +223,8 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         });
         keys::lock(&vault).set_key(pem.as_deref().map_err(Clone::clone));
     }
-    decrypt_and_publish(&shared, &vault, scan.clone()).await;
+    let mut compiler = compile::Compiler::default();
+    decrypt_and_publish(&shared, &vault, &mut compiler, scan.clone()).await;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (grpc_addr, admin_addr, mut tasks) = serve_all(
@@ -263,7 +270,7 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
                 _ = stop.wait_for(|s| *s) => return,
             }
             let scan = latest.borrow_and_update().clone();
-            decrypt_and_publish(&compile_shared, &vault, scan).await;
+            decrypt_and_publish(&compile_shared, &vault, &mut compiler, scan).await;
         }
     }));
     tracing::info!(%grpc_addr, %admin_addr, dir = %config.manifests.display(), "controller running in standalone mode");
@@ -423,10 +430,12 @@ async fn compile_loop(
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }
+    let mut compiler = compile::Compiler::default();
     loop {
         decrypt_and_publish(
             &shared,
             &vault,
+            &mut compiler,
             Scan {
                 objects: cache.objects(),
                 ..Scan::default()

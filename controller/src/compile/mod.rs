@@ -24,6 +24,7 @@ use kube::ResourceExt as _;
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
+use api_key::FastHash;
 pub use diagnostics::{Condition, Diagnostic, Kind, ObjectRef, condition};
 
 /// Everything compile reads. Namespaced objects without a namespace are in `default`.
@@ -68,7 +69,7 @@ pub struct Undecodable {
 }
 
 /// The result of one compile.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Compiled {
     /// The version proxies Ack: of the snapshot and the credentials together.
     pub version: String,
@@ -130,78 +131,120 @@ fn accepted(errors: Vec<String>, what: &str) -> Condition {
     }
 }
 
-/// Compiles the objects into a snapshot and per-object diagnostics.
+/// Compiles the objects into a snapshot and per-object diagnostics, from scratch.
 pub fn compile(objects: &Objects) -> Compiled {
-    let mut diagnostics = Vec::new();
+    Compiler {
+        from_scratch: true,
+        ..Compiler::default()
+    }
+    .compile(objects)
+}
 
-    // MockTargets first: ApiProxies embed the ones they reference.
-    let mut mocks: MockIndex = HashMap::new();
-    for mt in &objects.mock_targets {
-        let object = object_ref(Kind::MockTarget, mt);
-        let generation = mt.metadata.generation;
-        let result = mock_target::compile_mock_target(mt);
-        let condition = match &result {
-            Ok(_) => accepted(Vec::new(), "MockTarget"),
-            Err(errors) => accepted(errors.clone(), "MockTarget"),
-        };
-        let key = (namespace_of(mt), mt.name_any());
-        let compiled = result
-            .map(|responses| pb::Mock {
-                mock_target: Some(resource_ref(&object, generation)),
-                responses,
-            })
-            .map_err(|_| ());
-        mocks.insert(key, compiled);
-        diagnostics.push(Diagnostic {
-            object,
-            generation,
-            conditions: vec![
-                condition,
-                Condition::ok(
-                    condition::RESOLVED_REFS,
-                    "ResolvedRefs",
-                    "MockTargets have no references",
-                ),
-            ],
-            backend: None,
-        });
+/// Compiles objects again and again, keeping what each ApiProxy compiled to: the next
+/// compile reuses it while neither the ApiProxy nor anything an ApiProxy can refer to
+/// (MockTargets, ApiKeyBindings, Secrets, Services) changed. A controller compiles on every
+/// change, and most changes touch one object among thousands; validating and resolving every
+/// ApiProxy again was most of a compile. The output is always what [`compile`] gives for the
+/// same objects.
+#[derive(Default)]
+pub struct Compiler {
+    /// What the ApiProxies' outcomes were resolved against; they are dropped when it changes.
+    context: Option<Context>,
+    /// Each ApiProxy's outcome, by namespace and then name (so that looking one up borrows).
+    proxies: HashMap<String, HashMap<String, Outcome, FastHash>, FastHash>,
+    /// Counts compiles, to tell the outcomes seen in this one.
+    round: u64,
+    /// How many ApiProxies the last compile took as they were.
+    reused: usize,
+    /// Keep nothing: what [`compile`] does, and what a kept outcome must equal.
+    from_scratch: bool,
+}
+
+impl Compiler {
+    /// How many ApiProxies the last compile reused without validating or resolving them.
+    pub fn reused(&self) -> usize {
+        self.reused
     }
 
-    let keys = api_key::compile_keys(objects);
-    let mut routes = Routes::default();
-    compile_api_proxies(
-        objects,
-        &mocks,
-        &keys.bindings,
-        &mut diagnostics,
-        &mut routes,
-    );
-    diagnostics.extend(keys.diagnostics);
-
-    for bad in &objects.undecodable {
-        diagnostics.push(Diagnostic {
-            object: bad.object.clone(),
-            generation: bad.generation,
-            conditions: vec![Condition::failed(
-                condition::ACCEPTED,
-                "Invalid",
-                format!(
-                    "the object does not match the kanali.io/v2 schema: {}",
-                    bad.error
-                ),
-            )],
-            backend: None,
-        });
+    /// How many ApiProxies' outcomes are kept.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.proxies.values().map(HashMap::len).sum()
     }
-    diagnostics.sort_by(|a, b| a.object.cmp(&b.object));
-    let services = upstream::service_endpoints(objects, &routes.services);
-    let snapshot = seal(routes.routes, routes.tls.into_values().collect(), services);
-    Compiled {
-        version: kanali_proto::version::combined_version(&snapshot.version, &keys.version),
-        snapshot,
-        credentials: keys.shards,
-        credentials_version: keys.version,
-        diagnostics,
+
+    /// Compiles the objects into a snapshot and per-object diagnostics.
+    pub fn compile(&mut self, objects: &Objects) -> Compiled {
+        let mut diagnostics = Vec::new();
+
+        // MockTargets first: ApiProxies embed the ones they reference.
+        let mut mocks: MockIndex = HashMap::new();
+        for mt in &objects.mock_targets {
+            let object = object_ref(Kind::MockTarget, mt);
+            let generation = mt.metadata.generation;
+            let result = mock_target::compile_mock_target(mt);
+            let condition = match &result {
+                Ok(_) => accepted(Vec::new(), "MockTarget"),
+                Err(errors) => accepted(errors.clone(), "MockTarget"),
+            };
+            let key = (namespace_of(mt), mt.name_any());
+            let compiled = result
+                .map(|responses| pb::Mock {
+                    mock_target: Some(resource_ref(&object, generation)),
+                    responses,
+                })
+                .map_err(|_| ());
+            mocks.insert(key, compiled);
+            diagnostics.push(Diagnostic {
+                object,
+                generation,
+                conditions: vec![
+                    condition,
+                    Condition::ok(
+                        condition::RESOLVED_REFS,
+                        "ResolvedRefs",
+                        "MockTargets have no references",
+                    ),
+                ],
+                backend: None,
+            });
+        }
+
+        let keys = api_key::compile_keys(objects);
+        let mut routes = Routes::default();
+        self.compile_api_proxies(
+            objects,
+            &mocks,
+            &keys.bindings,
+            &mut diagnostics,
+            &mut routes,
+        );
+        diagnostics.extend(keys.diagnostics);
+
+        for bad in &objects.undecodable {
+            diagnostics.push(Diagnostic {
+                object: bad.object.clone(),
+                generation: bad.generation,
+                conditions: vec![Condition::failed(
+                    condition::ACCEPTED,
+                    "Invalid",
+                    format!(
+                        "the object does not match the kanali.io/v2 schema: {}",
+                        bad.error
+                    ),
+                )],
+                backend: None,
+            });
+        }
+        diagnostics.sort_by(|a, b| a.object.cmp(&b.object));
+        let services = upstream::service_endpoints(objects, &routes.services);
+        let snapshot = seal(routes.routes, routes.tls.into_values().collect(), services);
+        Compiled {
+            version: kanali_proto::version::combined_version(&snapshot.version, &keys.version),
+            snapshot,
+            credentials: keys.shards,
+            credentials_version: keys.version,
+            diagnostics,
+        }
     }
 }
 
@@ -213,100 +256,259 @@ struct Routes {
     services: std::collections::BTreeSet<upstream::ServiceKey>,
 }
 
-/// Compiles ApiProxies into routes. Two proxies claiming the same path and host: the older
-/// one (creation time, then namespace/name) wins, both are told.
-fn compile_api_proxies(
-    objects: &Objects,
-    mocks: &MockIndex,
-    bindings: &HashMap<(String, String), bool>,
-    diagnostics: &mut Vec<Diagnostic>,
-    routes: &mut Routes,
-) {
-    let mut order: Vec<&ApiProxy> = objects.api_proxies.iter().collect();
-    order.sort_by(|a, b| age_order(&a.metadata).cmp(&age_order(&b.metadata)));
+/// Everything besides an ApiProxy itself that its outcome depends on, as of the compile that
+/// made the outcomes kept.
+#[derive(PartialEq)]
+struct Context {
+    mock_targets: Vec<MockTarget>,
+    secrets: Vec<Secret>,
+    services: Vec<Service>,
+    unavailable: Vec<String>,
+    bindings: HashMap<(String, String), bool>,
+}
 
-    // (path, host) -> index into `claims`
-    let mut owners: BTreeMap<(String, String), usize> = BTreeMap::new();
-    type Claim = (
-        ObjectRef,
-        Diagnostic,
-        Option<(pb::Route, api_proxy::Resolved)>,
-    );
-    let mut claims: Vec<Claim> = Vec::new();
-    for ap in order {
+impl Context {
+    fn matches(&self, objects: &Objects, bindings: &HashMap<(String, String), bool>) -> bool {
+        self.mock_targets == objects.mock_targets
+            && self.secrets == objects.secrets
+            && self.services == objects.services
+            && self.unavailable == objects.unavailable
+            && self.bindings == *bindings
+    }
+
+    fn of(objects: &Objects, bindings: &HashMap<(String, String), bool>) -> Context {
+        Context {
+            mock_targets: objects.mock_targets.clone(),
+            secrets: objects.secrets.clone(),
+            services: objects.services.clone(),
+            unavailable: objects.unavailable.clone(),
+            bindings: bindings.clone(),
+        }
+    }
+}
+
+/// What one ApiProxy compiled to on its own, before its path is weighed against the others'.
+struct Outcome {
+    /// The object as it was compiled: the outcome holds while the current one equals it.
+    proxy: ApiProxy,
+    object: ObjectRef,
+    /// The compile that last saw it.
+    round: u64,
+    /// Its route, or why it has none (`Accepted=False`).
+    result: Result<Valid, Condition>,
+}
+
+/// A valid ApiProxy, resolved.
+struct Valid {
+    /// `path` and `virtual_host` (empty: every host) are also what it claims.
+    route: pb::Route,
+    accepted: Condition,
+    resolved: Condition,
+    summary: String,
+    tls: Option<pb::TlsMaterial>,
+    services: Vec<upstream::ServiceKey>,
+}
+
+impl Outcome {
+    fn of(
+        ap: &ApiProxy,
+        objects: &Objects,
+        mocks: &MockIndex,
+        bindings: &HashMap<(String, String), bool>,
+        round: u64,
+    ) -> Outcome {
         let object = object_ref(Kind::ApiProxy, ap);
-        let generation = ap.metadata.generation;
-        let namespace = namespace_of(ap);
-        let valid = match api_proxy::validate(ap) {
-            Ok(v) => v,
-            Err(errors) => {
+        let result = match api_proxy::validate(ap) {
+            Err(errors) => Err(accepted(errors, "ApiProxy")),
+            Ok(valid) => {
+                let namespace = object.namespace.as_deref().unwrap_or("default");
+                let resolved = api_proxy::resolve(&valid, namespace, objects, mocks, bindings);
+                Ok(Valid {
+                    route: pb::Route {
+                        source: Some(resource_ref(&object, ap.metadata.generation)),
+                        path: valid.path,
+                        virtual_host: valid.virtual_host.unwrap_or_default(),
+                        target_path: valid.target_path,
+                        backend: Some(resolved.backend),
+                        timeout_ms: valid.timeout_ms,
+                        plugins: resolved.plugins,
+                    },
+                    accepted: accepted(Vec::new(), "ApiProxy"),
+                    resolved: resolved.condition,
+                    summary: resolved.summary,
+                    tls: resolved.tls,
+                    services: resolved.services,
+                })
+            }
+        };
+        Outcome {
+            proxy: ap.clone(),
+            object,
+            round,
+            result,
+        }
+    }
+}
+
+impl Compiler {
+    /// Brings the kept outcomes up to date with `objects`: each ApiProxy's is reused if the
+    /// object and the context are unchanged, made again otherwise; those of ApiProxies that
+    /// are gone are dropped. Returns `false` when two ApiProxies share a namespace and name
+    /// (only a buggy source sends that); then nothing is kept.
+    fn update_outcomes(
+        &mut self,
+        objects: &Objects,
+        mocks: &MockIndex,
+        bindings: &HashMap<(String, String), bool>,
+    ) -> bool {
+        if !self
+            .context
+            .as_ref()
+            .is_some_and(|c| c.matches(objects, bindings))
+        {
+            self.proxies.clear();
+            self.context = Some(Context::of(objects, bindings));
+        }
+        self.round += 1;
+        let round = self.round;
+        self.reused = 0;
+        for ap in &objects.api_proxies {
+            let namespace = ap.metadata.namespace.as_deref().unwrap_or("default");
+            let name = ap.metadata.name.as_deref().unwrap_or_default();
+            if !self.proxies.contains_key(namespace) {
+                self.proxies
+                    .insert(namespace.to_owned(), HashMap::default());
+            }
+            let Some(by_name) = self.proxies.get_mut(namespace) else {
+                continue;
+            };
+            match by_name.get_mut(name) {
+                Some(kept) if kept.round == round => {
+                    self.proxies.clear();
+                    self.context = None;
+                    self.reused = 0;
+                    return false;
+                }
+                Some(kept) if kept.proxy == *ap => {
+                    kept.round = round;
+                    self.reused += 1;
+                }
+                Some(kept) => *kept = Outcome::of(ap, objects, mocks, bindings, round),
+                None => {
+                    let outcome = Outcome::of(ap, objects, mocks, bindings, round);
+                    by_name.insert(name.to_owned(), outcome);
+                }
+            }
+        }
+        self.proxies.retain(|_, by_name| {
+            by_name.retain(|_, kept| kept.round == round);
+            !by_name.is_empty()
+        });
+        true
+    }
+
+    /// Compiles ApiProxies into routes. Two proxies claiming the same path and host: the
+    /// older one (creation time, then namespace/name) wins, both are told.
+    fn compile_api_proxies(
+        &mut self,
+        objects: &Objects,
+        mocks: &MockIndex,
+        bindings: &HashMap<(String, String), bool>,
+        diagnostics: &mut Vec<Diagnostic>,
+        routes: &mut Routes,
+    ) {
+        let fresh: Vec<Outcome>;
+        let keep = !self.from_scratch && self.update_outcomes(objects, mocks, bindings);
+        let mut order: Vec<(&ApiProxy, &Outcome)> = if keep {
+            let kept = &self.proxies;
+            objects
+                .api_proxies
+                .iter()
+                .filter_map(|ap| {
+                    let namespace = ap.metadata.namespace.as_deref().unwrap_or("default");
+                    let name = ap.metadata.name.as_deref().unwrap_or_default();
+                    kept.get(namespace)
+                        .and_then(|by_name| by_name.get(name))
+                        .map(|outcome| (ap, outcome))
+                })
+                .collect()
+        } else {
+            fresh = objects
+                .api_proxies
+                .iter()
+                .map(|ap| Outcome::of(ap, objects, mocks, bindings, 0))
+                .collect();
+            objects.api_proxies.iter().zip(&fresh).collect()
+        };
+        order.sort_by(|a, b| age_order(&a.0.metadata).cmp(&age_order(&b.0.metadata)));
+
+        // (path, host) -> index into `claims`
+        let mut owners: HashMap<(&str, &str), usize, FastHash> =
+            HashMap::with_capacity_and_hasher(order.len(), FastHash::default());
+        // Each proxy's diagnostic, and its outcome if it is routed.
+        let mut claims: Vec<(Diagnostic, Option<&Valid>)> = Vec::with_capacity(order.len());
+        for (ap, outcome) in order {
+            let object = &outcome.object;
+            let generation = ap.metadata.generation;
+            let valid = match &outcome.result {
+                Ok(valid) => valid,
+                Err(invalid) => {
+                    let d = Diagnostic {
+                        object: object.clone(),
+                        generation,
+                        conditions: vec![invalid.clone()],
+                        backend: None,
+                    };
+                    claims.push((d, None));
+                    continue;
+                }
+            };
+            let path = valid.route.path.as_str();
+            let host = valid.route.virtual_host.as_str();
+            let host_text = if host.is_empty() { "every host" } else { host };
+            if let Some(&winner) = owners.get(&(path, host)) {
+                let winner_ref = &claims[winner].0.object;
                 let d = Diagnostic {
                     object: object.clone(),
                     generation,
-                    conditions: vec![accepted(errors, "ApiProxy")],
-                    backend: None,
+                    conditions: vec![Condition::failed(
+                        condition::ACCEPTED,
+                        "PathConflict",
+                        format!(
+                            "path {path} on {host_text} is already served by {winner_ref}, which wins (created earlier, or first by namespace/name); this ApiProxy is not routed"
+                        ),
+                    )],
+                    backend: Some(valid.summary.clone()),
                 };
-                claims.push((object, d, None));
+                let note = format!(
+                    "; note: {object} also claims path {path} on {host_text} and was rejected"
+                );
+                if let Some(c) = claims[winner].0.conditions.first_mut() {
+                    c.message.push_str(&note);
+                }
+                claims.push((d, None));
                 continue;
             }
-        };
-        let resolved = api_proxy::resolve(&valid, &namespace, objects, mocks, bindings);
-        let key = (
-            valid.path.clone(),
-            valid.virtual_host.clone().unwrap_or_default(),
-        );
-        let host_text = valid.virtual_host.as_deref().unwrap_or("every host");
-        if let Some(&winner) = owners.get(&key) {
-            let winner_ref = claims[winner].0.clone();
             let d = Diagnostic {
                 object: object.clone(),
                 generation,
-                conditions: vec![Condition::failed(
-                    condition::ACCEPTED,
-                    "PathConflict",
-                    format!(
-                        "path {} on {host_text} is already served by {winner_ref}, which wins (created earlier, or first by namespace/name); this ApiProxy is not routed",
-                        valid.path
-                    ),
-                )],
-                backend: Some(resolved.summary),
+                conditions: vec![valid.accepted.clone(), valid.resolved.clone()],
+                backend: Some(valid.summary.clone()),
             };
-            let note = format!(
-                "; note: {object} also claims path {} on {host_text} and was rejected",
-                valid.path
-            );
-            if let Some(c) = claims[winner].1.conditions.first_mut() {
-                c.message.push_str(&note);
-            }
-            claims.push((object, d, None));
-            continue;
+            owners.insert((path, host), claims.len());
+            claims.push((d, Some(valid)));
         }
-        let route = pb::Route {
-            source: Some(resource_ref(&object, generation)),
-            path: valid.path.clone(),
-            virtual_host: valid.virtual_host.clone().unwrap_or_default(),
-            target_path: valid.target_path.clone(),
-            backend: Some(resolved.backend.clone()),
-            timeout_ms: valid.timeout_ms,
-            plugins: resolved.plugins.clone(),
-        };
-        let d = Diagnostic {
-            object: object.clone(),
-            generation,
-            conditions: vec![accepted(Vec::new(), "ApiProxy"), resolved.condition.clone()],
-            backend: Some(resolved.summary.clone()),
-        };
-        owners.insert(key, claims.len());
-        claims.push((object, d, Some((route, resolved))));
-    }
-    for (_, d, route) in claims {
-        diagnostics.push(d);
-        if let Some((route, resolved)) = route {
-            routes.routes.push(route);
-            if let Some(tls) = resolved.tls {
-                routes.tls.insert(tls.id.clone(), tls);
+        diagnostics.reserve(claims.len());
+        routes.routes.reserve(claims.len());
+        for (d, valid) in claims {
+            diagnostics.push(d);
+            if let Some(valid) = valid {
+                routes.routes.push(valid.route.clone());
+                if let Some(tls) = &valid.tls {
+                    routes.tls.insert(tls.id.clone(), tls.clone());
+                }
+                routes.services.extend(valid.services.iter().cloned());
             }
-            routes.services.extend(resolved.services);
         }
     }
 }

@@ -7,6 +7,7 @@ mod api_key;
 mod api_proxy;
 mod conflicts;
 mod determinism;
+mod memo;
 mod mock_target;
 mod upstream;
 

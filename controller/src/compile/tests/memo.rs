@@ -1,0 +1,159 @@
+//! A [`Compiler`] that kept what it compiled before gives exactly what a fresh compile gives,
+//! whatever changed in between, and reuses what it can.
+
+use super::*;
+use crate::compile::Compiler;
+
+fn keyed(ns: &str, name: &str, path: &str, binding: &str) -> ApiProxy {
+    let mut ap = mk_api_proxy(ns, name, path, endpoint("http://keyed"));
+    ap.spec.plugins = vec![kanali_crds::Plugin {
+        name: "apikey".to_owned(),
+        version: None,
+        config: BTreeMap::from([("apiKeyBindingName".to_owned(), binding.to_owned())]),
+    }];
+    ap
+}
+
+fn base() -> Objects {
+    let mut host = mk_api_proxy("b", "host", "/a", endpoint("http://h"));
+    host.spec.source.virtual_host = Some("example.org".to_owned());
+    host.metadata.generation = Some(3);
+    Objects {
+        api_proxies: vec![
+            mk_api_proxy("a", "any", "/a", endpoint("http://a")),
+            host,
+            mk_api_proxy("a", "mock", "/m", mock("m")),
+            mk_api_proxy("a", "svc", "/s", service("svc", 80)),
+            mk_api_proxy_at("a", "late", "/a", endpoint("http://late"), 5),
+            keyed("a", "keyed", "/k", "b1"),
+        ],
+        mock_targets: vec![mk_mock_target("a", "m", vec![mk_mock_route("/", 200)])],
+        api_keys: vec![mk_api_key("k1", "ZGVm")],
+        api_key_bindings: vec![mk_binding("a", "b1", vec![mk_key("k1")])],
+        services: vec![mk_service("a", "svc")],
+        endpoint_slices: vec![super::upstream::mk_slice(
+            "a",
+            "svc",
+            &[(None, 80)],
+            &[("10.0.0.1", None)],
+        )],
+        decrypted: digests(&["ZGVm"]),
+        ..Objects::default()
+    }
+}
+
+/// The inputs a controller could see one after another, each a change of one kind.
+fn states() -> Vec<(&'static str, Objects)> {
+    let edit = |f: &dyn Fn(&mut Objects)| {
+        let mut o = base();
+        f(&mut o);
+        o
+    };
+    vec![
+        ("base", base()),
+        (
+            "a path edited",
+            edit(&|o| o.api_proxies[0].spec.source.path = "/edited".to_owned()),
+        ),
+        ("a proxy deleted", edit(&|o| drop(o.api_proxies.remove(0)))),
+        (
+            "an older proxy takes a path over",
+            edit(&|o| {
+                o.api_proxies.push(mk_api_proxy_at(
+                    "c",
+                    "older",
+                    "/a",
+                    endpoint("http://o"),
+                    -5,
+                ))
+            }),
+        ),
+        (
+            "a generation bumped",
+            edit(&|o| o.api_proxies[1].metadata.generation = Some(4)),
+        ),
+        (
+            "a proxy made invalid",
+            edit(&|o| o.api_proxies[2].spec.source.path = String::new()),
+        ),
+        (
+            "a MockTarget's responses edited",
+            edit(&|o| o.mock_targets[0].spec.routes[0].status = 201),
+        ),
+        ("the MockTarget deleted", edit(&|o| o.mock_targets.clear())),
+        ("the Service deleted", edit(&|o| o.services.clear())),
+        ("the binding deleted", edit(&|o| o.api_key_bindings.clear())),
+        (
+            "Services unavailable",
+            edit(&|o| o.unavailable = vec!["Service".to_owned()]),
+        ),
+        (
+            "only endpoints changed",
+            edit(&|o| {
+                o.endpoint_slices = vec![super::upstream::mk_slice(
+                    "a",
+                    "svc",
+                    &[(None, 80)],
+                    &[("10.0.0.2", None)],
+                )]
+            }),
+        ),
+        (
+            "two objects with one name",
+            edit(&|o| {
+                let mut twin = o.api_proxies[0].clone();
+                twin.spec.source.path = "/twin".to_owned();
+                o.api_proxies.push(twin);
+            }),
+        ),
+        ("nothing", Objects::default()),
+    ]
+}
+
+#[test]
+fn a_compiler_that_kept_any_earlier_state_gives_what_a_fresh_compile_gives() {
+    let states = states();
+    for (before, from) in &states {
+        for (now, to) in &states {
+            let mut compiler = Compiler::default();
+            compiler.compile(from);
+            assert_eq!(compiler.compile(to), compile(to), "{before} -> {now}");
+            // And once more, now with everything kept.
+            assert_eq!(
+                compiler.compile(to),
+                compile(to),
+                "{before} -> {now}, again"
+            );
+        }
+    }
+}
+
+#[test]
+fn only_the_proxies_that_changed_are_compiled_again() {
+    let mut compiler = Compiler::default();
+    let objects = base();
+    let n = objects.api_proxies.len();
+    compiler.compile(&objects);
+    assert_eq!(compiler.reused(), 0);
+    compiler.compile(&objects);
+    assert_eq!(compiler.reused(), n);
+    let mut edited = base();
+    edited.api_proxies[0].spec.source.path = "/edited".to_owned();
+    compiler.compile(&edited);
+    assert_eq!(compiler.reused(), n - 1);
+    // Nothing is kept for an ApiProxy that is gone.
+    let mut fewer = edited.clone();
+    fewer.api_proxies.truncate(2);
+    compiler.compile(&fewer);
+    assert_eq!((compiler.reused(), compiler.kept()), (2, 2));
+    compiler.compile(&edited);
+    assert_eq!(compiler.reused(), 2);
+    // Endpoints are not something an ApiProxy's outcome depends on.
+    edited.endpoint_slices.clear();
+    compiler.compile(&edited);
+    assert_eq!((compiler.reused(), compiler.kept()), (n, n));
+    // A MockTarget is: every outcome is made again.
+    edited.mock_targets[0].spec.routes[0].status = 201;
+    compiler.compile(&edited);
+    assert_eq!(compiler.reused(), 0);
+}
