@@ -378,7 +378,7 @@ mod tests {
 
     /// Version `version` compiled the object to fingerprint `fp`.
     fn history(version: &str, fp: u64) -> impl Fn(&str) -> Option<Arc<Fingerprints>> {
-        let mut f = Fingerprints::new();
+        let mut f = Fingerprints::default();
         f.insert(diag(1, true).object, fp);
         let version = version.to_owned();
         let f = Arc::new(f);

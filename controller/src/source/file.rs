@@ -6,6 +6,8 @@
 //! one parsed again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::compile::api_key::FastHash;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -150,8 +152,9 @@ fn split_documents(text: &str) -> Option<Vec<&str>> {
     (documents.len() <= most).then_some(documents)
 }
 
-/// A file's documents by their text: what each decoded to.
-type Pieces = HashMap<String, Piece>;
+/// A file's documents by their text: what each decoded to. foldhash, as every map a change
+/// fills: SipHash over the documents' texts was a third of a scan.
+type Pieces = HashMap<String, Piece, FastHash>;
 
 /// What one document of a file decoded to, kept by its text across scans.
 #[derive(Clone)]
@@ -219,7 +222,7 @@ impl Usage {
 /// which gives the authoritative answer, with the file's line numbers in any error. The
 /// documents read (or taken from `known`) come back either way.
 fn parse_documents(text: &str, known: &Pieces) -> (Option<Vec<Arc<ParsedFile>>>, Pieces) {
-    let mut pieces = HashMap::new();
+    let mut pieces = Pieces::default();
     let Some(documents) = split_documents(text) else {
         return (None, pieces);
     };
@@ -472,7 +475,7 @@ impl FileSource {
                 continue;
             }
             let last = self.files.remove(&path);
-            let none = HashMap::new();
+            let none = Pieces::default();
             let known = last.as_ref().map_or(&none, |s| &s.pieces);
             let (by_document, pieces) = parse_documents(&text, known);
             let parsed = match by_document {
@@ -510,7 +513,7 @@ impl FileSource {
         let state = self.files.entry(path.to_owned()).or_insert(FileState {
             text: None,
             parsed: None,
-            pieces: HashMap::new(),
+            pieces: Pieces::default(),
             error: None,
         });
         state.text = None;
@@ -526,8 +529,8 @@ impl FileSource {
             let parsed = self.files.values().flat_map(|s| s.parsed.iter().flatten());
             parsed.flat_map(|p| &p.objects)
         };
-        let mut seen: HashMap<(&'static str, &str, &str), &str> =
-            HashMap::with_capacity(objects().count());
+        let mut seen: HashMap<(&'static str, &str, &str), &str, FastHash> =
+            HashMap::with_capacity_and_hasher(objects().count(), FastHash::default());
         // The one kind there are many of; an ApiProxy is ~1 KiB, copied at every doubling.
         let api_proxies = objects().filter(|o| matches!(o, AnyObject::ApiProxy(_)));
         scan.objects.api_proxies.reserve(api_proxies.count());

@@ -628,7 +628,7 @@ fn documents_read_one_by_one_give_what_the_file_read_whole_gives() {
     ];
     for text in &texts {
         let whole = parse_file("x.yaml", text).unwrap();
-        let pieces = parse_documents(text, &HashMap::new()).0.expect(text);
+        let pieces = parse_documents(text, &Pieces::default()).0.expect(text);
         assert_eq!(reading(&pieces), reading(&[Arc::new(whole)]), "{text}");
     }
 }
@@ -642,7 +642,7 @@ fn a_document_that_does_not_read_alone_sends_the_file_to_be_read_whole() {
     ] {
         let text = format!("{PROXY}---\n{bad}");
         assert!(
-            parse_documents(&text, &HashMap::new()).0.is_none(),
+            parse_documents(&text, &Pieces::default()).0.is_none(),
             "{text}"
         );
     }
@@ -653,7 +653,7 @@ fn a_document_that_does_not_read_alone_sends_the_file_to_be_read_whole() {
         vec!["x"; 300].join(", ")
     );
     let text = format!("{big}{}", "---\n".repeat(1023));
-    let pieces = parse_documents(&text, &HashMap::new()).0.unwrap();
+    let pieces = parse_documents(&text, &Pieces::default()).0.unwrap();
     let whole = parse_file("big.yaml", &text).unwrap();
     assert_eq!(reading(&pieces), reading(&[Arc::new(whole)]));
 }
@@ -669,10 +669,10 @@ fn documents_that_each_fit_but_together_go_over_the_budget_are_read_whole() {
         )
     };
     let (a, b) = (half("a"), half("b"));
-    let (read, known) = parse_documents(&a, &HashMap::new());
+    let (read, known) = parse_documents(&a, &Pieces::default());
     assert!(read.is_some());
     let text = format!("{a}---\n{b}");
-    let (read, pieces) = parse_documents(&text, &HashMap::new());
+    let (read, pieces) = parse_documents(&text, &Pieces::default());
     assert!(read.is_none());
     // What was read comes back, to be taken next time instead of read again.
     assert_eq!(pieces.len(), 2);
