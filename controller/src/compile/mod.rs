@@ -289,8 +289,12 @@ impl Context {
 
 /// What one ApiProxy compiled to on its own, before its path is weighed against the others'.
 struct Outcome {
-    /// The object as it was compiled: the outcome holds while the current one equals it.
-    proxy: ApiProxy,
+    /// What an outcome depends on of the object itself, besides its namespace and name: the
+    /// outcome holds while the current object has the same. Not the whole object: its
+    /// metadata changes with every status write (`resourceVersion`, `managedFields`), and
+    /// `kubectl apply` keeps a copy of the object in an annotation.
+    spec: kanali_crds::ApiProxySpec,
+    generation: Option<i64>,
     object: ObjectRef,
     /// The compile that last saw it.
     round: u64,
@@ -342,7 +346,8 @@ impl Outcome {
             }
         };
         Outcome {
-            proxy: ap.clone(),
+            spec: ap.spec.clone(),
+            generation: ap.metadata.generation,
             object,
             round,
             result,
@@ -389,7 +394,7 @@ impl Compiler {
                     self.reused = 0;
                     return false;
                 }
-                Some(kept) if kept.proxy == *ap => {
+                Some(kept) if kept.generation == ap.metadata.generation && kept.spec == ap.spec => {
                     kept.round = round;
                     self.reused += 1;
                 }

@@ -106,6 +106,15 @@ fn states() -> Vec<(&'static str, Objects)> {
                 o.api_proxies.push(twin);
             }),
         ),
+        (
+            "status written",
+            edit(&|o| {
+                for ap in &mut o.api_proxies {
+                    ap.metadata.resource_version = Some("2".to_owned());
+                    ap.status = Some(Default::default());
+                }
+            }),
+        ),
         ("nothing", Objects::default()),
     ]
 }
@@ -141,6 +150,14 @@ fn only_the_proxies_that_changed_are_compiled_again() {
     edited.api_proxies[0].spec.source.path = "/edited".to_owned();
     compiler.compile(&edited);
     assert_eq!(compiler.reused(), n - 1);
+    // Its status written, an ApiProxy compiles to what it did.
+    let mut written = edited.clone();
+    for ap in &mut written.api_proxies {
+        ap.metadata.resource_version = Some("7".to_owned());
+        ap.status = Some(Default::default());
+    }
+    compiler.compile(&written);
+    assert_eq!(compiler.reused(), n);
     // Nothing is kept for an ApiProxy that is gone.
     let mut fewer = edited.clone();
     fewer.api_proxies.truncate(2);
