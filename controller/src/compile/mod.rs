@@ -525,15 +525,27 @@ fn seal(
     services: Vec<pb::ServiceEndpoints>,
 ) -> pb::Snapshot {
     routes.sort_by(|a, b| (&a.path, &a.virtual_host).cmp(&(&b.path, &b.virtual_host)));
-    let hex = |bytes: Vec<u8>| kanali_proto::version::hex(&Sha256::digest(bytes));
     let mut snapshot = pb::Snapshot {
         routes,
         tls,
         ..Default::default()
     };
-    snapshot.routes_version = hex(snapshot.encode_to_vec());
-    snapshot.services = services;
-    snapshot.version = hex(snapshot.encode_to_vec());
+    // `routes` and `tls` (fields 2 and 3) begin the encoding of the whole snapshot: prost
+    // writes fields in order, and `version` (1) is empty when hashed. So they are encoded and
+    // hashed once, for `routes_version` and as the start of `version`; the routes are most of
+    // the bytes.
+    let mut hasher = Sha256::new();
+    hasher.update(snapshot.encode_to_vec());
+    snapshot.routes_version = kanali_proto::version::hex(&hasher.clone().finalize());
+    let rest = pb::Snapshot {
+        services,
+        routes_version: std::mem::take(&mut snapshot.routes_version),
+        ..Default::default()
+    };
+    hasher.update(rest.encode_to_vec());
+    snapshot.services = rest.services;
+    snapshot.routes_version = rest.routes_version;
+    snapshot.version = kanali_proto::version::hex(&hasher.finalize());
     snapshot
 }
 
