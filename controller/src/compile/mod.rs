@@ -258,31 +258,74 @@ struct Routes {
 
 /// Everything besides an ApiProxy itself that its outcome depends on, as of the compile that
 /// made the outcomes kept.
-#[derive(PartialEq)]
 struct Context {
     mock_targets: Vec<MockTarget>,
-    secrets: Vec<Secret>,
     services: Vec<Service>,
     unavailable: Vec<String>,
     bindings: HashMap<(String, String), bool>,
+    /// The Secrets the ApiProxies name in `spec.target.ssl`, as they were (`None`: missing).
+    /// Only those: a cluster has many Secrets (tokens, Helm releases, certificates being
+    /// renewed), and a change to one nobody names must not make every ApiProxy compile again.
+    secrets: NamedSecrets,
+}
+
+/// Secrets by (namespace, name), each as it was or `None` if there was none.
+type NamedSecrets = BTreeMap<(String, String), Option<Secret>>;
+
+/// The Secrets `objects` has, by (namespace, name); the first of two with one name, as
+/// [`upstream::tls_material`] takes.
+fn secret_index(objects: &Objects) -> HashMap<(&str, &str), &Secret, FastHash> {
+    let mut index = HashMap::with_capacity_and_hasher(objects.secrets.len(), FastHash::default());
+    for secret in &objects.secrets {
+        let meta = &secret.metadata;
+        let key = (
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default(),
+        );
+        index.entry(key).or_insert(secret);
+    }
+    index
+}
+
+/// The Secrets the ApiProxies of `objects` name, as `objects` has them.
+fn named_secrets(objects: &Objects) -> NamedSecrets {
+    let index = secret_index(objects);
+    let mut named = NamedSecrets::new();
+    for ap in &objects.api_proxies {
+        let Some(ssl) = &ap.spec.target.ssl else {
+            continue;
+        };
+        let namespace = ap.metadata.namespace.as_deref().unwrap_or("default");
+        let name = ssl.secret_name.as_str();
+        named
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_insert_with(|| index.get(&(namespace, name)).map(|s| (*s).clone()));
+    }
+    named
 }
 
 impl Context {
     fn matches(&self, objects: &Objects, bindings: &HashMap<(String, String), bool>) -> bool {
-        self.mock_targets == objects.mock_targets
-            && self.secrets == objects.secrets
+        if !(self.mock_targets == objects.mock_targets
             && self.services == objects.services
             && self.unavailable == objects.unavailable
-            && self.bindings == *bindings
+            && self.bindings == *bindings)
+        {
+            return false;
+        }
+        let index = secret_index(objects);
+        self.secrets.iter().all(|((namespace, name), was)| {
+            index.get(&(namespace.as_str(), name.as_str())).copied() == was.as_ref()
+        })
     }
 
     fn of(objects: &Objects, bindings: &HashMap<(String, String), bool>) -> Context {
         Context {
             mock_targets: objects.mock_targets.clone(),
-            secrets: objects.secrets.clone(),
             services: objects.services.clone(),
             unavailable: objects.unavailable.clone(),
             bindings: bindings.clone(),
+            secrets: named_secrets(objects),
         }
     }
 }
@@ -366,13 +409,16 @@ impl Compiler {
         mocks: &MockIndex,
         bindings: &HashMap<(String, String), bool>,
     ) -> bool {
-        if !self
-            .context
-            .as_ref()
-            .is_some_and(|c| c.matches(objects, bindings))
-        {
-            self.proxies.clear();
-            self.context = Some(Context::of(objects, bindings));
+        match &mut self.context {
+            Some(context) if context.matches(objects, bindings) => {
+                // The Secrets the kept outcomes read are unchanged; from now on, those the
+                // ApiProxies compiled now name (an edited one may name another).
+                context.secrets = named_secrets(objects);
+            }
+            _ => {
+                self.proxies.clear();
+                self.context = Some(Context::of(objects, bindings));
+            }
         }
         self.round += 1;
         let round = self.round;

@@ -1,8 +1,20 @@
 //! A [`Compiler`] that kept what it compiled before gives exactly what a fresh compile gives,
 //! whatever changed in between, and reuses what it can.
 
+use super::upstream::{mk_secret, pem_pair, with_ssl};
 use super::*;
 use crate::compile::Compiler;
+
+/// A CA certificate for `name`, made once per name (each is a new key).
+fn ca(name: &str) -> String {
+    use std::sync::{Mutex, OnceLock};
+    static MADE: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
+    let made = MADE.get_or_init(Default::default);
+    let mut made = made.lock().unwrap();
+    made.entry(name.to_owned())
+        .or_insert_with(|| pem_pair(name).0)
+        .clone()
+}
 
 fn keyed(ns: &str, name: &str, path: &str, binding: &str) -> ApiProxy {
     let mut ap = mk_api_proxy(ns, name, path, endpoint("http://keyed"));
@@ -26,6 +38,11 @@ fn base() -> Objects {
             mk_api_proxy("a", "svc", "/s", service("svc", 80)),
             mk_api_proxy_at("a", "late", "/a", endpoint("http://late"), 5),
             keyed("a", "keyed", "/k", "b1"),
+            with_ssl(mk_api_proxy("a", "tls", "/t", endpoint("https://t")), "tls"),
+        ],
+        secrets: vec![
+            mk_secret("a", "tls", true, &[("tls.ca", &ca("one"))]),
+            mk_secret("a", "unnamed", true, &[("tls.ca", &ca("two"))]),
         ],
         mock_targets: vec![mk_mock_target("a", "m", vec![mk_mock_route("/", 200)])],
         api_keys: vec![mk_api_key("k1", "ZGVm")],
@@ -82,6 +99,22 @@ fn states() -> Vec<(&'static str, Objects)> {
         ),
         ("the MockTarget deleted", edit(&|o| o.mock_targets.clear())),
         ("the Service deleted", edit(&|o| o.services.clear())),
+        (
+            "the named Secret's CA replaced",
+            edit(&|o| o.secrets[0] = mk_secret("a", "tls", true, &[("tls.ca", &ca("three"))])),
+        ),
+        (
+            "the named Secret deleted",
+            edit(&|o| drop(o.secrets.remove(0))),
+        ),
+        (
+            "a Secret nobody names replaced",
+            edit(&|o| o.secrets[1] = mk_secret("a", "unnamed", true, &[("tls.ca", &ca("four"))])),
+        ),
+        (
+            "an ApiProxy names the other Secret",
+            edit(&|o| o.api_proxies[0] = with_ssl(o.api_proxies[0].clone(), "unnamed")),
+        ),
         ("the binding deleted", edit(&|o| o.api_key_bindings.clear())),
         (
             "Services unavailable",
@@ -142,7 +175,8 @@ fn only_the_proxies_that_changed_are_compiled_again() {
     let mut compiler = Compiler::default();
     let objects = base();
     let n = objects.api_proxies.len();
-    compiler.compile(&objects);
+    // The fixture's TLS route resolves: its Secret's content is in the snapshot.
+    assert_eq!(compiler.compile(&objects).snapshot.tls.len(), 1);
     assert_eq!(compiler.reused(), 0);
     compiler.compile(&objects);
     assert_eq!(compiler.reused(), n);
@@ -169,8 +203,30 @@ fn only_the_proxies_that_changed_are_compiled_again() {
     edited.endpoint_slices.clear();
     compiler.compile(&edited);
     assert_eq!((compiler.reused(), compiler.kept()), (n, n));
+    // Nor are Secrets that no ApiProxy names; the ones they name are.
+    edited.secrets[1] = mk_secret("a", "unnamed", true, &[("tls.ca", &ca("four"))]);
+    compiler.compile(&edited);
+    assert_eq!(compiler.reused(), n);
+    edited.secrets[0] = mk_secret("a", "tls", true, &[("tls.ca", &ca("three"))]);
+    compiler.compile(&edited);
+    assert_eq!(compiler.reused(), 0);
     // A MockTarget is: every outcome is made again.
     edited.mock_targets[0].spec.routes[0].status = 201;
     compiler.compile(&edited);
+    assert_eq!(compiler.reused(), 0);
+}
+
+#[test]
+fn a_secret_an_edited_proxy_starts_naming_is_watched_from_then_on() {
+    let mut compiler = Compiler::default();
+    let mut objects = base();
+    compiler.compile(&objects);
+    // An unchanged context, so the outcomes are kept; the edited proxy now names "unnamed".
+    objects.api_proxies[0] = with_ssl(objects.api_proxies[0].clone(), "unnamed");
+    compiler.compile(&objects);
+    assert_eq!(compiler.reused(), objects.api_proxies.len() - 1);
+    // Then that Secret changes: the proxy's kept outcome must not hold.
+    objects.secrets[1] = mk_secret("a", "unnamed", true, &[("tls.ca", &ca("four"))]);
+    assert_eq!(compiler.compile(&objects), compile(&objects));
     assert_eq!(compiler.reused(), 0);
 }

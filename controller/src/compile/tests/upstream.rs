@@ -13,12 +13,12 @@ use kanali_crds::{ServiceLabel, Ssl};
 
 use super::*;
 
-fn pem_pair(name: &str) -> (String, String) {
+pub(super) fn pem_pair(name: &str) -> (String, String) {
     let ck = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
     (ck.cert.pem(), ck.signing_key.serialize_pem())
 }
 
-fn mk_secret(ns: &str, name: &str, enabled: bool, data: &[(&str, &str)]) -> Secret {
+pub(super) fn mk_secret(ns: &str, name: &str, enabled: bool, data: &[(&str, &str)]) -> Secret {
     let mut s = Secret::default();
     s.metadata.namespace = Some(ns.to_owned());
     s.metadata.name = Some(name.to_owned());
@@ -36,7 +36,7 @@ fn mk_secret(ns: &str, name: &str, enabled: bool, data: &[(&str, &str)]) -> Secr
     s
 }
 
-fn with_ssl(mut ap: ApiProxy, secret: &str) -> ApiProxy {
+pub(super) fn with_ssl(mut ap: ApiProxy, secret: &str) -> ApiProxy {
     ap.spec.target.ssl = Some(Ssl {
         secret_name: secret.to_owned(),
     });
