@@ -287,8 +287,9 @@ fn secret_index(objects: &Objects) -> HashMap<(&str, &str), &Secret, FastHash> {
     index
 }
 
-/// The Secrets the ApiProxies of `objects` name, as `objects` has them.
-fn named_secrets(objects: &Objects) -> NamedSecrets {
+/// The Secrets the ApiProxies of `objects` name, as `objects` has them. Those in `known`,
+/// which must equal `objects`' (the context matched), are moved rather than copied again.
+fn named_secrets(objects: &Objects, mut known: NamedSecrets) -> NamedSecrets {
     let index = secret_index(objects);
     let mut named = NamedSecrets::new();
     for ap in &objects.api_proxies {
@@ -297,9 +298,15 @@ fn named_secrets(objects: &Objects) -> NamedSecrets {
         };
         let namespace = ap.metadata.namespace.as_deref().unwrap_or("default");
         let name = ssl.secret_name.as_str();
-        named
-            .entry((namespace.to_owned(), name.to_owned()))
-            .or_insert_with(|| index.get(&(namespace, name)).map(|s| (*s).clone()));
+        let key = (namespace.to_owned(), name.to_owned());
+        if named.contains_key(&key) {
+            continue;
+        }
+        let secret = match known.remove(&key) {
+            Some(known) => known,
+            None => index.get(&(namespace, name)).map(|s| (*s).clone()),
+        };
+        named.insert(key, secret);
     }
     named
 }
@@ -325,7 +332,7 @@ impl Context {
             services: objects.services.clone(),
             unavailable: objects.unavailable.clone(),
             bindings: bindings.clone(),
-            secrets: named_secrets(objects),
+            secrets: named_secrets(objects, NamedSecrets::new()),
         }
     }
 }
@@ -413,7 +420,7 @@ impl Compiler {
             Some(context) if context.matches(objects, bindings) => {
                 // The Secrets the kept outcomes read are unchanged; from now on, those the
                 // ApiProxies compiled now name (an edited one may name another).
-                context.secrets = named_secrets(objects);
+                context.secrets = named_secrets(objects, std::mem::take(&mut context.secrets));
             }
             _ => {
                 self.proxies.clear();
