@@ -116,13 +116,13 @@ async fn decrypt_and_publish(
     shared: &Shared,
     vault: &keys::SharedVault,
     compiler: &mut compile::Compiler,
-    mut scan: Scan,
+    scan: &mut Scan,
 ) {
     scan.objects.decrypted = keys::decrypt(vault, scan.objects.api_keys.clone()).await;
     publish(shared, compiler, scan);
 }
 
-fn publish(shared: &Shared, compiler: &mut compile::Compiler, scan: Scan) {
+fn publish(shared: &Shared, compiler: &mut compile::Compiler, scan: &Scan) {
     let started = std::time::Instant::now();
     let compiled = compiler.compile(&scan.objects);
     tracing::debug!(elapsed = ?started.elapsed(), routes = compiled.snapshot.routes.len(),
@@ -134,7 +134,7 @@ fn publish(shared: &Shared, compiler: &mut compile::Compiler, scan: Scan) {
     for ignored in &scan.ignored {
         tracing::info!(%ignored, "skipped document");
     }
-    shared.publish(compiled, scan.errors, scan.ignored);
+    shared.publish(compiled, scan.errors.clone(), scan.ignored.clone());
 }
 
 /// Binds the gRPC and admin listeners and serves them until shutdown.
@@ -206,7 +206,7 @@ async fn serve_all(
 /// recompiles whenever a file changes.
 pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, StartError> {
     let mut source = FileSource::new(&config.manifests);
-    let scan = source.scan().map_err(|source| StartError::Manifests {
+    let mut scan = source.scan().map_err(|source| StartError::Manifests {
         dir: config.manifests.clone(),
         source,
     })?;
@@ -224,7 +224,7 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         keys::lock(&vault).set_key(pem.as_deref().map_err(Clone::clone));
     }
     let mut compiler = compile::Compiler::default();
-    decrypt_and_publish(&shared, &vault, &mut compiler, scan.clone()).await;
+    decrypt_and_publish(&shared, &vault, &mut compiler, &mut scan).await;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (grpc_addr, admin_addr, mut tasks) = serve_all(
@@ -235,13 +235,19 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         &shutdown_rx,
     )
     .await?;
-    // The newest scan, recompiled when a file or the decryption key changes.
-    let (scans, mut latest) = watch::channel(scan);
+    // A newer scan than the last compiled, handed over rather than copied: a scan holds
+    // every object, and copying it was a tenth of a change's work.
+    let newer = Arc::new(std::sync::Mutex::new(None::<Scan>));
+    let arrived = Arc::new(tokio::sync::Notify::new());
     tasks.push(tokio::spawn(source::watch::watch_dir(
         source,
         config.debounce,
-        move |scan| {
-            scans.send_replace(scan);
+        {
+            let (newer, arrived) = (newer.clone(), arrived.clone());
+            move |scan| {
+                *newer.lock().unwrap_or_else(|p| p.into_inner()) = Some(scan);
+                arrived.notify_one();
+            }
         },
         shutdown_rx.clone(),
     )));
@@ -263,14 +269,18 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
     tasks.push(tokio::spawn(async move {
         // Held here, so `rekeys` stays open even without a key file to watch.
         let _rekeyed = rekeyed;
+        // The last scan is kept: a new decryption key recompiles it.
         loop {
             tokio::select! {
-                changed = latest.changed() => if changed.is_err() { return },
+                () = arrived.notified() => {}
                 changed = rekeys.changed() => if changed.is_err() { return },
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let scan = latest.borrow_and_update().clone();
-            decrypt_and_publish(&compile_shared, &vault, &mut compiler, scan).await;
+            let taken = newer.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(taken) = taken {
+                scan = taken;
+            }
+            decrypt_and_publish(&compile_shared, &vault, &mut compiler, &mut scan).await;
         }
     }));
     tracing::info!(%grpc_addr, %admin_addr, dir = %config.manifests.display(), "controller running in standalone mode");
@@ -432,16 +442,11 @@ async fn compile_loop(
     }
     let mut compiler = compile::Compiler::default();
     loop {
-        decrypt_and_publish(
-            &shared,
-            &vault,
-            &mut compiler,
-            Scan {
-                objects: cache.objects(),
-                ..Scan::default()
-            },
-        )
-        .await;
+        let mut scan = Scan {
+            objects: cache.objects(),
+            ..Scan::default()
+        };
+        decrypt_and_publish(&shared, &vault, &mut compiler, &mut scan).await;
         tokio::select! {
             () = cache.changed.notified() => {}
             _ = shutdown.wait_for(|s| *s) => return,
