@@ -433,6 +433,7 @@ impl Compiler {
         for ap in &objects.api_proxies {
             let namespace = ap.metadata.namespace.as_deref().unwrap_or("default");
             let name = ap.metadata.name.as_deref().unwrap_or_default();
+            // Looked up before inserting: `entry` would copy the namespace for every ApiProxy.
             if !self.proxies.contains_key(namespace) {
                 self.proxies
                     .insert(namespace.to_owned(), HashMap::default());
