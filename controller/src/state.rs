@@ -212,7 +212,7 @@ impl Shared {
             *current = Some(Arc::new(Published {
                 version: version.clone(),
                 snapshot: Arc::new(compiled.snapshot),
-                credentials: Arc::new(compiled.credentials),
+                credentials: compiled.credentials,
                 credentials_version: compiled.credentials_version,
             }));
             true

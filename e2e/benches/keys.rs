@@ -82,7 +82,7 @@ fn published(c: &kanali_controller::compile::Compiled) -> Published {
     Published {
         version: c.version.clone(),
         snapshot: Arc::new(c.snapshot.clone()),
-        credentials: Arc::new(c.credentials.clone()),
+        credentials: c.credentials.clone(),
         credentials_version: c.credentials_version.clone(),
     }
 }

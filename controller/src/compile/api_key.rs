@@ -207,9 +207,11 @@ fn rule(rule: &Rule) -> pb::Rule {
 }
 
 /// The credentials of one compile and what each ApiKey and ApiKeyBinding gets as status.
+#[derive(Clone)]
 pub struct CompiledKeys {
-    /// The 256 shards, by index, versions filled in.
-    pub shards: Vec<pb::CredentialShard>,
+    /// The 256 shards, by index, versions filled in. Shared: a compile that changed no key
+    /// reuses them, and with 100 000 keys copying them would cost as much as making them.
+    pub shards: Arc<Vec<pb::CredentialShard>>,
     /// Hash of the shard versions in index order.
     pub version: String,
     /// One per ApiKey and ApiKeyBinding.
@@ -456,7 +458,7 @@ pub fn compile_keys(objects: &Objects) -> CompiledKeys {
         .collect();
     CompiledKeys {
         version: credentials_version(&shards),
-        shards,
+        shards: Arc::new(shards),
         diagnostics,
         bindings,
     }

@@ -451,7 +451,7 @@ fn one_changed_key_changes_at_most_two_shards_and_not_the_routes() {
     let differing = before
         .credentials
         .iter()
-        .zip(&after.credentials)
+        .zip(after.credentials.iter())
         .filter(|(a, b)| a.version != b.version)
         .count();
     assert!((1..=2).contains(&differing), "{differing} shards changed");

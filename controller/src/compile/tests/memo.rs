@@ -5,6 +5,16 @@ use super::upstream::{mk_secret, pem_pair, with_ssl};
 use super::*;
 use crate::compile::Compiler;
 
+/// The vault's digests for the revisions the states use: one `Arc`, as the vault hands out
+/// while nothing changed, so that states which only differ elsewhere share it.
+fn vault() -> std::sync::Arc<crate::compile::api_key::Decrypted> {
+    use std::sync::{Arc, OnceLock};
+    static VAULT: OnceLock<Arc<crate::compile::api_key::Decrypted>> = OnceLock::new();
+    VAULT
+        .get_or_init(|| digests(&["ZGVm", "YWJj", "bmV3"]))
+        .clone()
+}
+
 /// A CA certificate for `name`, made once per name (each is a new key).
 fn ca(name: &str) -> String {
     use std::sync::{Mutex, OnceLock};
@@ -45,8 +55,8 @@ fn base() -> Objects {
             mk_secret("a", "unnamed", true, &[("tls.ca", &ca("two"))]),
         ],
         mock_targets: vec![mk_mock_target("a", "m", vec![mk_mock_route("/", 200)])],
-        api_keys: vec![mk_api_key("k1", "ZGVm")],
-        api_key_bindings: vec![mk_binding("a", "b1", vec![mk_key("k1")])],
+        api_keys: vec![mk_api_key("k1", "ZGVm"), mk_api_key("k2", "YWJj")],
+        api_key_bindings: vec![mk_binding("a", "b1", vec![mk_key("k1"), mk_key("k2")])],
         services: vec![mk_service("a", "svc")],
         endpoint_slices: vec![super::upstream::mk_slice(
             "a",
@@ -54,7 +64,7 @@ fn base() -> Objects {
             &[(None, 80)],
             &[("10.0.0.1", None)],
         )],
-        decrypted: digests(&["ZGVm"]),
+        decrypted: vault(),
         ..Objects::default()
     }
 }
@@ -116,6 +126,37 @@ fn states() -> Vec<(&'static str, Objects)> {
             edit(&|o| o.api_proxies[0] = with_ssl(o.api_proxies[0].clone(), "unnamed")),
         ),
         ("the binding deleted", edit(&|o| o.api_key_bindings.clear())),
+        (
+            "a key's revision replaced",
+            edit(&|o| o.api_keys[0].spec.revisions[0].data = "bmV3".to_owned()),
+        ),
+        (
+            "a key's revision made inactive",
+            edit(&|o| {
+                o.api_keys[1].spec.revisions[0].status = kanali_crds::RevisionStatus::Inactive
+            }),
+        ),
+        ("a key deleted", edit(&|o| drop(o.api_keys.remove(1)))),
+        (
+            "a binding lists one key fewer",
+            edit(&|o| drop(o.api_key_bindings[0].spec.keys.remove(1))),
+        ),
+        (
+            "a key's status written",
+            edit(&|o| {
+                o.api_keys[0].metadata.resource_version = Some("9".to_owned());
+                o.api_keys[0].status = Some(Default::default());
+            }),
+        ),
+        (
+            "no decryption key",
+            edit(&|o| {
+                o.decrypted = std::sync::Arc::new(crate::compile::api_key::Decrypted {
+                    no_key: Some("no decryption key is configured".to_owned()),
+                    ..Default::default()
+                })
+            }),
+        ),
         (
             "Services unavailable",
             edit(&|o| o.unavailable = vec!["Service".to_owned()]),
@@ -203,6 +244,14 @@ fn only_the_proxies_that_changed_are_compiled_again() {
     edited.endpoint_slices.clear();
     compiler.compile(&edited);
     assert_eq!((compiler.reused(), compiler.kept()), (n, n));
+    // Keys are compiled once while no key, binding or digest changes.
+    assert!(compiler.keys_reused());
+    let mut rekeyed = edited.clone();
+    rekeyed.api_keys[0].spec.revisions[0].data = "bmV3".to_owned();
+    compiler.compile(&rekeyed);
+    assert!(!compiler.keys_reused());
+    compiler.compile(&rekeyed);
+    assert!(compiler.keys_reused());
     // Nor are Secrets that no ApiProxy names; the ones they name are.
     edited.secrets[1] = mk_secret("a", "unnamed", true, &[("tls.ca", &ca("four"))]);
     compiler.compile(&edited);
