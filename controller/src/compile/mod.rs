@@ -178,8 +178,10 @@ struct KeptKeys {
 
 impl KeptKeys {
     fn matches(&self, objects: &Objects) -> bool {
+        // Namespace too, though ApiKeys have none: it breaks ties in the age order.
         let same_key = |a: &ApiKey, b: &ApiKey| {
-            a.metadata.name == b.metadata.name
+            a.metadata.namespace == b.metadata.namespace
+                && a.metadata.name == b.metadata.name
                 && a.metadata.generation == b.metadata.generation
                 && a.metadata.creation_timestamp == b.metadata.creation_timestamp
                 && a.spec == b.spec
