@@ -80,5 +80,84 @@ fn bench_apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_apply);
+/// The proxy's once-a-second upkeep of its upstream pools, on a blocking thread:
+/// `Upstreams::prune` (every 10th second, and at each update) over many pools, and
+/// `Upstreams::sweep` over one pool holding its 256 idle connections (real ones, on
+/// loopback) — it visits only the pools with idle connections.
+fn bench_sweep(c: &mut Criterion) {
+    let mut group = c.benchmark_group("upkeep");
+    for pools in [10_000, 50_000] {
+        let upstreams = Upstreams::new(UpstreamConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let held: Vec<_> = (0..pools)
+            .map(|i| {
+                let authority = format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255);
+                upstreams
+                    .endpoint(false, &authority, None)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        group.bench_function(format!("prune_{pools}_pools"), |b| {
+            b.iter(|| upstreams.prune())
+        });
+        group.bench_function(format!("sweep_{pools}_pools_none_idle"), |b| {
+            b.iter(|| upstreams.sweep())
+        });
+        drop(held);
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let upstreams = Upstreams::new(UpstreamConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+    let pool = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let mut buf = [0u8; 1024];
+                    // One request per read is enough for these GETs.
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = upstreams
+            .endpoint(false, &addr.to_string(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // 256 at once: each takes its own connection, and all go back idle.
+        let sends = (0..256).map(|_| {
+            let req = http::Request::get("/")
+                .header("host", "bench")
+                .body(kanali_dataplane::body::RequestBody::complete(None))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let sent = pool.send(req, None);
+            async move {
+                use http_body_util::BodyExt as _;
+                let resp = sent.await.unwrap_or_else(|e| panic!("{e}"));
+                resp.into_body().collect().await.map(|_| ())
+            }
+        });
+        for done in futures_util::future::join_all(sends).await {
+            done.unwrap_or_else(|e| panic!("{e}"));
+        }
+        pool
+    });
+    let _inside = rt.enter();
+    group.bench_function("sweep_one_pool_256_idle", |b| {
+        b.iter(|| assert_eq!(upstreams.sweep(), 0))
+    });
+    group.finish();
+    drop(pool);
+}
+
+criterion_group!(benches, bench_apply, bench_sweep);
 criterion_main!(benches);

@@ -863,7 +863,7 @@ pub struct H1Body {
 /// A response has been read whole: its connection goes back to `pool` if it can take another
 /// request and nothing is left unread on it (an upstream that sent more than it framed is not
 /// trusted again); otherwise it closes.
-fn give_back(conn: Box<H1Conn>, keep_alive: bool, pool: &HostPool) {
+fn give_back(conn: Box<H1Conn>, keep_alive: bool, pool: &Arc<HostPool>) {
     if keep_alive && conn.read.is_empty() {
         pool.release_h1(conn);
     }

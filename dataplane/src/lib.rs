@@ -221,6 +221,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             exit_rx.clone(),
         )),
         tokio::spawn(limits.clone().run(exit_rx.clone())),
+        tokio::spawn(upstreams.clone().run_sweeper(exit_rx.clone())),
         tokio::spawn(plugins.clone().watch(exit_rx.clone())),
         tokio::spawn(client::run(
             config.client,

@@ -9,11 +9,11 @@
 //! — new TCP and TLS handshakes — for every request.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::{ArrayQueue, SegQueue};
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
 use http::header::{self, HeaderValue};
@@ -66,6 +66,12 @@ pub(crate) fn now_millis() -> u64 {
         .saturating_add(1)
 }
 
+/// The pools that may hold idle HTTP/1.1 connections, for the sweep
+/// ([`crate::upstream::Upstreams::sweep`]): a pool is listed when a connection goes idle in it
+/// and it was not listed, and stays listed until a sweep finds it empty. A sweep then visits
+/// the few pools with idle connections, not every pool of every table.
+pub(crate) type SweepList = SegQueue<Weak<HostPool>>;
+
 struct Idle {
     conn: Box<H1Conn>,
     since: Instant,
@@ -101,6 +107,9 @@ pub struct HostPool {
     // Created on first release: most endpoint addresses of a big cluster never see a request
     // from this proxy, and the queue allocates all its slots up front.
     idle: OnceLock<ArrayQueue<Idle>>,
+    /// Where this pool is listed when a connection goes idle in it, and whether it is.
+    sweep_list: Option<Arc<SweepList>>,
+    listed: AtomicBool,
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     speaks_h2: AtomicBool,
     h2_dial: tokio::sync::Mutex<()>,
@@ -173,6 +182,8 @@ impl HostPool {
             authority,
             tls,
             idle: OnceLock::new(),
+            sweep_list: None,
+            listed: AtomicBool::new(false),
             h2: ArcSwapOption::empty(),
             speaks_h2: AtomicBool::new(false),
             h2_dial: tokio::sync::Mutex::new(()),
@@ -180,6 +191,33 @@ impl HostPool {
             failed_at: AtomicU64::new(0),
             settings,
         })
+    }
+
+    /// This pool, listed in `list` whenever a connection goes idle in it.
+    pub(crate) fn swept_from(mut self, list: Arc<SweepList>) -> Self {
+        self.sweep_list = Some(list);
+        self
+    }
+
+    /// Takes this pool off its sweep list, sweeps it, and lists it again if connections are
+    /// left idle (or one went idle meanwhile: its release lists it). Returns how many closed.
+    pub(crate) fn sweep_listed(self: &Arc<Self>, now: Instant) -> usize {
+        self.listed.store(false, Ordering::SeqCst);
+        let closed = self.sweep(now);
+        if self.idle.get().is_some_and(|idle| !idle.is_empty()) {
+            self.list();
+        }
+        closed
+    }
+
+    // Once per pool until a sweep empties it: kept out of the release's inlined path.
+    #[cold]
+    fn list(self: &Arc<Self>) {
+        if let Some(list) = &self.sweep_list
+            && !self.listed.swap(true, Ordering::SeqCst)
+        {
+            list.push(Arc::downgrade(self));
+        }
     }
 
     /// What identifies this pool.
@@ -480,8 +518,35 @@ impl HostPool {
         None
     }
 
+    /// Closes the idle connections the upstream has closed (or sent something unasked on),
+    /// and those idle for `idle_timeout` as of `now`; returns how many. Without it such a
+    /// connection is only found out when a request checks it out, and one to an address no
+    /// request goes to any more (a deleted pod's) kept its socket half-closed, in CLOSE-WAIT,
+    /// for as long as the pool lived. See [`crate::upstream::Upstreams::sweep`].
+    pub(crate) fn sweep(&self, now: Instant) -> usize {
+        let Some(idle) = self.idle.get() else {
+            return 0;
+        };
+        let mut closed = 0;
+        // One pass over what is queued now, oldest first, kept ones going back in order; a
+        // request racing the pass may miss one and dial instead, as when all are busy.
+        for _ in 0..idle.len() {
+            let Some(mut conn) = idle.pop() else { break };
+            if now.saturating_duration_since(conn.since) < self.settings.idle_timeout
+                && conn.conn.still_open()
+            {
+                // Full only when releases raced the pass: then it closes, as theirs would.
+                if idle.push(conn).is_ok() {
+                    continue;
+                }
+            }
+            closed += 1;
+        }
+        closed
+    }
+
     /// Takes back a connection whose response ended cleanly.
-    pub(crate) fn release_h1(&self, mut conn: Box<H1Conn>) {
+    pub(crate) fn release_h1(self: &Arc<Self>, mut conn: Box<H1Conn>) {
         conn.shrink();
         let idle = self
             .idle
@@ -491,6 +556,10 @@ impl HostPool {
             conn,
             since: Instant::now(),
         });
+        // One load per release once listed.
+        if !self.listed.load(Ordering::Relaxed) {
+            self.list();
+        }
     }
 
     async fn connect(&self) -> Result<Conn, UpstreamError> {

@@ -650,6 +650,63 @@ async fn upstream_connections_are_pooled_and_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upstream_connection_the_upstream_closes_is_closed_by_the_proxy() {
+    // An upstream that answers one request, then half-closes the idle connection (its
+    // keep-alive timeout, a pod shutting down) and reads on: the proxy must close its side
+    // with no request to find it out. A proxy that does not holds the socket in CLOSE-WAIT;
+    // once the upstream's pod is gone, closing it later retransmits the FIN into nowhere.
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+                // Once the connection waits in the proxy's pool, not while it reads the answer.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if s.shutdown().await.is_err() {
+                    return;
+                }
+                // Far longer than the proxy's sweep interval (1 s).
+                let eof = tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk));
+                let _ = closed_tx.send(matches!(eof.await, Ok(Ok(0) | Err(_))));
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.yaml"), manifests(upstream, "/api")).unwrap();
+    let c = controller(dir.path(), ANY.parse().unwrap()).await;
+    let p = proxy(c.grpc_addr, "sweeper").await;
+    let version = c.shared.version().unwrap();
+    eventually("the proxy applies the version", || async {
+        p.version().as_deref() == Some(version.as_str())
+    })
+    .await;
+    let answer = get(p.addr, "/api/once").await;
+    assert_eq!(
+        (answer.status.as_u16(), &answer.body[..]),
+        (200, &b"ok"[..])
+    );
+    assert_eq!(
+        closed.recv().await,
+        Some(true),
+        "the proxy closes the connection the upstream half-closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_fails_over_between_controller_replicas() {
     let echo = start_echo(ANY.parse().unwrap(), "echo").await.unwrap();
     let dir = tempfile::tempdir().unwrap();

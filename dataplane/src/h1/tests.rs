@@ -694,6 +694,130 @@ async fn a_connection_closed_while_idle_is_not_used() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
+/// An upstream that answers every request on a connection with "ok", then reports whether
+/// the proxy closed its side — rather than the upstream — within a bound far above any sweep.
+/// With `half_close`, it half-closes each connection after its first answer, as an upstream's
+/// keep-alive timeout does.
+async fn closing_upstream(
+    half_close: bool,
+) -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::sync::mpsc::UnboundedReceiver<bool>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, accepted) = upstream(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let bound = Duration::from_secs(30);
+            let mut answered = false;
+            loop {
+                match tokio::time::timeout(bound, read_request(&mut s, &mut buf)).await {
+                    Ok(Some(_)) => {
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                        if half_close && !answered {
+                            // Once the connection waits in the pool.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            s.shutdown().await.unwrap();
+                        }
+                        answered = true;
+                    }
+                    // The proxy closed it.
+                    Ok(None) => break tx.send(true).unwrap(),
+                    Err(_) => break tx.send(false).unwrap(),
+                }
+            }
+        }
+    })
+    .await;
+    (addr, accepted, rx)
+}
+
+#[tokio::test]
+async fn the_sweep_closes_idle_connections_the_upstream_closed() {
+    let (addr, accepted, mut closed) = closing_upstream(true).await;
+    let pool = pool(addr);
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
+    // The upstream's FIN reaches the proxy's reactor a moment after it is sent.
+    let mut swept = 0;
+    for _ in 0..500 {
+        swept = pool.sweep(tokio::time::Instant::now());
+        if swept > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(swept, 1, "the half-closed connection is closed");
+    assert_eq!(
+        closed.recv().await,
+        Some(true),
+        "the upstream reads its close"
+    );
+    assert_eq!(pool.sweep(tokio::time::Instant::now()), 0);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn upstreams_sweep_the_pools_left_with_idle_connections() {
+    let (addr, accepted, mut closed) = closing_upstream(true).await;
+    let upstreams = crate::upstream::Upstreams::new(Default::default()).unwrap();
+    let pool = upstreams.endpoint(false, &addr.to_string(), None).unwrap();
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
+    // The first sweeps find the connection open and keep the pool listed; a later one finds
+    // it half-closed.
+    let mut swept = 0;
+    for _ in 0..500 {
+        swept = upstreams.sweep();
+        if swept > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(swept, 1, "the half-closed connection is closed");
+    assert_eq!(
+        closed.recv().await,
+        Some(true),
+        "the upstream reads its close"
+    );
+    assert_eq!(upstreams.sweep(), 0);
+    // Listed again when a connection goes idle in it once more.
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let mut swept = 0;
+    for _ in 0..500 {
+        swept = upstreams.sweep();
+        if swept > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(swept, 1, "the second connection is closed too");
+}
+
+#[tokio::test]
+async fn the_sweep_closes_connections_idle_past_the_idle_timeout_and_keeps_the_rest() {
+    let (addr, accepted, mut closed) = closing_upstream(false).await;
+    let pool = pool(addr);
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
+    let now = tokio::time::Instant::now();
+    assert_eq!(pool.sweep(now), 0, "open and idle for less than 60 s: kept");
+    // Kept where a request finds it.
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // The pool's idle timeout is 60 s.
+    assert_eq!(pool.sweep(now + Duration::from_secs(61)), 1);
+    assert_eq!(
+        closed.recv().await,
+        Some(true),
+        "the upstream reads its close"
+    );
+    assert_eq!(answer(&pool, get("GET", None)).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the next request dials");
+}
+
 #[tokio::test]
 async fn bad_responses_are_errors() {
     let (addr, _) = upstream(|mut s, _| async move {
