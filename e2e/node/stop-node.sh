@@ -45,6 +45,11 @@ if [ -S "$SOCK" ]; then
   for c in $($C containers ls -q 2>/dev/null); do $C containers delete "$c" >/dev/null 2>&1; done
 fi
 stop_pid containerd
+# Sockets the pods left behind outlive them: a FIN sent to a pod already gone is retransmitted
+# for ~100 s, and keeps its network namespace — and the veth on our bridge — alive that long.
+# Destroy them while containerd's mounts still name the namespaces.
+awk -v d="$D/" 'index($5, d) == 1 { for (i = 7; i < NF; i++) if ($i == "-") { if ($(i + 1) == "nsfs") print $5; break } }' \
+  /proc/self/mountinfo | while read -r n; do nsenter --net="$n" ss -K -t -a >/dev/null 2>&1; done
 # Mounts below DIR (pod netns, secret tmpfs, overlay rootfs), deepest first.
 awk -v d="$D/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
 # Newest first: the API server hangs on SIGTERM once etcd is gone.
@@ -53,7 +58,8 @@ stop_pid kcm
 stop_pid apiserver
 stop_pid etcd
 [ -f "$D/etcd.dir" ] && rm -rf "$(cat "$D/etcd.dir")" && rm -f "$D/etcd.dir"
-# Network: veths die with their pod netns; the bridge is ours.
+# Network: veths die with their pod netns (unmounted above, their sockets gone); the bridge is
+# ours.
 ip link del "$BRIDGE" 2>/dev/null
 # iptables: kube-proxy's own cleanup, then any KUBE-* chain left (the kubelet's KUBE-FIREWALL...).
 [ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup --proxy-mode=iptables >/dev/null 2>&1

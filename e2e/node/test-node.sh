@@ -36,8 +36,20 @@ finish() {
       --prefix --tail=40 --max-log-requests=20 >&2 || true
   fi
   if [ "${KEEP_NODE:-0}" = 1 ]; then echo "node kept: KUBECONFIG=$D/kubeconfig; stop: e2e/node/stop-node.sh $D"; return; fi
+  # The pods' veths, to check that none outlives the stop (a pod namespace something still
+  # holds keeps its veth on the host).
+  local veths left=()
+  veths=$(ip -o link show master "${BRIDGE:-kanali-br0}" 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1)
   ./e2e/node/stop-node.sh "$D" >/dev/null 2>&1 || true
+  for v in $veths; do ip link show "$v" >/dev/null 2>&1 && left+=("$v"); done
+  if [ ${#left[@]} -gt 0 ]; then
+    echo "== the stopped node left ${#left[@]} veth(s) on the host: ${left[*]} (deleted now)" >&2
+    for v in "${left[@]}"; do ip link del "$v" 2>/dev/null; done
+    ok=
+  fi
   if [ -n "$ok" ]; then rm -rf "$D"; else rm -rf "$D/containerd/root" "$D/kubelet" "$D/images" 2>/dev/null || true; fi
+  # A leak fails the stage even when the scenario passed.
+  if [ ${#left[@]} -gt 0 ]; then exit 1; fi
 }
 trap finish EXIT
 step "start the node in $D"
