@@ -556,8 +556,10 @@ impl HostPool {
             conn,
             since: Instant::now(),
         });
-        // One load per release once listed.
-        if !self.listed.load(Ordering::Relaxed) {
+        // One load per release once listed (a plain load on x86). Should it race a sweep
+        // that just found the queue empty and miss the listing, this connection waits for
+        // the pool's next release, or a checkout, to be looked at.
+        if !self.listed.load(Ordering::SeqCst) {
             self.list();
         }
     }
