@@ -519,10 +519,10 @@ impl HostPool {
     }
 
     /// Closes the idle connections the upstream has closed (or sent something unasked on),
-    /// and those idle for `idle_timeout` as of `now`; returns how many. Without it such a
+    /// and those idle for `idle_timeout` as of `now`; returns how many. Otherwise such a
     /// connection is only found out when a request checks it out, and one to an address no
-    /// request goes to any more (a deleted pod's) kept its socket half-closed, in CLOSE-WAIT,
-    /// for as long as the pool lived. See [`crate::upstream::Upstreams::sweep`].
+    /// request goes to any more (a deleted pod's) keeps its socket half-closed, in CLOSE-WAIT,
+    /// for as long as the pool lives. See [`crate::upstream::Upstreams::sweep`].
     pub(crate) fn sweep(&self, now: Instant) -> usize {
         let Some(idle) = self.idle.get() else {
             return 0;

@@ -221,7 +221,7 @@ pub const POOL_LINGER: Duration = Duration::from_secs(30);
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Every how many sweeps the pools are also pruned ([`Upstreams::prune`]), besides at each
-/// update: pruning visits every pool (~0.4 µs each, 22 ms at 50 000), so a pool lingers
+/// update: pruning visits every pool (1.3 ms at 10 000, 14 ms at 50 000), so a pool lingers
 /// [`POOL_LINGER`] plus up to this many sweep intervals.
 pub const PRUNE_EVERY: u64 = 10;
 
