@@ -275,6 +275,13 @@ impl Upstreams {
         &self.config
     }
 
+    /// A pool with this proxy's settings, listed for the sweep when a connection goes idle in
+    /// it: every pool is made here, so none holds connections the sweep never sees.
+    fn new_pool(&self, key: PoolKey, tls: Option<Arc<ClientConfig>>) -> Result<HostPool, String> {
+        HostPool::new(key, tls, self.settings())
+            .map(|pool| pool.swept_from(self.sweep_list.clone()))
+    }
+
     fn settings(&self) -> PoolSettings {
         PoolSettings {
             connect_timeout: self.config.connect_timeout,
@@ -339,10 +346,7 @@ impl Upstreams {
             authority: authority.into(),
             tls: tls_id.into(),
         };
-        get_or_make(&self.pools, key.clone(), || {
-            HostPool::new(key, config, self.settings())
-                .map(|pool| pool.swept_from(self.sweep_list.clone()))
-        })
+        get_or_make(&self.pools, key.clone(), || self.new_pool(key, config))
     }
 
     /// The backend for Service port `key`, with the addresses of `endpoints` when it is new
@@ -541,8 +545,7 @@ impl Upstreams {
                     tls: key.tls.clone(),
                 };
                 get_or_make(&self.pools, pool_key.clone(), || {
-                    HostPool::new(pool_key, tls.cloned(), self.settings())
-                        .map(|pool| pool.swept_from(self.sweep_list.clone()))
+                    self.new_pool(pool_key, tls.cloned())
                 })
             })
             .collect()

@@ -736,20 +736,25 @@ async fn closing_upstream(
     (addr, accepted, rx)
 }
 
+/// Runs `sweep` until it closes a connection, for up to 10 s, and returns what the last run
+/// closed: the upstream's FIN reaches the proxy's reactor a moment after it is sent.
+async fn sweep_until_one_closes(mut sweep: impl FnMut() -> usize) -> usize {
+    for _ in 0..500 {
+        let swept = sweep();
+        if swept > 0 {
+            return swept;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    0
+}
+
 #[tokio::test]
 async fn the_sweep_closes_idle_connections_the_upstream_closed() {
     let (addr, accepted, mut closed) = closing_upstream(true).await;
     let pool = pool(addr);
     assert_eq!(answer(&pool, get("GET", None)).await, "ok");
-    // The upstream's FIN reaches the proxy's reactor a moment after it is sent.
-    let mut swept = 0;
-    for _ in 0..500 {
-        swept = pool.sweep(tokio::time::Instant::now());
-        if swept > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let swept = sweep_until_one_closes(|| pool.sweep(tokio::time::Instant::now())).await;
     assert_eq!(swept, 1, "the half-closed connection is closed");
     assert_eq!(
         closed.recv().await,
@@ -768,14 +773,7 @@ async fn upstreams_sweep_the_pools_left_with_idle_connections() {
     assert_eq!(answer(&pool, get("GET", None)).await, "ok");
     // The first sweeps find the connection open and keep the pool listed; a later one finds
     // it half-closed.
-    let mut swept = 0;
-    for _ in 0..500 {
-        swept = upstreams.sweep();
-        if swept > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let swept = sweep_until_one_closes(|| upstreams.sweep()).await;
     assert_eq!(swept, 1, "the half-closed connection is closed");
     assert_eq!(
         closed.recv().await,
@@ -786,14 +784,7 @@ async fn upstreams_sweep_the_pools_left_with_idle_connections() {
     // Listed again when a connection goes idle in it once more.
     assert_eq!(answer(&pool, get("GET", None)).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    let mut swept = 0;
-    for _ in 0..500 {
-        swept = upstreams.sweep();
-        if swept > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let swept = sweep_until_one_closes(|| upstreams.sweep()).await;
     assert_eq!(swept, 1, "the second connection is closed too");
 }
 
