@@ -15,7 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
-use crate::h1::{H1Body, H1Error};
+use crate::h1::server::ResponseBody;
+use crate::h1::{H1Body, H1Error, RawFields};
 use crate::pool::InFlight;
 
 /// Body of every response the proxy sends.
@@ -120,6 +121,26 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.size_hint(),
             ProxyBody::Upstream(b, _) => b.size_hint(),
         }
+    }
+}
+
+impl ResponseBody for ProxyBody {
+    fn take_fields(&mut self) -> Option<RawFields> {
+        match self {
+            ProxyBody::Upstream(Over::H1(body), _) => body.take_fields(),
+            _ => None,
+        }
+    }
+}
+
+/// Moves the header fields an upstream's HTTP/1 response carries unparsed ([`RawFields`])
+/// into its map, behind the fields the map holds already, which replace theirs. For what
+/// reads or writes the header section as a map: HTTP/2 clients (hyper writes the map), the
+/// plugins' response phase. Only the proxy's own HTTP/1 server writes them as they are.
+pub fn map_fields<B: ResponseBody>(resp: &mut http::Response<B>) {
+    if let Some(raw) = resp.body_mut().take_fields() {
+        let own = std::mem::take(resp.headers_mut());
+        *resp.headers_mut() = raw.into_map(own);
     }
 }
 

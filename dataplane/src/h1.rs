@@ -128,11 +128,167 @@ pub struct H1Conn {
     read: BytesMut,
     write: Vec<u8>,
     /// Where a response head's fields are, while it is parsed (kept to reuse its capacity).
-    fields: Vec<Field>,
+    spans: Vec<Span>,
 }
 
 /// A parsed header field: its name, and where its value is in the head.
 type Field = (HeaderName, usize, usize);
+
+/// Where a response head's field is in the head's bytes: its name and its value. (A head is
+/// at most [`MAX_HEAD`] and one read beyond it, so `u32`.)
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    name: u32,
+    name_end: u32,
+    value: u32,
+    value_end: u32,
+    /// What its name is, of what writing the fields out needs to know.
+    kind: FieldKind,
+}
+
+/// What a raw field is, of what writing it out needs to know (found once, by the parse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// `Content-Length`, which the proxy writes itself when it frames the body.
+    ContentLength,
+    /// `Date`: the upstream's, when it sent one, stands.
+    Date,
+    /// Anything else.
+    Other,
+}
+
+/// An upstream response's header fields as they arrived, less this hop's (`Connection`,
+/// `Keep-Alive`, `Transfer-Encoding`): the head's bytes and where each field is in them.
+///
+/// An HTTP/1.x client gets them written as they are, beside the response's map, which then
+/// holds only the proxy's own fields (the correlation id) and replaces any field of the same
+/// name. Building a map of the upstream's fields only to write them out again cost ~1 600
+/// instructions a response: a name looked up, a value checked and hashed into the map for
+/// each, then the map cleared. What reads or writes the header section whole — HTTP/2
+/// clients, the plugins' response phase — takes them into the map first
+/// ([`crate::body::map_fields`]).
+///
+/// The names and values are those httparse accepted, by the same rules as `http`'s
+/// `HeaderName` and `HeaderValue` (tokens; no control characters but tab): a test checks it
+/// byte by byte, so a map can always be made of them.
+///
+/// Boxed, so the response body that carries it grows by a pointer (48 bytes more made every
+/// move of a response a `memcpy` call: +270 instructions a request), and the boxes are kept
+/// per thread ([`RawFields::recycle`]), so carrying one allocates nothing.
+#[derive(Debug)]
+pub struct RawFields(Box<Raw>);
+
+#[derive(Debug, Default)]
+struct Raw {
+    head: Bytes,
+    spans: Vec<Span>,
+}
+
+/// [`RawFields`] kept per thread, emptied, with the capacity of their span lists.
+#[allow(clippy::vec_box)] // The boxes are what is kept: a response carries one.
+mod spare {
+    use std::cell::RefCell;
+
+    use super::Raw;
+
+    /// Boxes kept per thread: enough for the responses in flight on a busy thread.
+    const KEEP: usize = 64;
+    /// A list that grew past this many fields is not kept.
+    const KEEP_SPANS: usize = 64;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Box<Raw>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take() -> Box<Raw> {
+        SPARE
+            .with(|spare| spare.borrow_mut().pop())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn give(mut raw: Box<Raw>) {
+        if raw.spans.capacity() > KEEP_SPANS {
+            return;
+        }
+        raw.head = bytes::Bytes::new();
+        raw.spans.clear();
+        SPARE.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < KEEP {
+                spare.push(raw);
+            }
+        });
+    }
+}
+
+impl RawFields {
+    /// The fields of `head` that `spans` lists. The spans move in, and `spans` gets an empty
+    /// list in exchange, with the capacity of one that served before.
+    fn new(head: Bytes, spans: &mut Vec<Span>) -> RawFields {
+        let mut raw = spare::take();
+        raw.head = head;
+        std::mem::swap(&mut raw.spans, spans);
+        RawFields(raw)
+    }
+
+    /// Each field's name (spelled as the upstream spelled it), value and kind, in order.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8], FieldKind)> + '_ {
+        let head = &self.0.head;
+        self.0.spans.iter().map(move |s| {
+            let at = |from: u32, to: u32| head.get(from as usize..to as usize).unwrap_or_default();
+            (at(s.name, s.name_end), at(s.value, s.value_end), s.kind)
+        })
+    }
+
+    /// Each field's name (spelled as the upstream spelled it) and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.fields().map(|(name, value, _)| (name, value))
+    }
+
+    /// The values of the fields named `name` (which is lowercase, as `HeaderName`s are).
+    pub fn get_all<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let name = name.as_str().as_bytes();
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// `value`, one of the fields' values, as a header value sharing the head's bytes.
+    fn value(&self, value: &[u8]) -> Option<HeaderValue> {
+        let head = &self.0.head;
+        let at = offset(head, value);
+        let end = at
+            .checked_add(value.len())
+            .filter(|&end| end <= head.len())?;
+        HeaderValue::from_maybe_shared(head.slice(at..end)).ok()
+    }
+
+    /// The first value of `name`, sharing the head's bytes.
+    pub fn get(&self, name: &HeaderName) -> Option<HeaderValue> {
+        self.value(self.get_all(name).next()?)
+    }
+
+    /// The fields as a map, with `over`'s fields replacing those of the same name (the
+    /// proxy's own fields win, as when they are inserted into a map of the upstream's).
+    pub fn into_map(self, over: HeaderMap) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.0.spans.len() + over.len());
+        for (name, value) in self.iter() {
+            // Both always succeed: httparse checked the same rules (see above).
+            let (Ok(name), Some(value)) = (field_name(name), self.value(value)) else {
+                continue;
+            };
+            map.append(name, value);
+        }
+        map.extend(over);
+        self.recycle();
+        map
+    }
+
+    /// Done with: kept for another response on this thread.
+    pub fn recycle(self) {
+        spare::give(self.0);
+    }
+}
 
 impl H1Conn {
     /// A fresh connection.
@@ -141,7 +297,7 @@ impl H1Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
-            fields: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -220,9 +376,25 @@ pub enum ExchangeError {
 struct Head {
     status: StatusCode,
     version: Version,
+    /// The header fields, when a field of this hop the parse could not drop (one the
+    /// `Connection` field names, `Upgrade`, `TE`...) leaves them for the hop-by-hop pass on a
+    /// map; otherwise empty (the recycled map, for the proxy's own fields).
     headers: HeaderMap,
+    /// Otherwise, the fields as they arrived (`None` if there are none).
+    raw: Option<RawFields>,
     state: State,
     keep_alive: bool,
+}
+
+/// What [`parse_head`] reads of a final response head.
+#[derive(Debug)]
+struct Parsed {
+    status: StatusCode,
+    version: Version,
+    state: State,
+    keep_alive: bool,
+    /// A field of this hop is left among the fields, for the hop-by-hop pass.
+    hop_by_hop: bool,
 }
 
 /// Sends a request whose whole body is `body` on `conn`, with the headers `added` after its
@@ -277,6 +449,7 @@ pub async fn exchange(
         status,
         version,
         headers,
+        raw,
         state,
         keep_alive,
     } = head;
@@ -286,6 +459,7 @@ pub async fn exchange(
         conn: None,
         pool: None,
         keep_alive,
+        fields: raw,
     };
     // Most responses arrive whole with their head: the connection goes back at once and the
     // body is a buffer.
@@ -366,7 +540,7 @@ async fn read_head(
         let parsed = if conn.read.is_empty() {
             Ok(None)
         } else {
-            take_head(&mut conn.read, head_request, &mut conn.fields, recycle)
+            take_head(&mut conn.read, head_request, &mut conn.spans, recycle)
         };
         match parsed {
             // 100 Continue, 103 Early Hints: informational, the real answer follows.
@@ -396,38 +570,55 @@ fn reserve(buf: &mut BytesMut, want: usize) {
 }
 
 /// Takes a complete response head off the front of `buf`: `None` if it is not all there
-/// yet, `Some(None)` for an informational (1xx) response, skipped. The header values share
-/// the head's bytes, as hyper's do, instead of each being copied into an allocation of its
-/// own.
+/// yet, `Some(None)` for an informational (1xx) response, skipped. The fields stay in the
+/// head's bytes ([`RawFields`]), as they arrived; values share those bytes, as hyper's do,
+/// instead of each being copied into an allocation of its own.
 ///
 /// The response's header map is `recycle`, emptied: the request's, which has served once the
 /// request is sent. Its memory is reused instead of a new map allocated (two allocations, and
-/// two frees when the request's is dropped).
+/// two frees when the request's is dropped). It holds the fields only when a field of this
+/// hop is among them, for the hop-by-hop pass to act on.
 fn take_head(
     buf: &mut BytesMut,
     head_request: bool,
-    fields: &mut Vec<Field>,
+    spans: &mut Vec<Span>,
     recycle: &mut HeaderMap,
 ) -> Result<Option<Option<Head>>, H1Error> {
-    fields.clear();
-    let Some((head, len)) = parse_head(buf, head_request, fields)? else {
+    spans.clear();
+    let Some((parsed, len)) = parse_head(buf, head_request, spans)? else {
         return Ok(None);
     };
-    let Some(mut head) = head else {
+    let Some(parsed) = parsed else {
         buf.advance(len);
         return Ok(Some(None));
     };
     let bytes = buf.split_to(len).freeze();
-    head.headers = std::mem::take(recycle);
-    head.headers.clear();
-    head.headers
-        .reserve(fields.len() + crate::headers::ADDED_HEADERS);
-    for (name, start, end) in fields.drain(..) {
-        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
-            .map_err(|_| H1Error::Invalid("bad header value"))?;
-        head.headers.append(name, value);
-    }
-    Ok(Some(Some(head)))
+    let mut headers = std::mem::take(recycle);
+    headers.clear();
+    let raw = if parsed.hop_by_hop {
+        headers.reserve(spans.len() + crate::headers::ADDED_HEADERS);
+        let fields = RawFields::new(bytes, spans);
+        for (name, value) in fields.iter() {
+            let name = field_name(name).map_err(|_| H1Error::Invalid("bad header name"))?;
+            let value = fields
+                .value(value)
+                .ok_or(H1Error::Invalid("bad header value"))?;
+            headers.append(name, value);
+        }
+        fields.recycle();
+        None
+    } else {
+        headers.reserve(crate::headers::ADDED_HEADERS);
+        (!spans.is_empty()).then(|| RawFields::new(bytes, spans))
+    };
+    Ok(Some(Some(Head {
+        status: parsed.status,
+        version: parsed.version,
+        headers,
+        raw,
+        state: parsed.state,
+        keep_alive: parsed.keep_alive,
+    })))
 }
 
 /// A field name as it arrived, as a [`HeaderName`]: what [`HeaderName::from_bytes`] makes of
@@ -509,14 +700,55 @@ fn field_name(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName
     Ok(known)
 }
 
-/// Parses a response head at the start of `buf` into `fields` (names, and where their
-/// values are in `buf`): `None` if it is not all there yet; otherwise its length, with
-/// `None` for an informational (1xx) response.
+/// What a response field's name says to the parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named {
+    ContentLength,
+    Date,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    /// Another field of this hop (RFC 9110 §7.6.1 and the legacy ones; see
+    /// [`crate::headers::strip_hop_by_hop`]).
+    HopByHop,
+    Other,
+}
+
+/// What `name` (any case) says to the parse.
+fn named(name: &[u8]) -> Named {
+    // The spellings servers send, matched as they are (a word or two compared); then any
+    // case, byte by byte, by length first: most names are ruled out by it.
+    match name {
+        b"Content-Length" | b"content-length" => return Named::ContentLength,
+        b"Connection" | b"connection" => return Named::Connection,
+        b"Date" | b"date" => return Named::Date,
+        b"Server" | b"server" | b"Content-Type" | b"content-type" => return Named::Other,
+        _ => {}
+    }
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    match name.len() {
+        2 if is("te") => Named::HopByHop,
+        4 if is("date") => Named::Date,
+        7 if is("upgrade") => Named::HopByHop,
+        10 if is("connection") => Named::Connection,
+        10 if is("keep-alive") => Named::KeepAlive,
+        14 if is("content-length") => Named::ContentLength,
+        16 if is("proxy-connection") => Named::HopByHop,
+        17 if is("transfer-encoding") => Named::TransferEncoding,
+        18 if is("proxy-authenticate") => Named::HopByHop,
+        19 if is("proxy-authorization") => Named::HopByHop,
+        _ => Named::Other,
+    }
+}
+
+/// Parses a response head at the start of `buf` into `spans` (where its fields are in
+/// `buf`, less this hop's framing fields): `None` if it is not all there yet; otherwise its
+/// length, with `None` for an informational (1xx) response.
 fn parse_head(
     buf: &[u8],
     head_request: bool,
-    fields: &mut Vec<Field>,
-) -> Result<Option<(Option<Head>, usize)>, H1Error> {
+    spans: &mut Vec<Span>,
+) -> Result<Option<(Option<Parsed>, usize)>, H1Error> {
     // Uninitialised slots: zeroing 100 of them cost more than parsing a typical head.
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -552,44 +784,65 @@ fn parse_head(
     let mut chunked = false;
     let mut close = false;
     let mut keep_alive = false;
+    let mut hop_by_hop = false;
+    let at = |part: &[u8]| {
+        u32::try_from(offset(buf, part)).map_err(|_| H1Error::Invalid("response head too large"))
+    };
     for field in parsed.headers.iter() {
-        let name =
-            field_name(field.name.as_bytes()).map_err(|_| H1Error::Invalid("bad header name"))?;
-        if name == header::CONTENT_LENGTH {
-            content_length(field.value, &mut length).map_err(|e| match e {
-                LengthError::NotANumber => H1Error::Invalid("bad Content-Length"),
-                LengthError::Disagree => H1Error::Invalid("conflicting Content-Length values"),
-            })?;
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_encoding = true;
-            // Only the final coding decides (RFC 9112 §6.3): a later field overrides.
-            chunked = elements(field.value)
-                .next_back()
-                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
-            // Hop-by-hop: the proxy frames its own response.
-            continue;
-        } else if name == header::CONNECTION {
-            let mut only_framing = true;
-            for token in elements(field.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                } else {
-                    only_framing = false;
-                }
+        let name = field.name.as_bytes();
+        let named = named(name);
+        match named {
+            Named::ContentLength => {
+                content_length(field.value, &mut length).map_err(|e| match e {
+                    LengthError::NotANumber => H1Error::Invalid("bad Content-Length"),
+                    LengthError::Disagree => H1Error::Invalid("conflicting Content-Length values"),
+                })?;
             }
-            // `Connection: keep-alive` / `close` is about this hop only, and all most
-            // responses carry: read here and dropped, so the proxy's hop-by-hop pass has
-            // nothing to do. One that names other fields stays for that pass to act on.
-            if only_framing {
+            Named::TransferEncoding => {
+                transfer_encoding = true;
+                // Only the final coding decides (RFC 9112 §6.3): a later field overrides.
+                chunked = elements(field.value)
+                    .next_back()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+                // Hop-by-hop: the proxy frames its own response.
                 continue;
             }
-        } else if name == KEEP_ALIVE {
-            continue;
+            Named::Connection => {
+                let mut only_framing = true;
+                for token in elements(field.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    } else {
+                        only_framing = false;
+                    }
+                }
+                // `Connection: keep-alive` / `close` is about this hop only, and all most
+                // responses carry: read here and dropped. One that names other fields stays
+                // for the hop-by-hop pass to act on.
+                if only_framing {
+                    continue;
+                }
+                hop_by_hop = true;
+            }
+            Named::KeepAlive => continue,
+            Named::HopByHop => hop_by_hop = true,
+            Named::Date | Named::Other => {}
         }
-        let start = offset(buf, field.value);
-        fields.push((name, start, start + field.value.len()));
+        let name_at = at(name)?;
+        let value_at = at(field.value)?;
+        spans.push(Span {
+            name: name_at,
+            name_end: name_at + name.len() as u32,
+            value: value_at,
+            value_end: value_at + field.value.len() as u32,
+            kind: match named {
+                Named::ContentLength => FieldKind::ContentLength,
+                Named::Date => FieldKind::Date,
+                _ => FieldKind::Other,
+            },
+        });
     }
     let no_body =
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -598,7 +851,7 @@ fn parse_head(
     } else if transfer_encoding {
         // Transfer-Encoding overrides Content-Length, which a proxy must then not pass on
         // (RFC 9112 §6.3); a body not chunked last runs until the connection closes.
-        fields.retain(|(name, ..)| name != header::CONTENT_LENGTH);
+        spans.retain(|s| s.kind != FieldKind::ContentLength);
         if chunked {
             State::Chunked(Chunk::Size)
         } else {
@@ -614,17 +867,15 @@ fn parse_head(
         && !matches!(state, State::Eof)
         // HTTP/1.0 closes unless it says otherwise, and knows no Transfer-Encoding.
         && (version == Version::HTTP_11 || (keep_alive && !transfer_encoding));
-    let head = Head {
+    let parsed = Parsed {
         status,
         version,
-        headers: HeaderMap::new(),
         state,
         keep_alive,
+        hop_by_hop,
     };
-    Ok(Some((Some(head), len)))
+    Ok(Some((Some(parsed), len)))
 }
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The elements of a comma-separated field value (RFC 9110 §5.6.1), trimmed; empty ones
 /// included.
@@ -858,6 +1109,10 @@ pub struct H1Body {
     /// Where the connection goes back.
     pool: Option<Arc<HostPool>>,
     keep_alive: bool,
+    /// The response's header fields as they arrived, until the response is written (see
+    /// [`RawFields`]). Here because the body goes where the response goes, unlike an
+    /// extension, which would cost three allocations.
+    fields: Option<RawFields>,
 }
 
 /// A response has been read whole: its connection goes back to `pool` if it can take another
@@ -870,6 +1125,11 @@ fn give_back(conn: Box<H1Conn>, keep_alive: bool, pool: &Arc<HostPool>) {
 }
 
 impl H1Body {
+    /// The response's header fields that are not in its map (see [`RawFields`]), taken.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
+    }
+
     /// The body ended: see [`give_back`].
     fn finish(&mut self) {
         self.state = State::Done;

@@ -41,7 +41,8 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::body::{ClientBody, ProxyBody};
-use crate::h1::server::Ended;
+use crate::h1::RawFields;
+use crate::h1::server::{Ended, ResponseBody};
 use crate::server::{Proxy, ServerConfig};
 use crate::server_tls::ServerTls;
 use crate::shutdown::DrainSignal;
@@ -300,6 +301,10 @@ impl Handler {
         let in_flight = self.activity.begin();
         let version = req.version();
         let handled = self.proxy.handle(req, &self.client, move |mut resp| {
+            if version == Version::HTTP_2 {
+                // hyper writes the map, and only the map.
+                crate::body::map_fields(&mut resp);
+            }
             in_flight.leave_if_draining(version, &mut resp);
             // The request stays in flight until its response body is sent (or dropped), so a
             // long download or stream is not "idle".
@@ -596,6 +601,12 @@ impl Drop for InFlight {
         // Stamp first: a watcher that sees zero in flight must also see the fresh time.
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<B: ResponseBody> ResponseBody for Tracked<B> {
+    fn take_fields(&mut self) -> Option<RawFields> {
+        self.body.take_fields()
     }
 }
 

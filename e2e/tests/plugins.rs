@@ -358,6 +358,19 @@ fn order_plugin(name: &str) -> String {
     p.build()
 }
 
+/// A plugin that reads the upstream's response: copies its `x-echo-version` into
+/// `x-plugin-saw` and takes out its `x-echo-peer`.
+fn peek_plugin() -> String {
+    let mut p = Wat::new();
+    let get = p.get_header(Map::Response, "x-echo-version");
+    let copy = p.add_header_from_ret(Map::Response, "x-plugin-saw");
+    let remove = p.remove_header(Map::Response, "x-echo-peer");
+    p.on_response_headers(&format!(
+        "(if (i32.eqz {get}) (then {copy})) {remove} (i32.const 0)"
+    ));
+    p.build()
+}
+
 fn trap_plugin() -> String {
     Wat::new().on_request_headers("unreachable").build()
 }
@@ -396,6 +409,7 @@ async fn plugins_change_requests_and_responses_and_answer_locally() {
                 + &api_proxy(echo, "whole", "/whole", &["{name: whole}"])
                 + &api_proxy(echo, "example", "/example", &["{name: add-header}"])
                 + &api_proxy(echo, "plain", "/plain", &[])
+                + &api_proxy(echo, "peek", "/peek", &["{name: peek}"])
         },
         &[
             ("hello", wasm(&header_plugin("x-hello", "world"))),
@@ -404,6 +418,7 @@ async fn plugins_change_requests_and_responses_and_answer_locally() {
             ("bodies", wasm(&body_plugin())),
             ("whole", wasm(&whole_body_plugin())),
             ("add-header", example_module()),
+            ("peek", wasm(&peek_plugin())),
         ],
     )
     .await;
@@ -476,6 +491,19 @@ async fn plugins_change_requests_and_responses_and_answer_locally() {
     let a = env.get("/example").await;
     assert_eq!(a.headers["x-kanali-plugin"], "example");
     assert_eq!(a.json()["headers"]["x-kanali-plugin"][0], "example");
+
+    // The response phase sees the upstream's fields, and what it changes is what the client
+    // gets.
+    let a = env.get("/peek/x").await;
+    assert_eq!(a.upstream(), "echo");
+    assert_eq!(a.headers["x-plugin-saw"], a.headers["x-echo-version"]);
+    assert!(!a.headers.contains_key("x-echo-peer"), "{:?}", a.headers);
+    assert!(
+        env.get("/plain/x")
+            .await
+            .headers
+            .contains_key("x-echo-peer")
+    );
 
     assert_eq!(env.get("/plain/x").await.upstream(), "echo");
     for name in ["hello", "deny", "configured", "bodies", "plain"] {

@@ -1,8 +1,9 @@
 //! How the proxy reads HTTP/1.1 responses from upstreams (its own client, `h1.rs`), end to
 //! end: a client talks to a real proxy listener, the proxy to a scripted upstream on loopback
 //! that writes exact bytes. Chunked bodies with trailers, HEAD, close-delimited bodies, reuse
-//! of keep-alive connections, and responses that must not be trusted (conflicting lengths,
-//! more bytes than framed).
+//! of keep-alive connections, responses that must not be trusted (conflicting lengths,
+//! more bytes than framed), and which of a response's header fields reach HTTP/1.1 and
+//! HTTP/2 clients.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a failed unwrap is a failed test
 
@@ -15,7 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use harness::{Harness, endpoint, route, snapshot};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kanali_e2e::check::Answer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -40,6 +45,22 @@ async fn scripted() -> (SocketAddr, Arc<AtomicUsize>) {
                             .to_vec(),
                         "/head" => format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: 10\r\nx-conn: {conn}\r\n\r\n"
+                        )
+                        .into_bytes(),
+                        // The fields a proxy passes on, the ones it replaces, the ones of
+                        // this hop; `/fields-hop` has one the parse leaves for the
+                        // hop-by-hop pass (so its fields go through a map).
+                        "/fields" | "/fields-hop" => format!(
+                            "HTTP/1.1 200 OK\r\nServer: scripted\r\n\
+                             Date: Mon, 01 Jan 2024 00:00:00 GMT\r\nSet-Cookie: a=1\r\n\
+                             X-Kanali-Correlation-Id: from-upstream\r\nconnection: {}\r\n\
+                             Keep-Alive: timeout=5\r\nx-secret: s\r\nset-cookie: b=2\r\n\
+                             Content-Length: 4\r\nX-Empty:\r\n\r\nbody",
+                            if path == "/fields" {
+                                "keep-alive"
+                            } else {
+                                "keep-alive, x-secret"
+                            }
                         )
                         .into_bytes(),
                         "/conflict" => {
@@ -190,4 +211,109 @@ async fn untrustworthy_responses_get_error_08_or_end_the_connection() {
         body.len() < 100,
         "the client does not get a complete-looking body: {answer}"
     );
+}
+
+/// `GET path` over HTTP/2 (h2c, prior knowledge) on a new connection.
+async fn h2_get(proxy: &Harness, path: &str) -> Answer {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://api.example.org{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    Answer::read(sender.send_request(req).await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_get_the_upstreams_fields_less_this_hops_with_the_proxys_own_in_place() {
+    let (proxy, _) = proxy().await;
+    for path in ["/fields", "/fields-hop"] {
+        // HTTP/1.1, as the client reads it off the wire.
+        let answer = raw(
+            &proxy,
+            &format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body, "body", "{answer}");
+        let fields: Vec<(String, String)> = head
+            .split("\r\n")
+            .skip(1)
+            .map(|line| {
+                let (name, value) = line.split_once(':').unwrap();
+                (name.to_ascii_lowercase(), value.trim().to_owned())
+            })
+            .collect();
+        let values = |name: &str| -> Vec<&str> {
+            fields
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(values("server"), ["scripted"], "{answer}");
+        assert_eq!(
+            values("date"),
+            ["Mon, 01 Jan 2024 00:00:00 GMT"],
+            "one Date, the upstream's: {answer}"
+        );
+        assert_eq!(
+            values("set-cookie"),
+            ["a=1", "b=2"],
+            "both, in order: {answer}"
+        );
+        assert_eq!(values("content-length"), ["4"], "{answer}");
+        assert_eq!(values("x-empty"), [""], "{answer}");
+        let id = values("x-kanali-correlation-id");
+        assert!(
+            id.len() == 1 && id[0] != "from-upstream",
+            "the proxy's id replaces the upstream's: {answer}"
+        );
+        assert_eq!(values("keep-alive"), Vec::<&str>::new(), "{answer}");
+        assert_eq!(
+            values("connection"),
+            ["close"],
+            "the client asked to close: {answer}"
+        );
+        let secret = values("x-secret");
+        if path == "/fields-hop" {
+            assert!(
+                secret.is_empty(),
+                "a field Connection names stays on its hop: {answer}"
+            );
+        } else {
+            assert_eq!(secret, ["s"], "{answer}");
+        }
+
+        // HTTP/2: the same fields, through the map hyper writes.
+        let a = h2_get(&proxy, path).await;
+        assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"body"[..]));
+        let values = |name: &str| -> Vec<&[u8]> {
+            a.headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect()
+        };
+        assert_eq!(values("server"), [b"scripted"]);
+        assert_eq!(values("date"), [b"Mon, 01 Jan 2024 00:00:00 GMT"]);
+        assert_eq!(values("set-cookie"), [&b"a=1"[..], &b"b=2"[..]]);
+        assert_eq!(values("x-empty"), [b""]);
+        let id = values("x-kanali-correlation-id");
+        assert!(
+            id.len() == 1 && id[0] != b"from-upstream",
+            "{:?}",
+            a.headers
+        );
+        assert!(!a.headers.contains_key("keep-alive") && !a.headers.contains_key("connection"));
+        assert_eq!(
+            a.headers.contains_key("x-secret"),
+            path == "/fields",
+            "{:?}",
+            a.headers
+        );
+    }
 }

@@ -128,9 +128,15 @@ pub struct Passed {
 impl Passed {
     /// Finishes a response: the chain's headers, then the Wasm plugins' response phases.
     pub async fn respond(self, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        // The chain's fields replace the upstream's of the same name whether those are in
+        // the map or still unparsed beside it (see `RawFields`).
         resp.headers_mut().extend(self.headers);
         match self.wasm {
-            Some(exchange) => exchange.respond(resp).await,
+            Some(exchange) => {
+                // The plugins see, and may change, the upstream's fields too.
+                crate::body::map_fields(&mut resp);
+                exchange.respond(resp).await
+            }
             None => resp,
         }
     }

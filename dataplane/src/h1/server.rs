@@ -38,8 +38,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::{
-    Chunk, Decoded, Field, H1Error, LengthError, MAX_HEADERS, State, content_length, elements,
-    field_name, offset, parse_length, reserve, take,
+    Chunk, Decoded, Field, FieldKind, H1Error, LengthError, MAX_HEADERS, RawFields, State,
+    content_length, elements, field_name, offset, parse_length, reserve, take,
 };
 
 /// What a wait for a request reads at once, on the stack (a request head is usually far
@@ -53,6 +53,15 @@ const LINGER_QUIET: Duration = Duration::from_secs(5);
 const LINGER_MAX: Duration = Duration::from_secs(30);
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A response body as the connection writes it: its frames, and the upstream's header
+/// fields it may carry unparsed ([`RawFields`]), which go out beside the response's map.
+pub trait ResponseBody: Body<Data = Bytes> + Unpin {
+    /// The fields it carries, taken; `None` when the map is the whole header section.
+    fn take_fields(&mut self) -> Option<RawFields> {
+        None
+    }
+}
 
 /// How a connection ended.
 pub enum Ended<I> {
@@ -91,7 +100,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<Incoming>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes> + Unpin,
+    B: ResponseBody,
     B::Error: Display,
 {
     let mut conn = Conn {
@@ -362,7 +371,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     where
         S: FnMut(Request<Incoming>) -> F,
         F: Future<Output = Response<B>> + 'a,
-        B: Body<Data = Bytes> + Unpin + 'a,
+        B: ResponseBody + 'a,
         B::Error: Display,
     {
         let Head {
@@ -411,8 +420,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 tracing::debug!("the client closed its connection before the response");
                 return false;
             };
-            let (parts, body) = resp.into_parts();
-            let (framing, length) = out_framing(&parts, &body, head_request, version);
+            let (parts, mut body) = resp.into_parts();
+            let raw = body.take_fields();
+            let (framing, length) = out_framing(&parts, raw.as_ref(), &body, head_request, version);
+            // (The upstream's `Connection` is never among its raw fields.)
             let said_close = says_close(&parts.headers);
             // A body that failed (or that the handler dropped) leaves the connection where its
             // framing cannot be trusted.
@@ -428,6 +439,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             encode_head(
                 &mut self.write,
                 &parts,
+                raw.as_ref(),
                 framing,
                 length,
                 // The response may say so already.
@@ -438,7 +450,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 body: (framing != OutFraming::None).then_some(body),
                 framing,
                 trailer: (framing == OutFraming::Chunked)
-                    .then(|| parts.headers.get(header::TRAILER).cloned())
+                    .then(|| match parts.headers.get(header::TRAILER) {
+                        Some(declared) => Some(declared.clone()),
+                        None => raw.as_ref().and_then(|raw| raw.get(&header::TRAILER)),
+                    })
                     .flatten(),
                 at: 0,
                 data: Bytes::new(),
@@ -449,6 +464,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             // The map a request came in (usually: the upstream's response is read into it),
             // for the next request on this thread.
             scratch::give_headers(parts.headers);
+            if let Some(raw) = raw {
+                raw.recycle();
+            }
             let written = poll_fn(|cx| {
                 if let Some(pump) = pump.as_mut() {
                     self.poll_pump(pump, cx);
@@ -968,6 +986,7 @@ enum OutFraming {
 /// header, if any, goes out as it is — a HEAD response's says what a GET would get).
 fn out_framing<B: Body>(
     parts: &http::response::Parts,
+    raw: Option<&RawFields>,
     body: &B,
     head_request: bool,
     version: Version,
@@ -980,12 +999,12 @@ fn out_framing<B: Body>(
         return (OutFraming::None, None);
     }
     let declared = || {
-        let mut values = parts.headers.get_all(header::CONTENT_LENGTH).iter();
-        let first = values.next().and_then(|v| parse_length(v.as_bytes()));
-        first.filter(|n| values.all(|v| parse_length(v.as_bytes()) == Some(*n)))
+        let mut values = lengths(&parts.headers, raw);
+        let first = values.next().and_then(parse_length);
+        first.filter(|n| values.all(|v| parse_length(v) == Some(*n)))
     };
     if head_request {
-        if parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if lengths(&parts.headers, raw).next().is_some() {
             return (OutFraming::None, None);
         }
         return (OutFraming::None, body.size_hint().exact());
@@ -997,12 +1016,40 @@ fn out_framing<B: Body>(
     }
 }
 
-/// Writes the status line and header section. The framing headers are the proxy's own;
+/// A response's `Content-Length` values: its map's, or if the map has none, its raw fields'.
+fn lengths<'a>(
+    map: &'a HeaderMap,
+    raw: Option<&'a RawFields>,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let in_map = map.contains_key(header::CONTENT_LENGTH);
+    let from_map = map
+        .get_all(header::CONTENT_LENGTH)
+        .into_iter()
+        .map(HeaderValue::as_bytes);
+    let from_raw = raw
+        .filter(|_| !in_map)
+        .into_iter()
+        .flat_map(|raw| raw.get_all(&header::CONTENT_LENGTH));
+    from_map.chain(from_raw)
+}
+
+/// Whether `map` has a field named `name` (any case): one that replaces the upstream's.
+fn in_map(map: &HeaderMap, name: &[u8]) -> bool {
+    // Most maps here hold one or two fields (the correlation id), so a walk over their names,
+    // compared by length first, beats hashing `name` for a lookup.
+    map.keys().any(|key| {
+        key.as_str().len() == name.len() && name.eq_ignore_ascii_case(key.as_str().as_bytes())
+    })
+}
+
+/// Writes the status line and header section: `raw`'s fields (the upstream's as they came)
+/// less those the map replaces, then the map's. The framing headers are the proxy's own;
 /// `add_close` and `keep_alive_10` add `Connection: close` and (for an HTTP/1.0 client whose
 /// connection stays) `Connection: keep-alive`.
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
+    raw: Option<&RawFields>,
     framing: OutFraming,
     length: Option<u64>,
     add_close: bool,
@@ -1015,6 +1062,13 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     let own_length = length.is_some() || framing != OutFraming::None;
     let mut dated = false;
+    for (name, value, kind) in raw.into_iter().flat_map(RawFields::fields) {
+        if (own_length && kind == FieldKind::ContentLength) || in_map(&parts.headers, name) {
+            continue;
+        }
+        dated |= kind == FieldKind::Date;
+        field(out, name, value);
+    }
     for (name, value) in &parts.headers {
         if name == header::TRANSFER_ENCODING || (own_length && name == header::CONTENT_LENGTH) {
             continue;

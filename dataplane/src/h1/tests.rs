@@ -27,7 +27,18 @@ fn take(bytes: &str, head_request: bool) -> (Result<Option<Option<Head>>, H1Erro
     (taken, buf)
 }
 
+/// The head of `bytes`, its fields all in its map (the raw ones taken into it), as what
+/// reads a response as a map sees them.
 fn head_of(bytes: &str, head_request: bool) -> Head {
+    let mut head = raw_head_of(bytes, head_request);
+    if let Some(raw) = head.raw.take() {
+        head.headers = raw.into_map(std::mem::take(&mut head.headers));
+    }
+    head
+}
+
+/// The head of `bytes` as it is taken.
+fn raw_head_of(bytes: &str, head_request: bool) -> Head {
     match take(bytes, head_request) {
         (Ok(Some(Some(head))), rest) => {
             assert!(rest.is_empty(), "the whole head is consumed");
@@ -842,4 +853,103 @@ fn framing_fields_of_this_hop_stay_out_of_the_forwarded_head() {
     );
     assert!(!h.keep_alive);
     assert_eq!(h.headers[header::CONNECTION], "close, x-secret");
+}
+
+#[test]
+fn fields_stay_as_they_arrived_unless_a_field_of_this_hop_needs_the_map() {
+    let h = raw_head_of(
+        "HTTP/1.1 200 OK\r\nServer: up\r\nconnection: keep-alive\r\nContent-Length: 0\r\n\
+         Set-Cookie: a\r\nset-cookie: b\r\nX-Empty:\r\n\r\n",
+        false,
+    );
+    assert!(h.headers.is_empty(), "{:?}", h.headers);
+    let raw = h.raw.unwrap();
+    let fields: Vec<(&[u8], &[u8])> = raw.iter().collect();
+    assert_eq!(
+        fields,
+        [
+            (&b"Server"[..], &b"up"[..]),
+            (b"Content-Length", b"0"),
+            (b"Set-Cookie", b"a"),
+            (b"set-cookie", b"b"),
+            (b"X-Empty", b""),
+        ]
+    );
+    assert_eq!(raw.get(&header::SET_COOKIE).unwrap(), "a");
+    assert_eq!(raw.get_all(&header::SET_COOKIE).count(), 2);
+    // The proxy's own fields replace the upstream's of the same name, all of them.
+    let mut own = HeaderMap::new();
+    own.insert(header::SET_COOKIE, HeaderValue::from_static("mine"));
+    own.insert(header::VIA, HeaderValue::from_static("kanali"));
+    let map = raw.into_map(own);
+    let cookies: Vec<_> = map.get_all(header::SET_COOKIE).iter().collect();
+    assert_eq!(cookies, ["mine"]);
+    assert_eq!(map[header::SERVER], "up");
+    assert_eq!(map[header::VIA], "kanali");
+    assert_eq!(map.len(), 5, "{map:?}");
+
+    // No fields at all: nothing to carry.
+    assert!(
+        raw_head_of("HTTP/1.1 204 No Content\r\n\r\n", false)
+            .raw
+            .is_none()
+    );
+
+    // Fields of this hop the parse cannot drop: all of them go through a map, for the
+    // hop-by-hop pass.
+    for hop in [
+        "connection: close, x-secret",
+        "Upgrade: h2c",
+        "TE: trailers",
+        "Proxy-Connection: keep-alive",
+        "proxy-authenticate: Basic",
+        "Proxy-Authorization: Basic eA==",
+    ] {
+        let h = raw_head_of(
+            &format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n{hop}\r\nx-secret: s\r\n\r\n"),
+            false,
+        );
+        assert!(h.raw.is_none(), "{hop}");
+        assert_eq!(h.headers.len(), 3, "{hop}: {:?}", h.headers);
+    }
+}
+
+#[test]
+fn what_httparse_takes_in_a_field_http_takes_too() {
+    // Raw fields skip `HeaderName` and `HeaderValue`'s checks: they rely on httparse having
+    // made the same ones. Every byte, in a name and in a value.
+    let (mut names, mut values) = (0, 0);
+    for b in 0..=255u8 {
+        let mut name = b"HTTP/1.1 200 OK\r\nx".to_vec();
+        name.extend_from_slice(&[b, b'y', b':', b' ', b'v', b'\r', b'\n', b'\r', b'\n']);
+        if let Ok(Some(Some(h))) = take_head(
+            &mut BytesMut::from(&name[..]),
+            false,
+            &mut Vec::new(),
+            &mut HeaderMap::new(),
+        ) {
+            names += 1;
+            for (n, v) in h.raw.iter().flat_map(RawFields::iter) {
+                assert!(HeaderName::from_bytes(n).is_ok(), "name byte {b:#x}");
+                assert!(field_name(n).is_ok(), "name byte {b:#x}");
+                assert!(HeaderValue::from_bytes(v).is_ok());
+            }
+        }
+        let mut value = b"HTTP/1.1 200 OK\r\nx: a".to_vec();
+        value.extend_from_slice(&[b, b'b', b'\r', b'\n', b'\r', b'\n']);
+        if let Ok(Some(Some(h))) = take_head(
+            &mut BytesMut::from(&value[..]),
+            false,
+            &mut Vec::new(),
+            &mut HeaderMap::new(),
+        ) {
+            values += 1;
+            for (_, v) in h.raw.iter().flat_map(RawFields::iter) {
+                assert!(HeaderValue::from_bytes(v).is_ok(), "value byte {b:#x}");
+            }
+        }
+    }
+    // The 77 token characters (and `:`, which ends the name early); tab, and every byte
+    // from space up but DEL.
+    assert_eq!((names, values), (78, 224));
 }
