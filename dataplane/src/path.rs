@@ -65,6 +65,12 @@ pub fn normalize(path: &str) -> String {
 /// If `raw_path` has fewer segments than `source` (the router never lets that happen) the whole
 /// request path counts as consumed.
 pub fn upstream_path(source: &str, target: &str, raw_path: &str) -> String {
+    upstream_path_with_room(source, target, raw_path, 0)
+}
+
+/// [`upstream_path`], in a string with `room` bytes to spare (for a query to follow it
+/// without another allocation).
+pub fn upstream_path_with_room(source: &str, target: &str, raw_path: &str, room: usize) -> String {
     // The run of `/` right after the matched prefix collapses to one `/` (a trailing slash
     // stays a trailing slash); for a root source a bare `/` adds nothing.
     let (junction, rest) = match segments(source).count() {
@@ -78,7 +84,7 @@ pub fn upstream_path(source: &str, target: &str, raw_path: &str) -> String {
         }
     };
     let target = if target == "/" { "" } else { target };
-    let mut out = String::with_capacity(target.len() + rest.len() + 1);
+    let mut out = String::with_capacity(target.len() + rest.len() + 1 + room);
     out.push_str(target);
     if junction {
         out.push('/');

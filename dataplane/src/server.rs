@@ -23,7 +23,7 @@ use crate::filter::credentials::UsageLog;
 use crate::filter::wasm::Exchange;
 use crate::filter::{self, Passed, RequestInfo};
 use crate::headers::{Added, X_KANALI_CORRELATION_ID, strip_hop_by_hop};
-use crate::path::upstream_path;
+use crate::path::upstream_path_with_room;
 use crate::pool::InFlight;
 use crate::request::Refusal;
 use crate::table::{Action, RouteTable};
@@ -181,7 +181,9 @@ impl Proxy {
         let Some(route) = table.router.lookup(host, path) else {
             return answer(ErrorCode::NoApiProxy.response());
         };
-        let target = upstream_path(&route.path, &route.target_path, path);
+        // With room for the query, which follows it upstream (see `origin_form`).
+        let query_room = parts.uri.query().map_or(0, |q| q.len() + 1);
+        let target = upstream_path_with_room(&route.path, &route.target_path, path, query_room);
         // The plugins see every request the route takes, whatever its backend (v2 ran them
         // before the mock step too).
         let passed = if route.filters.is_empty() {
@@ -227,7 +229,7 @@ impl Proxy {
                 None => return (Decision::Answer(ErrorCode::NoService.response()), passed),
             },
         };
-        let Some(uri) = origin_form(&target, parts.uri.query()) else {
+        let Some(uri) = origin_form(target, parts.uri.query()) else {
             return (Decision::Answer(ErrorCode::Upstream.response()), passed);
         };
         let timeout = route.timeout.unwrap_or(self.config.upstream_timeout);
@@ -594,18 +596,13 @@ fn panicked(panic: Box<dyn std::any::Any + Send>, id: Option<&HeaderValue>) -> R
 }
 
 /// The request target sent upstream: `path[?query]`, the query exactly as the client sent it.
-fn origin_form(path: &str, query: Option<&str>) -> Option<Uri> {
-    let path_and_query = match query {
-        Some(q) => {
-            let mut pq = String::with_capacity(path.len() + q.len() + 1);
-            pq.push_str(path);
-            pq.push('?');
-            pq.push_str(q);
-            pq
-        }
-        None => path.to_owned(),
-    };
-    Uri::try_from(path_and_query).ok()
+/// `path` becomes the target's own bytes (no copy: a `Uri` made from a `String` takes it).
+fn origin_form(mut path: String, query: Option<&str>) -> Option<Uri> {
+    if let Some(q) = query {
+        path.push('?');
+        path.push_str(q);
+    }
+    Uri::try_from(path).ok()
 }
 
 /// A random UUID v4. Not cryptographic (it needs to be unique, not unguessable), so a fast

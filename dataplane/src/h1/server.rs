@@ -963,6 +963,11 @@ fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<(Parsed, usi
 
 /// Whether a response's `Connection` header says `close`.
 fn says_close(headers: &HeaderMap) -> bool {
+    // Most maps here hold the correlation id alone: a walk over their names is cheaper than
+    // the lookup (~90 instructions a request).
+    if !in_map(headers, b"connection") {
+        return false;
+    }
     headers
         .get_all(header::CONNECTION)
         .iter()
