@@ -300,19 +300,24 @@ impl Handler {
         }
         let in_flight = self.activity.begin();
         let version = req.version();
-        let handled = self.proxy.handle(req, &self.client, move |mut resp| {
-            if version == Version::HTTP_2 {
-                // hyper writes the map, and only the map.
-                crate::body::map_fields(&mut resp);
-            }
-            in_flight.leave_if_draining(version, &mut resp);
-            // The request stays in flight until its response body is sent (or dropped), so a
-            // long download or stream is not "idle".
-            resp.map(|body| Tracked {
-                body,
-                _in_flight: in_flight,
-            })
-        });
+        // An HTTP/1.x request runs in the connection's task, whose timer can watch its
+        // deadline; an HTTP/2 stream runs in a task of its own.
+        let watchdog = (version != Version::HTTP_2).then(|| self.activity.watchdog.clone());
+        let handled = self
+            .proxy
+            .handle(req, &self.client, watchdog, move |mut resp| {
+                if version == Version::HTTP_2 {
+                    // hyper writes the map, and only the map.
+                    crate::body::map_fields(&mut resp);
+                }
+                in_flight.leave_if_draining(version, &mut resp);
+                // The request stays in flight until its response body is sent (or dropped), so a
+                // long download or stream is not "idle".
+                resp.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                })
+            });
         // Boxed: the connection keeps the request's future inside its own, so unboxed every
         // connection — idle ones too — would carry the request's state for as long as it
         // lives. Boxed, that memory is a request's.
@@ -332,6 +337,9 @@ async fn drive<F: Future>(
     peer: SocketAddr,
 ) -> Option<F::Output> {
     let idle = idle(activity, limits);
+    // Watches the HTTP/1.x exchange in flight, closing or not: its answer is still owed.
+    let watch = watch(&activity.watchdog);
+    tokio::pin!(watch);
     // Armed when an idle connection is asked to close: a graceful close waits for the
     // client (HTTP/2 GOAWAY and ping), and a client that never answers must not keep the
     // connection open. Boxed, and only then: a timer is hundreds of bytes that every
@@ -355,6 +363,7 @@ async fn drive<F: Future>(
                     () = crate::stopped(shutdown), if !closing => Control::Shutdown,
                     () = activity.goaway.notified(), if !closing => Control::GoAway,
                     reason = &mut idle, if !closing => Control::Idle(reason),
+                    never = &mut watch => match never {},
                     () = async {
                         match force.as_mut() {
                             Some(force) => force.await,
@@ -521,6 +530,124 @@ async fn idle(activity: &Activity, limits: Limits) -> &'static str {
     }
 }
 
+/// When the upstream exchange in flight on an HTTP/1.x connection is due, for the
+/// connection's [`watch`] to wake its task then.
+///
+/// A timer of each request's own (tokio's `timeout_at`) cost ~730 instructions a request:
+/// registered in the timer wheel when the request first waits, taken out when it ends. An
+/// HTTP/1.x request runs in its connection's task, which polls it at every wake-up, so one
+/// timer per connection can watch its requests in turn. That timer is set again only when an
+/// exchange is due before it fires, which a stream of requests with the same timeout never
+/// is: it fires at the first one's deadline, and is set then for the one in flight, if any.
+/// The exchange notices it is past due itself, when the wake-up polls it
+/// ([`crate::server`]'s `Due`). HTTP/2 streams run in tasks of their own and keep their own
+/// timers.
+#[derive(Debug)]
+pub(crate) struct Watchdog {
+    base: Instant,
+    /// When the exchange in flight is due, in milliseconds after `base` (rounded up);
+    /// `u64::MAX` when none is.
+    due_ms: AtomicU64,
+    /// When the connection's timer is set to fire, the same way.
+    armed_ms: AtomicU64,
+    /// Asks the connection's timer to look again: an exchange is due before it fires. (A
+    /// flag and a waker rather than a `Notify`: waiting on one made every connection's state
+    /// ~600 bytes larger.)
+    rewatch: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Watchdog {
+    fn new(base: Instant) -> Watchdog {
+        Watchdog {
+            base,
+            due_ms: AtomicU64::new(u64::MAX),
+            armed_ms: AtomicU64::new(u64::MAX),
+            rewatch: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        }
+    }
+
+    /// Milliseconds from `base` to `at`, rounded up (so a timer set for them fires at or
+    /// after `at`).
+    fn ms(&self, at: Instant) -> u64 {
+        let after = at.saturating_duration_since(self.base);
+        let ms = after.as_millis() + u128::from(!after.subsec_nanos().is_multiple_of(1_000_000));
+        u64::try_from(ms).unwrap_or(u64::MAX - 1)
+    }
+
+    /// An exchange is in flight until [`Watchdog::unwatch`], due at `deadline`.
+    pub(crate) fn watch(&self, deadline: Instant) {
+        let due = self.ms(deadline);
+        self.due_ms.store(due, Ordering::Relaxed);
+        if due < self.armed_ms.load(Ordering::Relaxed) {
+            self.rewatch.store(true, Ordering::Relaxed);
+            self.task.wake();
+        }
+    }
+
+    /// The exchange in flight ended.
+    pub(crate) fn unwatch(&self) {
+        self.due_ms.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// How long until the exchange in flight is due, if one is.
+    fn due_in(&self) -> Option<Duration> {
+        match self.due_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(
+                (self.base + Duration::from_millis(ms)).saturating_duration_since(Instant::now()),
+            ),
+        }
+    }
+
+    /// The connection's timer fires in `wait`.
+    fn armed(&self, wait: Duration) {
+        let at = self.ms(Instant::now() + wait);
+        self.armed_ms.store(at, Ordering::Relaxed);
+    }
+}
+
+/// Wakes its connection's task when the exchange `watchdog` watches is due (the wake-up polls
+/// the exchange, which then answers that it timed out). Never ends. Its timer is boxed, and
+/// made only when set: most of the time a connection has none.
+async fn watch(watchdog: &Watchdog) -> Infallible {
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        watchdog.task.register(cx.waker());
+        if watchdog.rewatch.swap(false, Ordering::Relaxed) {
+            timer = None;
+        }
+        if let Some(set) = timer.as_mut() {
+            if set.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired. The connection was polled first in this wake-up, so an exchange that
+            // was due has answered; look again.
+            timer = None;
+        }
+        match watchdog.due_in() {
+            // Due already: the exchange has not seen it yet. Poll the connection once more
+            // (it answers then), and do not look again: were the exchange gone without
+            // saying so, looking again would spin.
+            Some(wait) if wait.is_zero() => {
+                watchdog.unwatch();
+                cx.waker().wake_by_ref();
+            }
+            Some(wait) => {
+                watchdog.armed(wait);
+                let mut set = Box::pin(tokio::time::sleep(wait));
+                // Registers it; it cannot have fired yet.
+                let _ = set.as_mut().poll(cx);
+                timer = Some(set);
+            }
+            None => watchdog.armed_ms.store(u64::MAX, Ordering::Relaxed),
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Requests in flight on one connection and when the last one began or ended. Atomics, so
 /// that HTTP/2 streams on several threads never wait for each other.
 struct Activity {
@@ -534,17 +661,21 @@ struct Activity {
     goaway: Notify,
     /// Asks an HTTP/1.x connection to close (see [`crate::h1::server::serve`]).
     closing: AtomicBool,
+    /// The HTTP/1.x exchange in flight's deadline.
+    watchdog: Arc<Watchdog>,
 }
 
 impl Activity {
     fn new(drain: DrainSignal) -> Activity {
+        let base = Instant::now();
         Activity {
-            base: Instant::now(),
+            base,
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(u64::MAX),
             drain,
             goaway: Notify::new(),
             closing: AtomicBool::new(false),
+            watchdog: Arc::new(Watchdog::new(base)),
         }
     }
 

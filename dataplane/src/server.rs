@@ -14,7 +14,6 @@ use http::{Request, Response, Uri, Version, request};
 use http_body::Body as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::time::error::Elapsed;
 
 use crate::body::{ClientBody, ProxyBody, RequestBody, UpstreamBody, read_ahead};
 use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
@@ -23,6 +22,7 @@ use crate::filter::credentials::UsageLog;
 use crate::filter::wasm::Exchange;
 use crate::filter::{self, Passed, RequestInfo};
 use crate::headers::{Added, X_KANALI_CORRELATION_ID, strip_hop_by_hop};
+use crate::listener::Watchdog;
 use crate::path::upstream_path_with_room;
 use crate::pool::InFlight;
 use crate::request::Refusal;
@@ -129,10 +129,14 @@ impl Proxy {
     /// request's state was 5 KiB, copied several times per request. `finish` and the panic
     /// guard are inside it for the same reason: as layers around it, each moved the ~700-byte
     /// future once more.
-    pub fn handle<F, R>(
+    ///
+    /// `watchdog`: the request runs in its connection's task, whose timer watches the upstream
+    /// exchange's deadline (HTTP/1.x); without, the exchange has a timer of its own.
+    pub(crate) fn handle<F, R>(
         &self,
         req: Request<ClientBody>,
         peer: &Peer,
+        watchdog: Option<Arc<Watchdog>>,
         finish: F,
     ) -> impl Future<Output = R> + Send + use<F, R>
     where
@@ -140,7 +144,7 @@ impl Proxy {
     {
         let correlation_id = correlation_id();
         let state = guarded(&correlation_id, || {
-            let (decision, passed) = self.decide(req, peer, &correlation_id);
+            let (decision, passed) = self.decide(req, peer, &correlation_id, watchdog);
             match (decision, passed) {
                 (Decision::Answer(resp), None) => Handled::Answer { resp: Some(resp) },
                 (Decision::Forward(forward), passed) => forward.run(passed),
@@ -164,6 +168,7 @@ impl Proxy {
         req: Request<ClientBody>,
         peer: &Peer,
         correlation_id: &HeaderValue,
+        watchdog: Option<Arc<Watchdog>>,
     ) -> (Decision, Option<Box<Passed>>) {
         let answer = |resp| (Decision::Answer(resp), None);
         let (mut parts, body) = req.into_parts();
@@ -245,6 +250,7 @@ impl Proxy {
             cardinality,
             client_version,
             read_ahead: self.config.request_buffer_bytes,
+            watchdog,
         };
         (Decision::Forward(forward), passed)
     }
@@ -273,6 +279,8 @@ struct Forward {
     client_version: Version,
     /// [`ServerConfig::request_buffer_bytes`].
     read_ahead: usize,
+    /// See [`Proxy::handle`].
+    watchdog: Option<Arc<Watchdog>>,
 }
 
 impl Forward {
@@ -293,13 +301,26 @@ impl Forward {
             cardinality,
             client_version,
             read_ahead,
+            watchdog,
         } = self;
         if passed.is_none() && body.is_end_stream() {
             let request = Request::from_parts(parts, RequestBody::Streamed(body));
             // Not an `async` block: awaiting the send, it would hold it twice, captured and
             // pinned.
             return Handled::Sending {
-                sent: tokio::time::timeout_at(deadline, upstream.send(request, Some(added))),
+                sent: upstream.send(request, Some(added)),
+                due: match watchdog {
+                    Some(watchdog) => Due::Watched {
+                        watching: Watching {
+                            watchdog,
+                            started: false,
+                        },
+                    },
+                    None => Due::Timer {
+                        sleep: tokio::time::sleep_until(deadline),
+                    },
+                },
+                deadline,
                 upstream,
                 timeout,
                 cardinality,
@@ -331,7 +352,7 @@ impl Forward {
                         }
                     };
                     let send = upstream.send(request, added);
-                    let sent = tokio::time::timeout_at(deadline, send).await;
+                    let sent = tokio::time::timeout_at(deadline, send).await.ok();
                     upstream_answer(sent, &upstream, timeout)
                 };
                 with_cardinality(&mut resp, cardinality);
@@ -373,13 +394,86 @@ pin_project_lite::pin_project! {
         /// By the upstream, with nothing to read or run first (most requests).
         Sending {
             #[pin]
-            sent: tokio::time::Timeout<S>,
+            sent: S,
+            #[pin]
+            due: Due,
+            deadline: tokio::time::Instant,
             upstream: Upstream,
             timeout: Duration,
             cardinality: Option<usize>,
         },
         /// After reading the body first, or with the plugins' response phase.
         Boxed { handling: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// What tells an upstream exchange that it is past its deadline.
+    #[project = DueProj]
+    enum Due {
+        /// A timer of its own.
+        Timer {
+            #[pin]
+            sleep: tokio::time::Sleep,
+        },
+        /// Its connection's timer (see [`Watchdog`]), which wakes the task the exchange runs
+        /// in when it is due; the exchange then looks at the clock.
+        Watched { watching: Watching },
+    }
+}
+
+/// An exchange on its connection's [`Watchdog`], from its first wait until it ends or is
+/// dropped (answered, cancelled, or its handling panicked).
+struct Watching {
+    watchdog: Arc<Watchdog>,
+    started: bool,
+}
+
+impl Watching {
+    fn stop(&mut self) {
+        if std::mem::take(&mut self.started) {
+            self.watchdog.unwatch();
+        }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Due {
+    /// Ready once `deadline` has passed.
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Poll<()> {
+        match self.project() {
+            DueProj::Timer { sleep } => sleep.poll(cx),
+            DueProj::Watched { watching } => {
+                if !watching.started {
+                    // Just sent: not due yet (the connection's timer wakes it if it is
+                    // already).
+                    watching.started = true;
+                    watching.watchdog.watch(deadline);
+                    return Poll::Pending;
+                }
+                if tokio::time::Instant::now() < deadline {
+                    return Poll::Pending;
+                }
+                watching.stop();
+                Poll::Ready(())
+            }
+        }
+    }
+
+    /// The exchange answered.
+    fn done(self: Pin<&mut Self>) {
+        if let DueProj::Watched { watching } = self.project() {
+            watching.stop();
+        }
     }
 }
 
@@ -402,11 +496,22 @@ impl<S: Sending> Handled<S> {
             }
             HandledProj::Sending {
                 sent,
+                mut due,
+                deadline,
                 upstream,
                 timeout,
                 cardinality,
             } => {
-                let sent = ready!(sent.poll(cx));
+                let sent = match sent.poll(cx) {
+                    Poll::Ready(sent) => {
+                        due.as_mut().done();
+                        Some(sent)
+                    }
+                    Poll::Pending => {
+                        ready!(due.as_mut().poll(cx, *deadline));
+                        None
+                    }
+                };
                 let mut resp = upstream_answer(sent, upstream, *timeout);
                 with_cardinality(&mut resp, *cardinality);
                 resp
@@ -557,25 +662,26 @@ async fn read_body(
 /// An upstream's response head, with the balancer's guard for a Service.
 type Sent = (Response<UpstreamBody>, Option<InFlight>);
 
-/// The client's response from what the upstream answered (or the error that replaces it).
+/// The client's response from what the upstream answered (`None`: nothing before the
+/// deadline), or the error that replaces it.
 fn upstream_answer(
-    sent: Result<Result<Sent, UpstreamError>, Elapsed>,
+    sent: Option<Result<Sent, UpstreamError>>,
     upstream: &Upstream,
     timeout: Duration,
 ) -> Response<ProxyBody> {
     match sent {
-        Ok(Ok((resp, in_flight))) => {
+        Some(Ok((resp, in_flight))) => {
             let (mut parts, body) = resp.into_parts();
             let _ = strip_hop_by_hop(&mut parts.headers, None);
             // An HTTP/2 upstream's response goes back in the client's protocol.
             parts.version = Version::HTTP_11;
             Response::from_parts(parts, ProxyBody::Upstream(body, in_flight))
         }
-        Ok(Err(error)) => {
+        Some(Err(error)) => {
             tracing::debug!(%error, upstream = %upstream.authority(), "upstream request failed");
             ErrorCode::Upstream.response()
         }
-        Err(_) => {
+        None => {
             tracing::debug!(upstream = %upstream.authority(), ?timeout, "upstream timed out");
             ErrorCode::Upstream.response()
         }

@@ -437,6 +437,51 @@ async fn the_route_timeout_overrides_the_default_and_answers_08() {
 }
 
 #[tokio::test]
+async fn an_exchange_due_before_its_connections_timer_would_fire_still_times_out() {
+    // An HTTP/1.1 request is watched by its connection's timer, which a stream of requests
+    // with the same timeout leaves set for the first of them. A request with a nearer
+    // deadline on the same connection has to move it.
+    let slow = echo("slow").await;
+    let h = Harness::start(UpstreamConfig::default()).await;
+    let mut short = route("/slow", endpoint("http", &slow.addr.to_string(), ""));
+    short.timeout_ms = 200;
+    let long = route("/fast", endpoint("http", &slow.addr.to_string(), ""));
+    h.apply(&snapshot("v1", vec![short, long], vec![], vec![]));
+    let mut client = h.client().await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/fast", &[]).await.status, StatusCode::OK);
+    }
+    // (Within 5 s: the connection's idle check, every 10 s here, would wake it too.)
+    let a = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get("/slow", &[("x-echo-delay-ms", "30000")]),
+    )
+    .await
+    .expect("the 200 ms deadline is kept, not the 60 s one");
+    assert_eq!(
+        (a.status, a.code()),
+        (StatusCode::BAD_GATEWAY, Some(8)),
+        "{a:?}"
+    );
+    // The connection goes on, with its timer set for the next one.
+    assert_eq!(client.get("/fast", &[]).await.status, StatusCode::OK);
+
+    // HTTP/2: each stream has a timer of its own.
+    let a = tokio::time::timeout(
+        Duration::from_secs(5),
+        h.h2_get("/slow", &[("x-echo-delay-ms", "30000")]),
+    )
+    .await
+    .expect("HTTP/2 keeps the 200 ms deadline");
+    assert_eq!(
+        (a.status, a.code()),
+        (StatusCode::BAD_GATEWAY, Some(8)),
+        "{a:?}"
+    );
+    assert_eq!(h.h2_get("/fast", &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn rotated_material_opens_new_connections() {
     let ca = Ca::new("ca");
     let up = tls_echo(&ca, &["127.0.0.1"], None, &["http/1.1"]).await;

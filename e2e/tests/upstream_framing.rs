@@ -16,11 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use harness::{Harness, endpoint, route, snapshot};
-use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use kanali_e2e::check::Answer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -213,20 +209,6 @@ async fn untrustworthy_responses_get_error_08_or_end_the_connection() {
     );
 }
 
-/// `GET path` over HTTP/2 (h2c, prior knowledge) on a new connection.
-async fn h2_get(proxy: &Harness, path: &str) -> Answer {
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get(format!("http://api.example.org{path}"))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    Answer::read(sender.send_request(req).await.unwrap()).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_get_the_upstreams_fields_less_this_hops_with_the_proxys_own_in_place() {
     let (proxy, _) = proxy().await;
@@ -289,7 +271,7 @@ async fn clients_get_the_upstreams_fields_less_this_hops_with_the_proxys_own_in_
         }
 
         // HTTP/2: the same fields, through the map hyper writes.
-        let a = h2_get(&proxy, path).await;
+        let a = proxy.h2_get(path, &[]).await;
         assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"body"[..]));
         let values = |name: &str| -> Vec<&[u8]> {
             a.headers

@@ -153,6 +153,28 @@ impl Harness {
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
         self.client().await.get(path, headers).await
     }
+
+    /// `GET path` for host `api.example.org` over HTTP/2 (h2c, prior knowledge), with
+    /// `headers`, on a new connection.
+    pub async fn h2_get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::get(format!("http://api.example.org{path}"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let resp = sender
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        Answer::read(resp).await
+    }
 }
 
 pub struct Client(hyper::client::conn::http1::SendRequest<Empty<Bytes>>);
