@@ -10,7 +10,7 @@ DURATION=${DURATION:-10s} CONNS=${CONNS:-64} ROUNDS=${ROUNDS:-3} PROXY_CPU=${PRO
 source "$(dirname "$0")/common.sh"
 tmp=$(mktemp -d); chmod 755 "$tmp"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+cleanup() { stop_started; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 mkdir "$tmp/manifests" "$tmp/www"

@@ -15,7 +15,7 @@ PROXY_CPU=${PROXY_CPU:-0} LOAD_CPU=${LOAD_CPU:-1}
 tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
 head -c 16384 /dev/zero | tr '\0' x > "$tmp/www/big"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+cleanup() { stop_started; rm -rf "$tmp"; }
 trap cleanup EXIT
 for port in 18080 18081 18083 18084 18093 18094 19080 19443; do
   if ss -ltnH "sport = :$port" | grep -q .; then echo "port $port already in use" >&2; exit 1; fi

@@ -11,7 +11,7 @@ DURATION=${DURATION:-10s} CONNS=${CONNS:-64} ROUNDS=${ROUNDS:-3} PROXY_CPU=${PRO
 source "$(dirname "$0")/common.sh"
 tmp=$(mktemp -d); chmod 755 "$tmp"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+cleanup() { stop_started; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 for port in 18080 18083 18084 19080 19443; do
