@@ -80,7 +80,7 @@ fn bench_upstream_path(c: &mut Criterion) {
         ("root_source", "/", "/car", "/api/v2/service-5/resource/42"),
     ] {
         group.bench_function(name, |b| {
-            b.iter(|| upstream_path(black_box(source), black_box(target), black_box(raw)))
+            b.iter(|| upstream_path(black_box(source), black_box(target), black_box(raw), 0))
         });
     }
     group.finish();

@@ -268,16 +268,24 @@ impl RawFields {
         self.value(self.get_all(name).next()?)
     }
 
+    /// A field as a map entry, its value sharing the head's bytes.
+    fn entry(&self, name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), H1Error> {
+        let name = field_name(name).map_err(|_| H1Error::Invalid("bad header name"))?;
+        let value = self
+            .value(value)
+            .ok_or(H1Error::Invalid("bad header value"))?;
+        Ok((name, value))
+    }
+
     /// The fields as a map, with `over`'s fields replacing those of the same name (the
     /// proxy's own fields win, as when they are inserted into a map of the upstream's).
     pub fn into_map(self, over: HeaderMap) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.0.spans.len() + over.len());
         for (name, value) in self.iter() {
-            // Both always succeed: httparse checked the same rules (see above).
-            let (Ok(name), Some(value)) = (field_name(name), self.value(value)) else {
-                continue;
-            };
-            map.append(name, value);
+            // Always made: httparse checked the same rules (see above).
+            if let Ok((name, value)) = self.entry(name, value) {
+                map.append(name, value);
+            }
         }
         map.extend(over);
         self.recycle();
@@ -599,10 +607,7 @@ fn take_head(
         headers.reserve(spans.len() + crate::headers::ADDED_HEADERS);
         let fields = RawFields::new(bytes, spans);
         for (name, value) in fields.iter() {
-            let name = field_name(name).map_err(|_| H1Error::Invalid("bad header name"))?;
-            let value = fields
-                .value(value)
-                .ok_or(H1Error::Invalid("bad header value"))?;
+            let (name, value) = fields.entry(name, value)?;
             headers.append(name, value);
         }
         fields.recycle();

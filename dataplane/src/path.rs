@@ -64,13 +64,10 @@ pub fn normalize(path: &str) -> String {
 /// `//x` becomes `/x` and the bare root request `/` adds nothing (`/` → `/car`, not `/car/`).
 /// If `raw_path` has fewer segments than `source` (the router never lets that happen) the whole
 /// request path counts as consumed.
-pub fn upstream_path(source: &str, target: &str, raw_path: &str) -> String {
-    upstream_path_with_room(source, target, raw_path, 0)
-}
-
-/// [`upstream_path`], in a string with `room` bytes to spare (for a query to follow it
-/// without another allocation).
-pub fn upstream_path_with_room(source: &str, target: &str, raw_path: &str, room: usize) -> String {
+///
+/// The string has `room` bytes to spare, for a query to follow the path without another
+/// allocation.
+pub fn upstream_path(source: &str, target: &str, raw_path: &str, room: usize) -> String {
     // The run of `/` right after the matched prefix collapses to one `/` (a trailing slash
     // stays a trailing slash); for a root source a bare `/` adds nothing.
     let (junction, rest) = match segments(source).count() {
@@ -173,7 +170,7 @@ mod tests {
             ("/foo/bar", "/x", "/foo//", "/x"),
         ] {
             assert_eq!(
-                upstream_path(source, target, raw),
+                upstream_path(source, target, raw, 0),
                 want,
                 "upstream_path({source:?}, {target:?}, {raw:?})"
             );
@@ -204,7 +201,7 @@ mod tests {
                                     raw.push_str(pieces[(pi + k + 1) % pieces.len()]);
                                 }
                                 raw.push_str(trailing);
-                                let out = upstream_path(source, target, &raw);
+                                let out = upstream_path(source, target, &raw, 0);
                                 assert!(out.starts_with('/'), "{source} {target} {raw} → {out}");
                                 let want: Vec<&str> = segments(target)
                                     .chain(segments(&raw).skip(segments(source).count()))

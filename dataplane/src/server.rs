@@ -23,7 +23,7 @@ use crate::filter::wasm::Exchange;
 use crate::filter::{self, Passed, RequestInfo};
 use crate::headers::{Added, X_KANALI_CORRELATION_ID, strip_hop_by_hop};
 use crate::listener::Watchdog;
-use crate::path::upstream_path_with_room;
+use crate::path::upstream_path;
 use crate::pool::InFlight;
 use crate::request::Refusal;
 use crate::table::{Action, RouteTable};
@@ -188,7 +188,7 @@ impl Proxy {
         };
         // With room for the query, which follows it upstream (see `origin_form`).
         let query_room = parts.uri.query().map_or(0, |q| q.len() + 1);
-        let target = upstream_path_with_room(&route.path, &route.target_path, path, query_room);
+        let target = upstream_path(&route.path, &route.target_path, path, query_room);
         // The plugins see every request the route takes, whatever its backend (v2 ran them
         // before the mock step too).
         let passed = if route.filters.is_empty() {
@@ -313,6 +313,7 @@ impl Forward {
                     Some(watchdog) => Due::Watched {
                         watching: Watching {
                             watchdog,
+                            deadline,
                             started: false,
                         },
                     },
@@ -320,7 +321,6 @@ impl Forward {
                         sleep: tokio::time::sleep_until(deadline),
                     },
                 },
-                deadline,
                 upstream,
                 timeout,
                 cardinality,
@@ -397,7 +397,6 @@ pin_project_lite::pin_project! {
             sent: S,
             #[pin]
             due: Due,
-            deadline: tokio::time::Instant,
             upstream: Upstream,
             timeout: Duration,
             cardinality: Option<usize>,
@@ -426,6 +425,7 @@ pin_project_lite::pin_project! {
 /// dropped (answered, cancelled, or its handling panicked).
 struct Watching {
     watchdog: Arc<Watchdog>,
+    deadline: tokio::time::Instant,
     started: bool,
 }
 
@@ -444,12 +444,8 @@ impl Drop for Watching {
 }
 
 impl Due {
-    /// Ready once `deadline` has passed.
-    fn poll(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        deadline: tokio::time::Instant,
-    ) -> Poll<()> {
+    /// Ready once the exchange's deadline has passed.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         match self.project() {
             DueProj::Timer { sleep } => sleep.poll(cx),
             DueProj::Watched { watching } => {
@@ -457,10 +453,10 @@ impl Due {
                     // Just sent: not due yet (the connection's timer wakes it if it is
                     // already).
                     watching.started = true;
-                    watching.watchdog.watch(deadline);
+                    watching.watchdog.watch(watching.deadline);
                     return Poll::Pending;
                 }
-                if tokio::time::Instant::now() < deadline {
+                if tokio::time::Instant::now() < watching.deadline {
                     return Poll::Pending;
                 }
                 watching.stop();
@@ -497,7 +493,6 @@ impl<S: Sending> Handled<S> {
             HandledProj::Sending {
                 sent,
                 mut due,
-                deadline,
                 upstream,
                 timeout,
                 cardinality,
@@ -508,7 +503,7 @@ impl<S: Sending> Handled<S> {
                         Some(sent)
                     }
                     Poll::Pending => {
-                        ready!(due.as_mut().poll(cx, *deadline));
+                        ready!(due.as_mut().poll(cx));
                         None
                     }
                 };

@@ -1026,11 +1026,9 @@ fn lengths<'a>(
     map: &'a HeaderMap,
     raw: Option<&'a RawFields>,
 ) -> impl Iterator<Item = &'a [u8]> + 'a {
-    let in_map = map.contains_key(header::CONTENT_LENGTH);
-    let from_map = map
-        .get_all(header::CONTENT_LENGTH)
-        .into_iter()
-        .map(HeaderValue::as_bytes);
+    let from_map = map.get_all(header::CONTENT_LENGTH);
+    let in_map = from_map.iter().next().is_some();
+    let from_map = from_map.into_iter().map(HeaderValue::as_bytes);
     let from_raw = raw
         .filter(|_| !in_map)
         .into_iter()
