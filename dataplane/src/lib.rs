@@ -32,6 +32,7 @@ pub mod shutdown;
 pub mod table;
 pub mod upstream;
 pub mod upstream_tls;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ use tokio::task::JoinHandle;
 
 use shutdown::{Drain, ShutdownConfig};
 use table::RouteTable;
+use workers::{Worker, Workers};
 
 /// Everything needed to start a proxy.
 #[derive(Clone, Debug)]
@@ -61,6 +63,8 @@ pub struct ProxyConfig {
     pub rate_limits: filter::rate_limit::RateLimitConfig,
     /// Custom plugins: where their modules are, and their budgets.
     pub plugins: filter::wasm::WasmConfig,
+    /// Which threads serve the connections.
+    pub workers: Workers,
 }
 
 /// Why the proxy could not start.
@@ -88,6 +92,9 @@ pub enum StartError {
     /// The WebAssembly runtime for plugins could not be created.
     #[error("plugins: {0}")]
     Plugins(#[from] filter::wasm::WasmError),
+    /// A worker thread could not be started.
+    #[error("cannot start a worker thread: {0}")]
+    Worker(std::io::Error),
 }
 
 /// A running proxy.
@@ -108,6 +115,8 @@ pub struct RunningProxy {
     exit: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// With [`Workers::PerCore`]: they end after the tasks.
+    workers: Vec<Worker>,
 }
 
 impl RunningProxy {
@@ -150,50 +159,46 @@ impl RunningProxy {
         for task in self.tasks {
             let _ = task.await;
         }
+        for worker in self.workers {
+            worker.ended().await;
+        }
     }
 }
 
-/// Binds the listeners and starts serving; the table fills in when the controller answers.
+/// Binds the listeners and starts serving (with [`Workers::PerCore`], on worker threads it
+/// starts); the table fills in when the controller answers.
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
-    };
-    let listener = bind("traffic", config.listen).await?;
-    let admin = bind("admin", config.admin_listen).await?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        what: "traffic",
-        addr: config.listen,
-        source,
-    })?;
-    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
-        what: "admin",
-        addr: config.admin_listen,
-        source,
-    })?;
-
     let (drain, draining) = Drain::new();
     let (shutdown, rx) = watch::channel(false);
     let (exit, exit_rx) = watch::channel(false);
+    let traffic = bind("traffic", config.listen, config.workers).await?;
+    let addr = traffic.addr;
+    let admin_failed = |source| StartError::Bind {
+        what: "admin",
+        addr: config.admin_listen,
+        source,
+    };
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(admin_failed)?;
+    let admin_addr = admin.local_addr().map_err(admin_failed)?;
+
     // Files are loaded before anything starts, so a bad certificate fails start-up.
     let https = match &config.server.tls {
         None => None,
         Some(tls) => {
-            let listener = bind("https", tls.listen).await?;
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                what: "https",
-                addr: tls.listen,
-                source,
-            })?;
+            let bound = bind("https", tls.listen, config.workers).await?;
             let (server_tls, reload) = server_tls::start(tls.clone(), exit_rx.clone())?;
-            Some((listener, addr, server_tls, reload))
+            Some((bound, server_tls, reload))
         }
     };
-    let tls_addr = https.as_ref().map(|(_, addr, _, _)| *addr);
+    let tls_addr = https.as_ref().map(|(bound, _, _)| bound.addr);
 
     let tables = Arc::new(ArcSwapOption::empty());
-    let upstreams = Arc::new(upstream::Upstreams::new(config.upstream)?);
+    let upstreams = Arc::new(upstream::Upstreams::for_workers(
+        config.upstream,
+        config.workers.count(),
+    )?);
     let limits = Arc::new(filter::rate_limit::RateLimits::new(config.rate_limits)?);
     let usage = Arc::new(filter::credentials::UsageLog::default());
     let plugins = Arc::new(filter::wasm::Plugins::new(&config.plugins)?);
@@ -202,17 +207,28 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         config.server,
         usage.clone(),
     ));
-    let serve = |listener, tls| {
-        let drain = draining.clone();
-        tokio::spawn(server::serve(
-            listener,
-            tls,
-            proxy.clone(),
-            drain,
-            rx.clone(),
-        ))
+    // Last, so that nothing above that fails leaves threads behind.
+    let workers = match config.workers {
+        Workers::Caller => Vec::new(),
+        Workers::PerCore(n) => (0..n.max(1))
+            .map(|i| Worker::start(i, exit_rx.clone()))
+            .collect::<Result<_, _>>()
+            .map_err(StartError::Worker)?,
     };
-    let mut listeners = vec![serve(listener, None)];
+    // Listener `i` is served by worker `i`, or by the caller's runtime without workers.
+    let serve = |(i, listener): (usize, TcpListener), tls: Option<server_tls::ServerTls>| {
+        let serving = server::serve(listener, tls, proxy.clone(), draining.clone(), rx.clone());
+        match workers.get(i) {
+            Some(worker) => worker.handle.spawn(serving),
+            None => tokio::spawn(serving),
+        }
+    };
+    let mut running: Vec<JoinHandle<()>> = traffic
+        .serve_on(&workers)?
+        .into_iter()
+        .enumerate()
+        .map(|l| serve(l, None))
+        .collect();
     let mut tasks = vec![
         tokio::spawn(admin::serve(
             admin,
@@ -235,11 +251,17 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             exit_rx,
         )),
     ];
-    if let Some((listener, _, server_tls, reload)) = https {
-        listeners.push(serve(listener, Some(server_tls)));
+    if let Some((bound, server_tls, reload)) = https {
+        running.extend(
+            bound
+                .serve_on(&workers)?
+                .into_iter()
+                .enumerate()
+                .map(|l| serve(l, Some(server_tls.clone()))),
+        );
         tasks.push(tokio::spawn(reload));
     }
-    tracing::info!(%addr, ?tls_addr, %admin_addr, "proxy listening");
+    tracing::info!(%addr, ?tls_addr, %admin_addr, workers = workers.len(), "proxy listening");
     Ok(RunningProxy {
         addr,
         tls_addr,
@@ -248,9 +270,66 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         drain,
         shutdown,
         exit,
-        listeners,
+        listeners: running,
         tasks,
+        workers,
     })
+}
+
+/// A listener's sockets, bound: one on the caller's runtime without workers, else one per
+/// worker, for its runtime to watch.
+struct Bound {
+    what: &'static str,
+    addr: SocketAddr,
+    sockets: Sockets,
+}
+
+enum Sockets {
+    Here(TcpListener),
+    Workers(Vec<std::net::TcpListener>),
+}
+
+async fn bind(what: &'static str, addr: SocketAddr, workers: Workers) -> Result<Bound, StartError> {
+    let failed = |source| StartError::Bind { what, addr, source };
+    let (sockets, bound) = match workers {
+        Workers::Caller => {
+            let listener = TcpListener::bind(addr).await.map_err(failed)?;
+            let bound = listener.local_addr().map_err(failed)?;
+            (Sockets::Here(listener), bound)
+        }
+        Workers::PerCore(n) => {
+            let sockets = workers::reuseport_listeners(addr, n).map_err(failed)?;
+            let bound = match sockets.first() {
+                Some(first) => first.local_addr().map_err(failed)?,
+                None => return Err(failed(std::io::ErrorKind::AddrNotAvailable.into())),
+            };
+            (Sockets::Workers(sockets), bound)
+        }
+    };
+    Ok(Bound {
+        what,
+        addr: bound,
+        sockets,
+    })
+}
+
+impl Bound {
+    /// The listeners, each watched by the runtime that serves it: worker `i` the `i`th.
+    fn serve_on(self, workers: &[Worker]) -> Result<Vec<TcpListener>, StartError> {
+        let failed = |source| StartError::Bind {
+            what: self.what,
+            addr: self.addr,
+            source,
+        };
+        match self.sockets {
+            Sockets::Here(listener) => Ok(vec![listener]),
+            Sockets::Workers(sockets) => sockets
+                .into_iter()
+                .zip(workers)
+                .map(|(socket, worker)| worker.adopt(socket).map_err(failed))
+                .collect(),
+        }
+    }
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone). Returns `()` rather than the

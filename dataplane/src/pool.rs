@@ -55,6 +55,8 @@ pub(crate) struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// Workers that keep idle connections apart ([`crate::workers`]), `max_idle` shared out.
+    pub workers: usize,
 }
 
 /// Milliseconds since the first call, never 0 (0 means "never failed").
@@ -75,6 +77,12 @@ pub(crate) type SweepList = SegQueue<Weak<HostPool>>;
 struct Idle {
     conn: Box<H1Conn>,
     since: Instant,
+}
+
+/// The calling worker's queue of `queues` (one per worker, at least one).
+fn here(queues: &[OnceLock<ArrayQueue<Idle>>]) -> &OnceLock<ArrayQueue<Idle>> {
+    let last = queues.len().saturating_sub(1);
+    &queues[crate::workers::current().min(last)]
 }
 
 /// A connection ready for one request; nothing has been sent on it yet.
@@ -104,9 +112,10 @@ pub struct HostPool {
     dial_host: Box<str>,
     dial_port: u16,
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    // Created on first release: most endpoint addresses of a big cluster never see a request
-    // from this proxy, and the queue allocates all its slots up front.
-    idle: OnceLock<ArrayQueue<Idle>>,
+    // Per worker, since a connection is watched by the runtime that opened it. Created on
+    // first release: most endpoint addresses of a big cluster never see a request from this
+    // proxy, and a queue allocates all its slots up front.
+    idle: OnceLock<Box<[OnceLock<ArrayQueue<Idle>>]>>,
     /// Where this pool is listed when a connection goes idle in it, and whether it is.
     sweep_list: Option<Arc<SweepList>>,
     listed: AtomicBool,
@@ -122,7 +131,7 @@ impl std::fmt::Debug for HostPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostPool")
             .field("key", &self.key)
-            .field("idle", &self.idle.get().map_or(0, ArrayQueue::len))
+            .field("idle", &self.queues().map(ArrayQueue::len).sum::<usize>())
             .field("h2", &self.speaks_h2.load(Ordering::Relaxed))
             .field("in_flight", &self.in_flight())
             .finish()
@@ -204,7 +213,7 @@ impl HostPool {
     pub(crate) fn sweep_listed(self: &Arc<Self>, now: Instant) -> usize {
         self.listed.store(false, Ordering::SeqCst);
         let closed = self.sweep(now);
-        if self.idle.get().is_some_and(|idle| !idle.is_empty()) {
+        if self.queues().any(|idle| !idle.is_empty()) {
             self.list();
         }
         closed
@@ -507,8 +516,27 @@ impl HostPool {
         }
     }
 
+    /// Every worker's idle connections.
+    fn queues(&self) -> impl Iterator<Item = &ArrayQueue<Idle>> {
+        self.idle
+            .get()
+            .into_iter()
+            .flat_map(|queues| queues.iter())
+            .filter_map(OnceLock::get)
+    }
+
+    /// This worker's idle connections, made on first use.
+    fn queue_here(&self) -> &ArrayQueue<Idle> {
+        let workers = self.settings.workers.max(1);
+        let queues = self
+            .idle
+            .get_or_init(|| (0..workers).map(|_| OnceLock::new()).collect());
+        here(queues)
+            .get_or_init(|| ArrayQueue::new(self.settings.max_idle.div_ceil(workers).max(1)))
+    }
+
     fn checkout(&self) -> Option<Box<H1Conn>> {
-        let idle = self.idle.get()?;
+        let idle = here(self.idle.get()?).get()?;
         while let Some(mut idle) = idle.pop() {
             if idle.since.elapsed() < self.settings.idle_timeout && idle.conn.still_open() {
                 return Some(idle.conn);
@@ -524,23 +552,22 @@ impl HostPool {
     /// request goes to any more (a deleted pod's) keeps its socket half-closed, in CLOSE-WAIT,
     /// for as long as the pool lives. See [`crate::upstream::Upstreams::sweep`].
     pub(crate) fn sweep(&self, now: Instant) -> usize {
-        let Some(idle) = self.idle.get() else {
-            return 0;
-        };
         let mut closed = 0;
         // One pass over what is queued now, oldest first, kept ones going back in order; a
         // request racing the pass may miss one and dial instead, as when all are busy.
-        for _ in 0..idle.len() {
-            let Some(mut conn) = idle.pop() else { break };
-            if now.saturating_duration_since(conn.since) < self.settings.idle_timeout
-                && conn.conn.still_open()
-            {
-                // Full only when releases raced the pass: then it closes, as theirs would.
-                if idle.push(conn).is_ok() {
-                    continue;
+        for idle in self.queues() {
+            for _ in 0..idle.len() {
+                let Some(mut conn) = idle.pop() else { break };
+                if now.saturating_duration_since(conn.since) < self.settings.idle_timeout
+                    && conn.conn.still_open()
+                {
+                    // Full only when releases raced the pass: then it closes, as theirs would.
+                    if idle.push(conn).is_ok() {
+                        continue;
+                    }
                 }
+                closed += 1;
             }
-            closed += 1;
         }
         closed
     }
@@ -548,9 +575,7 @@ impl HostPool {
     /// Takes back a connection whose response ended cleanly.
     pub(crate) fn release_h1(self: &Arc<Self>, mut conn: Box<H1Conn>) {
         conn.shrink();
-        let idle = self
-            .idle
-            .get_or_init(|| ArrayQueue::new(self.settings.max_idle.max(1)));
+        let idle = self.queue_here();
         // Full: this connection just closes.
         let _ = idle.push(Idle {
             conn,

@@ -204,6 +204,8 @@ pub struct Upstreams {
     services: Mutex<HashMap<ServiceKey, Weak<ServiceBackend>, FastHash>>,
     /// The pools with idle connections, for [`Upstreams::sweep`].
     sweep_list: Arc<SweepList>,
+    /// How many workers keep idle connections apart (see [`crate::workers`]).
+    workers: usize,
 }
 
 /// The hasher of the registry's maps, which a prune walks whole: SipHash over every pool's key
@@ -256,6 +258,12 @@ fn get_or_make<K: Eq + Hash, V>(
 impl Upstreams {
     /// Loads the system roots and builds the default TLS configuration.
     pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
+        Self::for_workers(config, 1)
+    }
+
+    /// [`Upstreams::new`], for a proxy whose connections `workers` worker threads serve: each
+    /// keeps idle upstream connections of its own, `max_idle_per_host` shared out among them.
+    pub fn for_workers(config: UpstreamConfig, workers: usize) -> Result<Self, UpstreamError> {
         let tls = TlsContext::new(config.verify_hostname);
         let default_tls = tls.default_config()?;
         Ok(Upstreams {
@@ -267,6 +275,7 @@ impl Upstreams {
             lingering: Mutex::default(),
             services: Mutex::default(),
             sweep_list: Arc::new(SweepList::new()),
+            workers: workers.max(1),
         })
     }
 
@@ -287,6 +296,7 @@ impl Upstreams {
             connect_timeout: self.config.connect_timeout,
             idle_timeout: self.config.idle_timeout,
             max_idle: self.config.max_idle_per_host,
+            workers: self.workers,
         }
     }
 

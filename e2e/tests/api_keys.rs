@@ -175,6 +175,7 @@ impl Env {
                         }),
                     },
                     plugins: Default::default(),
+                    workers: kanali_dataplane::workers::Workers::Caller,
                 })
                 .await
                 .unwrap(),

@@ -73,6 +73,7 @@ async fn proxy(url: String, id: &str, trust: &Ca, client: Option<&Issued>) -> Ru
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
+        workers: kanali_dataplane::workers::Workers::Caller,
     })
     .await
     .unwrap()

@@ -115,6 +115,7 @@ impl Env {
                 vms_per_plugin: 2,
                 ..WasmConfig::default()
             },
+            workers: kanali_dataplane::workers::Workers::Caller,
         })
         .await
         .unwrap();

@@ -58,6 +58,7 @@ fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
+        workers: kanali_dataplane::workers::Workers::Caller,
     }
 }
 

@@ -62,6 +62,7 @@ async fn proxy(grpc: SocketAddr, id: &str) -> RunningProxy {
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
+        workers: kanali_dataplane::workers::Workers::Caller,
     })
     .await
     .unwrap()
@@ -739,6 +740,7 @@ async fn a_proxy_fails_over_between_controller_replicas() {
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
+        workers: kanali_dataplane::workers::Workers::Caller,
     })
     .await
     .unwrap();

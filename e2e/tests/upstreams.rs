@@ -72,6 +72,7 @@ impl Env {
             upstream: Default::default(),
             rate_limits: Default::default(),
             plugins: Default::default(),
+            workers: kanali_dataplane::workers::Workers::Caller,
         };
         tweak(&mut config);
         let proxy = kanali_dataplane::start(config).await.unwrap();

@@ -13,6 +13,7 @@ use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::server_tls::{DEFAULT_RELOAD_INTERVAL, TlsConfig};
 use kanali_dataplane::shutdown::ShutdownConfig;
 use kanali_dataplane::upstream::{AddressMode, UpstreamConfig};
+use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{ProxyConfig, start};
 
 /// Kanali proxy.
@@ -54,9 +55,16 @@ struct Args {
     /// Admin listener (/healthz, /readyz, /version).
     #[arg(long, env = "KANALI_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
-    /// Worker threads; default: one per core.
-    #[arg(long, env = "KANALI_WORKER_THREADS")]
-    worker_threads: Option<usize>,
+    /// Worker threads; default: one per core (as the CPU limit allows). Each has its own
+    /// listening socket on the same address (SO_REUSEPORT), and serves the connections it
+    /// accepts from start to end.
+    #[arg(long, env = "KANALI_WORKER_THREADS", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    worker_threads: Option<u64>,
+    /// Serve all connections from one work-stealing runtime over the worker threads instead:
+    /// a few busy HTTP/2 connections then spread their streams over all cores, at a few per
+    /// cent more CPU per request (e2e/bench/RESULTS.md).
+    #[arg(long, env = "KANALI_WORK_STEALING")]
+    work_stealing: bool,
     /// Identity reported to the controller; default: $POD_NAME, else the host name.
     #[arg(long, env = "KANALI_PROXY_ID")]
     id: Option<String>,
@@ -234,19 +242,30 @@ fn main() -> anyhow::Result<()> {
         logs.init()
     }
 
-    // One worker: a current-thread runtime, which skips the work-stealing scheduler's
-    // cross-thread bookkeeping (measurably faster when pinned to one core).
-    let mut runtime = match args.worker_threads {
-        Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
+    let workers = match args.worker_threads {
+        Some(n) => usize::try_from(n)?,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    runtime.enable_all().build()?.block_on(run(args))
+    // Thread per core: this thread's runtime keeps the subscription, the admin port and the
+    // timers, and each worker thread a runtime of its own. Work stealing: every thread takes
+    // part in one runtime, which runs everything; one thread alone gets the current-thread
+    // runtime, which skips the stealing scheduler's cross-thread bookkeeping.
+    let mut runtime = if args.work_stealing && workers > 1 {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let threads = if args.work_stealing {
+        Workers::Caller
+    } else {
+        Workers::PerCore(workers)
+    };
+    runtime
+        .enable_all()
+        .build()?
+        .block_on(run(args, workers, threads))
 }
 
 /// TLS to the controller from the `--controller-*` files, read once at start-up.
@@ -265,7 +284,7 @@ fn controller_tls(args: &Args) -> anyhow::Result<Option<tonic::transport::Client
     Ok(Some(tls))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, workers: usize, threads: Workers) -> anyhow::Result<()> {
     let controller_tls = controller_tls(&args)?;
     let proxy_id = args
         .id
@@ -285,9 +304,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         memory_limit: usize::try_from(args.plugin_memory_mib * 1024 * 1024)?,
         response_buffer_bytes: usize::try_from(args.plugin_response_buffer_bytes)?,
         // One VM per worker thread.
-        vms_per_plugin: args
-            .worker_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        vms_per_plugin: workers,
     };
     let config = ProxyConfig {
         listen: args.listen,
@@ -342,6 +359,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }),
         },
         plugins,
+        workers: threads,
     };
     let leave = ShutdownConfig {
         delay: Duration::from_secs(args.shutdown_delay_secs),

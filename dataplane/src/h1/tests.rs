@@ -508,6 +508,7 @@ fn pool(addr: std::net::SocketAddr) -> Arc<HostPool> {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
         max_idle: 8,
+        workers: 1,
     };
     Arc::new(HostPool::new(key, None, settings).unwrap())
 }

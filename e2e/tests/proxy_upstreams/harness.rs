@@ -81,6 +81,7 @@ pub fn detached_proxy_config(id: &str) -> kanali_dataplane::ProxyConfig {
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
+        workers: kanali_dataplane::workers::Workers::Caller,
     }
 }
 
