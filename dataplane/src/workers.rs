@@ -41,14 +41,22 @@ impl Workers {
     }
 }
 
+/// What [`INDEX`] holds outside workers.
+const NOT_A_WORKER: usize = usize::MAX;
+
 thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
+    static INDEX: Cell<usize> = const { Cell::new(NOT_A_WORKER) };
 }
 
 /// The index of the worker this thread is (0 outside workers): which per-worker state a
 /// request on this thread uses.
 pub(crate) fn current() -> usize {
-    INDEX.with(Cell::get)
+    index().unwrap_or(0)
+}
+
+/// The index of the worker this thread is, if it is one.
+pub(crate) fn index() -> Option<usize> {
+    Some(INDEX.with(Cell::get)).filter(|&i| i != NOT_A_WORKER)
 }
 
 /// A running worker thread.
@@ -57,6 +65,7 @@ pub(crate) struct Worker {
     pub handle: Handle,
     /// Resolves once the thread has shut its runtime down.
     done: oneshot::Receiver<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// Longest wait for a worker's blocking tasks (plugin compiles, say) when it ends.
@@ -69,7 +78,7 @@ impl Worker {
         let runtime = Builder::new_current_thread().enable_all().build()?;
         let handle = runtime.handle().clone();
         let (tx, done) = oneshot::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("kanali-worker-{index}"))
             .spawn(move || {
                 INDEX.with(|i| i.set(index));
@@ -77,12 +86,19 @@ impl Worker {
                 runtime.shutdown_timeout(BLOCKING_GRACE);
                 let _ = tx.send(());
             })?;
-        Ok(Worker { handle, done })
+        Ok(Worker {
+            handle,
+            done,
+            thread,
+        })
     }
 
-    /// Waits until the worker has ended (it ends once `exit` turns true).
+    /// Waits until the worker has ended (it ends once `exit` turns true), its thread too.
     pub async fn ended(self) {
         let _ = self.done.await;
+        // Only the thread's own exit is left: a moment's wait, off the runtime's threads.
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 
     /// `listener`, watched by this worker's runtime.

@@ -17,6 +17,7 @@ use kanali_controller::{Controller, StandaloneConfig};
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::server_tls::{TlsConfig, TlsError};
+use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{ProxyConfig, RunningProxy, StartError};
 use kanali_e2e::check::{Answer, DEADLINE, eventually};
 use kanali_e2e::tls::{Ca, Issued, https_request, tls_connect};
@@ -41,7 +42,7 @@ fn server_config(dir: &Path, client_ca: bool) -> ServerConfig {
     }
 }
 
-fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
+fn proxy_config(grpc: SocketAddr, server: ServerConfig, workers: Workers) -> ProxyConfig {
     ProxyConfig {
         listen: ANY.parse().unwrap(),
         admin_listen: ANY.parse().unwrap(),
@@ -58,7 +59,7 @@ fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
-        workers: kanali_dataplane::workers::Workers::Caller,
+        workers,
     }
 }
 
@@ -84,6 +85,15 @@ impl Env {
     /// proxy's server settings (its TLS file paths are already set); `client_ca`, if given,
     /// is written as the client CA file.
     async fn start(tune: impl FnOnce(&mut ServerConfig), client_ca: Option<&Ca>) -> Env {
+        Env::start_on(Workers::Caller, tune, client_ca).await
+    }
+
+    /// [`Env::start`], the proxy's connections served by `workers`.
+    async fn start_on(
+        workers: Workers,
+        tune: impl FnOnce(&mut ServerConfig),
+        client_ca: Option<&Ca>,
+    ) -> Env {
         let echo = start_echo(ANY.parse().unwrap(), "echo").await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let manifests = dir.path().join("manifests");
@@ -126,7 +136,7 @@ spec:
         }
         let mut server = server_config(dir.path(), client_ca.is_some());
         tune(&mut server);
-        let proxy = kanali_dataplane::start(proxy_config(controller.grpc_addr, server))
+        let proxy = kanali_dataplane::start(proxy_config(controller.grpc_addr, server, workers))
             .await
             .unwrap();
         let version = controller.shared.version().unwrap();
@@ -228,6 +238,19 @@ async fn https_clients_reach_the_upstream_over_http_1_1_and_http_2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_workers_every_one_serves_https_too() {
+    let env = Env::start_on(Workers::PerCore(2), |_| {}, None).await;
+    // Each request on a connection of its own: the kernel spreads them over the workers'
+    // sockets (all 24 on one has odds of 2^-23), and one a worker did not serve would hang.
+    for i in 0..24 {
+        let answer = env.get(&format!("/api/{i}"), i % 2 == 0).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.json()["path"], format!("/{i}"));
+    }
+    env.proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_ca_requires_a_client_certificate_it_issued() {
     let clients = Ca::new("client CA");
     let env = Env::start(|_| {}, Some(&clients)).await;
@@ -300,10 +323,14 @@ async fn start_up_with_bad_tls_files_is_a_clear_error() {
     replace(&dir.path().join("tls.key"), &b.key_pem);
     let grpc: SocketAddr = "127.0.0.1:1".parse().unwrap();
 
-    let err = kanali_dataplane::start(proxy_config(grpc, server_config(dir.path(), false)))
-        .await
-        .err()
-        .unwrap();
+    let err = kanali_dataplane::start(proxy_config(
+        grpc,
+        server_config(dir.path(), false),
+        Workers::Caller,
+    ))
+    .await
+    .err()
+    .unwrap();
     assert!(
         matches!(err, StartError::Tls(TlsError::KeyMismatch { .. })),
         "{err:?}"
@@ -317,16 +344,24 @@ async fn start_up_with_bad_tls_files_is_a_clear_error() {
 
     // A missing client CA file names the file.
     replace(&dir.path().join("tls.key"), &a.key_pem);
-    let err = kanali_dataplane::start(proxy_config(grpc, server_config(dir.path(), true)))
-        .await
-        .err()
-        .unwrap();
+    let err = kanali_dataplane::start(proxy_config(
+        grpc,
+        server_config(dir.path(), true),
+        Workers::Caller,
+    ))
+    .await
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("client-ca.crt"), "{err}");
 
     // The same files, matching: starts.
-    let proxy = kanali_dataplane::start(proxy_config(grpc, server_config(dir.path(), false)))
-        .await
-        .unwrap();
+    let proxy = kanali_dataplane::start(proxy_config(
+        grpc,
+        server_config(dir.path(), false),
+        Workers::Caller,
+    ))
+    .await
+    .unwrap();
     assert!(proxy.tls_addr.is_some());
     proxy.shutdown().await;
 }

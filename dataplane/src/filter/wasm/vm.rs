@@ -230,11 +230,14 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-/// The worker a request arrived on, as a small number: each thread draws one the first time.
+/// The worker a request arrived on, as a small number: a worker thread's own index (so that
+/// with a VM per worker, no two workers share one), else one each thread draws the first time
+/// (the threads of a work-stealing runtime).
 fn worker_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        static INDEX: usize = crate::workers::index()
+            .unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed));
     }
     INDEX.with(|i| *i)
 }
