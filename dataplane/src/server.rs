@@ -534,7 +534,14 @@ where
             Err(panic) => panicked(panic, this.correlation_id.as_ref()),
         };
         if let Some(id) = this.correlation_id.take() {
-            resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
+            // With the upstream's fields when it sent them unparsed: a map made for the id
+            // alone would cost more than the rest of the head.
+            match resp.body_mut().raw_fields_mut() {
+                Some(raw) => raw.set_own(&X_KANALI_CORRELATION_ID, id),
+                None => {
+                    resp.headers_mut().insert(&X_KANALI_CORRELATION_ID, id);
+                }
+            }
         }
         match this.finish.take() {
             Some(finish) => Poll::Ready(finish(resp)),

@@ -1038,8 +1038,8 @@ fn lengths<'a>(
 
 /// Whether `map` has a field named `name` (any case): one that replaces the upstream's.
 fn in_map(map: &HeaderMap, name: &[u8]) -> bool {
-    // Most maps here hold one or two fields (the correlation id), so a walk over their names,
-    // compared by length first, beats hashing `name` for a lookup.
+    // Most maps here are empty or hold a field or two (a plugin's), so a walk over their
+    // names, compared by length first, beats hashing `name` for a lookup.
     map.keys().any(|key| {
         key.as_str().len() == name.len() && name.eq_ignore_ascii_case(key.as_str().as_bytes())
     })

@@ -892,6 +892,31 @@ fn fields_stay_as_they_arrived_unless_a_field_of_this_hop_needs_the_map() {
     assert_eq!(map[header::VIA], "kanali");
     assert_eq!(map.len(), 5, "{map:?}");
 
+    // A field of the proxy's own rides with them, in place of the upstream's (any case),
+    // whether they are written, read or made a map of.
+    static ID: HeaderName = HeaderName::from_static("x-kanali-correlation-id");
+    let mut raw = raw_head_of(
+        "HTTP/1.1 200 OK\r\nX-Kanali-Correlation-Id: theirs\r\nServer: up\r\n\
+         x-kanali-correlation-id: theirs too\r\n\r\n",
+        false,
+    )
+    .raw
+    .unwrap();
+    raw.set_own(&ID, HeaderValue::from_static("ours"));
+    let fields: Vec<(&[u8], &[u8])> = raw.iter().collect();
+    assert_eq!(
+        fields,
+        [
+            (&b"Server"[..], &b"up"[..]),
+            (b"x-kanali-correlation-id", b"ours")
+        ]
+    );
+    assert_eq!(raw.get(&ID).unwrap(), "ours");
+    assert_eq!(raw.get_all(&ID).collect::<Vec<_>>(), [b"ours"]);
+    let map = raw.into_map(HeaderMap::new());
+    assert_eq!(map.get_all(&ID).iter().collect::<Vec<_>>(), ["ours"]);
+    assert_eq!(map.len(), 2, "{map:?}");
+
     // No fields at all: nothing to carry.
     assert!(
         raw_head_of("HTTP/1.1 204 No Content\r\n\r\n", false)
