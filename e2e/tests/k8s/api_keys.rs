@@ -101,7 +101,11 @@ async fn keys_from_kanalictl_are_enforced_rotated_and_their_use_reported() {
         "1".into(),
     ];
     env.start_controller("c1").await;
+    // Two workers each, both ways: the key's usage and its shared rate limit are the
+    // proxy's, whichever worker a request lands on.
+    env.proxy_args = vec!["--worker-threads".into(), "2".into()];
     env.start_proxy("p1", &[0]).await;
+    env.proxy_args.push("--work-stealing".into());
     env.start_proxy("p2", &[0]).await;
 
     // 2. A key, 3. granted to an ApiProxy.

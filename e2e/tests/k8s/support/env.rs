@@ -188,6 +188,12 @@ impl Env {
             .iter()
             .map(|&i| format!("http://{}", self.controllers[i].addr))
             .collect();
+        // One worker unless the test asks for others.
+        let one_worker: &[&str] = if self.proxy_args.iter().any(|a| a == "--worker-threads") {
+            &[]
+        } else {
+            &["--worker-threads", "1"]
+        };
         let mut last = String::new();
         for attempt in 0..3 {
             let (listen, admin) = (free_addr(), free_addr());
@@ -200,12 +206,11 @@ impl Env {
                 &admin.to_string(),
                 "--id",
                 id,
-                "--worker-threads",
-                "1",
                 "--log",
                 "info",
             ]
             .iter()
+            .chain(one_worker)
             .map(|s| (*s).to_owned())
             .chain(self.proxy_args.iter().cloned())
             .collect();
