@@ -4,8 +4,8 @@
 //! HTTP/1.1 connections wait in a lock-free bounded queue: a request pops one (or dials a new
 //! one), runs its exchange on it in its own task ([`crate::h1`]), and the connection goes back
 //! as soon as its response is complete. A TLS upstream that
-//! negotiates `h2` instead gets one multiplexed connection, held in an atomic slot every request
-//! clones its sender from, and redialled when it closes. The Go original built a new transport
+//! negotiates `h2` instead gets one multiplexed connection per worker, held in an atomic slot
+//! every request clones its sender from, and redialled when it closes. The Go original built a new transport
 //! — new TCP and TLS handshakes — for every request.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -79,10 +79,9 @@ struct Idle {
     since: Instant,
 }
 
-/// The calling worker's queue of `queues` (one per worker, at least one).
-fn here(queues: &[OnceLock<ArrayQueue<Idle>>]) -> &OnceLock<ArrayQueue<Idle>> {
-    let last = queues.len().saturating_sub(1);
-    &queues[crate::workers::current().min(last)]
+/// The calling worker's place among `n` per-worker things.
+fn here(n: usize) -> usize {
+    crate::workers::current().min(n.saturating_sub(1))
 }
 
 /// A connection ready for one request; nothing has been sent on it yet.
@@ -119,7 +118,9 @@ pub struct HostPool {
     /// Where this pool is listed when a connection goes idle in it, and whether it is.
     sweep_list: Option<Arc<SweepList>>,
     listed: AtomicBool,
-    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    /// The multiplexed HTTP/2 connection of each worker (made on first use, as `idle`): one
+    /// for all would be driven by the worker that dialled it, on every worker's behalf.
+    h2: OnceLock<Box<[ArcSwapOption<http2::SendRequest<RequestBody>>]>>,
     speaks_h2: AtomicBool,
     h2_dial: tokio::sync::Mutex<()>,
     in_flight: AtomicUsize,
@@ -193,7 +194,7 @@ impl HostPool {
             idle: OnceLock::new(),
             sweep_list: None,
             listed: AtomicBool::new(false),
-            h2: ArcSwapOption::empty(),
+            h2: OnceLock::new(),
             speaks_h2: AtomicBool::new(false),
             h2_dial: tokio::sync::Mutex::new(()),
             in_flight: AtomicUsize::new(0),
@@ -496,7 +497,8 @@ impl HostPool {
     }
 
     fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
-        let slot = self.h2.load();
+        let slots = self.h2.get()?;
+        let slot = slots.get(here(slots.len()))?.load();
         slot.as_ref()
             .filter(|sender| !sender.is_closed())
             .map(|sender| http2::SendRequest::clone(sender))
@@ -531,12 +533,13 @@ impl HostPool {
         let queues = self
             .idle
             .get_or_init(|| (0..workers).map(|_| OnceLock::new()).collect());
-        here(queues)
+        queues[here(queues.len())]
             .get_or_init(|| ArrayQueue::new(self.settings.max_idle.div_ceil(workers).max(1)))
     }
 
     fn checkout(&self) -> Option<Box<H1Conn>> {
-        let idle = here(self.idle.get()?).get()?;
+        let queues = self.idle.get()?;
+        let idle = queues.get(here(queues.len()))?.get()?;
         while let Some(mut idle) = idle.pop() {
             if idle.since.elapsed() < self.settings.idle_timeout && idle.conn.still_open() {
                 return Some(idle.conn);
@@ -627,7 +630,14 @@ impl HostPool {
             .map_err(connect_error)?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let sender = self.h2_handshake(tls).await?;
-            self.h2.store(Some(Arc::new(sender.clone())));
+            let slots = self.h2.get_or_init(|| {
+                (0..self.settings.workers.max(1))
+                    .map(|_| ArcSwapOption::empty())
+                    .collect()
+            });
+            if let Some(slot) = slots.get(here(slots.len())) {
+                slot.store(Some(Arc::new(sender.clone())));
+            }
             self.speaks_h2.store(true, Ordering::Relaxed);
             Ok(Conn::H2 {
                 sender,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use harness::{detached_proxy_config, echo, endpoint, route, snapshot};
+use harness::{detached_proxy_config, echo, endpoint, material, route, snapshot, tls_echo};
 use kanali_dataplane::shutdown::ShutdownConfig;
 use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::Upstreams;
@@ -22,6 +22,7 @@ use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{RunningProxy, StartError};
 use kanali_e2e::Echo;
 use kanali_e2e::check::{DEADLINE, read_until_closed};
+use kanali_e2e::tls::Ca;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -91,6 +92,33 @@ async fn every_worker_serves_and_reuses_upstream_connections_of_its_own() {
     // One upstream connection per worker: each worker took connections (else one), and
     // each reused the connection it opened, kept apart from the other's (else up to 32).
     assert_eq!(env.echo.connections.load(Ordering::SeqCst), 2);
+    env.proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_multiplexes_over_an_http2_connection_of_its_own() {
+    let _serial = SERIAL.lock().await;
+    let ca = Ca::new("ca");
+    let h2 = tls_echo(&ca, &["127.0.0.1"], None, &["h2"]).await;
+    let env = start(2).await;
+    let upstreams = Upstreams::for_workers(Default::default(), 2).unwrap();
+    let routes = vec![route(
+        "/h2",
+        endpoint("https", &h2.addr.to_string(), "shop/ca#1"),
+    )];
+    let materials = vec![material("shop/ca#1", Some(&ca), None)];
+    let table =
+        RouteTable::apply(&snapshot("v2", routes, materials, vec![]), &upstreams, None).unwrap();
+    env.proxy.tables.store(Some(Arc::new(table)));
+    for i in 0..32 {
+        let answer = get(env.proxy.addr, format!("/h2/{i}"), "").await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.contains("HTTP/2.0"), "over HTTP/2: {answer}");
+    }
+    assert_eq!(h2.hits.load(Ordering::SeqCst), 32);
+    // One HTTP/2 connection per worker, each driven by the worker that sends on it (one for
+    // all: 1).
+    assert_eq!(h2.connections.load(Ordering::SeqCst), 2);
     env.proxy.shutdown().await;
 }
 
