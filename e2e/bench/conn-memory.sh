@@ -5,7 +5,8 @@
 # returns freed pages to the OS (MADV_DONTNEED) at least 1 s after the free, during a later
 # collection, which its slow-path allocations trigger (a few seconds of traffic); a proxy with
 # no traffic at all keeps them until it has some. Prints KiB per connection for each state.
-# Usage: e2e/bench/conn-memory.sh   (env: CONNS=10000 PATH_=/api/ ; release build)
+# Usage: e2e/bench/conn-memory.sh   (env: CONNS=10000 PATH_=/api/ EXTRA="more proxy flags";
+#        release build)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
@@ -18,14 +19,22 @@ bin=${CARGO_TARGET_DIR:-$root/target}/release
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+# Newest first, each gone before the next: the proxy before the controller it would miss.
+cleanup() {
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+}
 trap cleanup EXIT
 nginx -p "$tmp" -e "$tmp/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)
 "$bin/kanali-controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \
   --admin-listen 127.0.0.1:19080 --log warn & pids+=($!)
 "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
   --admin-listen 127.0.0.1:18084 --worker-threads 1 --log warn --idle-timeout-secs 600 \
-  --header-read-timeout-secs 600 & proxy=$!; pids+=($proxy)
+  --header-read-timeout-secs 600 --shutdown-delay-secs 0 ${EXTRA:-} & proxy=$!; pids+=($proxy)
 for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:18083$PATH_" 2>/dev/null && break; sleep 0.1; done
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$proxy/status"; }
 python3 - "$CONNS" "$PATH_" "$proxy" <<'PY'
