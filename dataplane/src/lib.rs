@@ -6,7 +6,8 @@
 //! arrives: the [`router`] finds the route, [`path`] rewrites the upstream path, and the request
 //! is either answered by a [`mock`], proxied through the pooled [`upstream`] client, or answered
 //! with a Kanali error from [`errors`]. The [`listener`] accepts the connections: cleartext, and
-//! optionally TLS with a certificate from [`server_tls`], reloaded when its files change.
+//! optionally TLS with a certificate from [`server_tls`], reloaded when its files change. With
+//! [`workers`], each worker thread accepts on a socket of its own and serves what it accepted.
 //! A route's plugins ([`filter`]) run before its backend and, for custom plugins (WebAssembly
 //! modules from `--plugins-dir`, [`filter::wasm`]), on its bodies and responses too.
 //! [`shutdown`] takes a proxy out of service without losing requests.
