@@ -172,7 +172,7 @@ impl ServiceBackend {
 pub trait Candidate {
     /// Requests in flight.
     fn in_flight(&self) -> usize;
-    /// When connecting last failed ([`now_millis`] scale); 0: it did not.
+    /// When connecting last failed (`now_millis` scale); 0: it did not.
     fn failed_at(&self) -> u64;
 }
 

@@ -348,7 +348,7 @@ impl H1Conn {
         }
     }
 
-    /// Drops buffers that grew large for one exchange (see [`KEEP_BUFFER`]); for a
+    /// Drops buffers that grew large for one exchange (see `KEEP_BUFFER`); for a
     /// connection going idle.
     pub fn shrink(&mut self) {
         if self.read.capacity() > KEEP_BUFFER {

@@ -101,7 +101,7 @@ impl DrainSignal {
         self.flag.load(Ordering::Acquire)
     }
 
-    /// Resolves once draining has started (never, if the [`Drain`] is dropped unstarted).
+    /// Resolves once draining has started (never, if the `Drain` is dropped unstarted).
     pub async fn started(&mut self) {
         if self.rx.wait_for(|d| *d).await.is_err() {
             std::future::pending::<()>().await;

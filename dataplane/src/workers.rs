@@ -10,7 +10,7 @@
 //!
 //! What the workers share is read lock-free (the route table, the rate-limit counters); what
 //! is tied to a runtime stays with its worker: the idle upstream connections are kept per
-//! worker ([`current`]), since a socket is watched by the runtime that opened it.
+//! worker (`current`), since a socket is watched by the runtime that opened it.
 
 use std::cell::Cell;
 use std::io;

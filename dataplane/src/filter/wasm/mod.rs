@@ -10,7 +10,7 @@
 //!   the request path (`spawn_blocking`). It polls the directory, so a file that appears,
 //!   changes or goes away is picked up without a restart.
 //! - A route's plugin is a [`Slot`]: one module file with one configuration. Its state is
-//!   either a running [`vm::Plugin`] (a few VMs, one per worker, each started with
+//!   either a running `vm::Plugin` (a few VMs, one per worker, each started with
 //!   `proxy_on_vm_start` and `proxy_on_configure`) or the [`LoadError`] that requests get.
 //!   When the file changes the slot's state is swapped; routes keep pointing at the slot.
 //! - Per request, [`Exchange`] opens an HTTP context in one VM per plugin and runs the
