@@ -8,7 +8,9 @@
 #
 # Usage: e2e/bench/callgrind.sh [PATH]   (PATH default /api/; N=5000 WARM=500;
 #        LIMIT=instructions fails the run when the figure is higher, for CI or a pre-push check;
-#        ANNOTATE=1 prints the top functions; KEEP=file keeps the callgrind dump)
+#        ANNOTATE=1 prints the top functions; KEEP=file keeps the callgrind dump;
+#        CONNS=64 loads it with wrk over that many connections for DURATION=15s instead, as the
+#        load comparison does: the runtime then parks once for many requests, not for each)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
@@ -45,15 +47,30 @@ for _ in range(n):
     if r.status != 200: sys.exit(f"status {r.status}")
 PY
 }
-send "$WARM"
-callgrind_control -z "$proxy" >/dev/null
-send "$N"
+# Under valgrind the proxy serves a few thousand requests a second: wrk's count over the
+# zeroed window is the N to divide by.
+load() {
+  local out
+  out=$(wrk -t1 -c"$CONNS" -d"$1" "http://127.0.0.1:18083$path")
+  grep -q "Non-2xx" <<<"$out" && { echo "$out" >&2; exit 1; }
+  awk '/requests in/ {print $1}' <<<"$out"
+}
+if [ -n "${CONNS:-}" ]; then
+  command -v wrk >/dev/null || { echo "CONNS= needs wrk" >&2; exit 1; }
+  load 3s >/dev/null
+  callgrind_control -z "$proxy" >/dev/null
+  N=$(load "${DURATION:-15s}")
+else
+  send "$WARM"
+  callgrind_control -z "$proxy" >/dev/null
+  send "$N"
+fi
 callgrind_control -d "$proxy" >/dev/null
 sleep 0.5
 dump=$(ls -t "$tmp"/cg.out.* | head -1)
 total=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
 per=$((total / N))
-echo "instructions per request: $per ($total over $N keep-alive GETs of $path)"
+echo "instructions per request: $per ($total over $N keep-alive GETs of $path${CONNS:+, $CONNS connections})"
 if [ "${ANNOTATE:-0}" = 1 ]; then
   callgrind_annotate --threshold=95 "$dump" 2>/dev/null | grep -E '^ *[0-9,]+ ' | sed -n '2,40p'
 fi
