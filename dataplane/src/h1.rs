@@ -163,7 +163,9 @@ pub enum FieldKind {
 /// An HTTP/1.x client gets them written as they are, beside the response's map, which then
 /// holds only the proxy's own fields and replaces any field of the same name. The correlation
 /// id, which every response gets, rides with them instead ([`RawFields::set_own`]): put into
-/// an empty map, it cost that map's allocation and a hash, ~300 instructions a response. Building a map of the upstream's fields only to write them out again cost ~1 600
+/// the otherwise empty map, it cost a hash and then the map's clearing, ~300 instructions a
+/// response (205 fewer in all, measured, with the fields' own filter paid).
+/// Building a map of the upstream's fields only to write them out again cost ~1 600
 /// instructions a response: a name looked up, a value checked and hashed into the map for
 /// each, then the map cleared. What reads or writes the header section whole — HTTP/2
 /// clients, the plugins' response phase — takes them into the map first

@@ -211,7 +211,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     // Last, so that nothing above that fails leaves threads behind.
     let workers = match config.workers {
         Workers::Caller => Vec::new(),
-        Workers::PerCore(n) => (0..n.max(1))
+        Workers::PerCore(_) => (0..config.workers.count())
             .map(|i| Worker::start(i, exit_rx.clone()))
             .collect::<Result<_, _>>()
             .map_err(StartError::Worker)?,
@@ -298,8 +298,8 @@ async fn bind(what: &'static str, addr: SocketAddr, workers: Workers) -> Result<
             let bound = listener.local_addr().map_err(failed)?;
             (Sockets::Here(listener), bound)
         }
-        Workers::PerCore(n) => {
-            let sockets = workers::reuseport_listeners(addr, n).map_err(failed)?;
+        Workers::PerCore(_) => {
+            let sockets = workers::reuseport_listeners(addr, workers.count()).map_err(failed)?;
             let bound = match sockets.first() {
                 Some(first) => first.local_addr().map_err(failed)?,
                 None => return Err(failed(std::io::ErrorKind::AddrNotAvailable.into())),

@@ -5,8 +5,8 @@
 //! one), runs its exchange on it in its own task ([`crate::h1`]), and the connection goes back
 //! as soon as its response is complete. A TLS upstream that
 //! negotiates `h2` instead gets one multiplexed connection per worker, held in an atomic slot
-//! every request clones its sender from, and redialled when it closes. The Go original built a new transport
-//! — new TCP and TLS handshakes — for every request.
+//! every request clones its sender from, and redialled when it closes. The Go original built a
+//! new transport — new TCP and TLS handshakes — for every request.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -32,6 +32,7 @@ use crate::h1::{self, ExchangeError, H1Conn, Io};
 use crate::headers::Added;
 use crate::upstream::UpstreamError;
 use crate::upstream_tls::server_name;
+use crate::workers::PerWorker;
 
 /// What makes two pools the same: an unchanged upstream keeps its pool (and its warm
 /// connections) across snapshots, while rotated TLS material — a new id — gets a new pool and
@@ -79,11 +80,6 @@ struct Idle {
     since: Instant,
 }
 
-/// The calling worker's place among `n` per-worker things.
-fn here(n: usize) -> usize {
-    crate::workers::current().min(n.saturating_sub(1))
-}
-
 /// A connection ready for one request; nothing has been sent on it yet.
 pub(crate) enum Conn {
     H1 {
@@ -114,13 +110,13 @@ pub struct HostPool {
     // Per worker, since a connection is watched by the runtime that opened it. Created on
     // first release: most endpoint addresses of a big cluster never see a request from this
     // proxy, and a queue allocates all its slots up front.
-    idle: OnceLock<Box<[OnceLock<ArrayQueue<Idle>>]>>,
+    idle: PerWorker<OnceLock<ArrayQueue<Idle>>>,
     /// Where this pool is listed when a connection goes idle in it, and whether it is.
     sweep_list: Option<Arc<SweepList>>,
     listed: AtomicBool,
     /// The multiplexed HTTP/2 connection of each worker (made on first use, as `idle`): one
     /// for all would be driven by the worker that dialled it, on every worker's behalf.
-    h2: OnceLock<Box<[ArcSwapOption<http2::SendRequest<RequestBody>>]>>,
+    h2: PerWorker<ArcSwapOption<http2::SendRequest<RequestBody>>>,
     speaks_h2: AtomicBool,
     h2_dial: tokio::sync::Mutex<()>,
     in_flight: AtomicUsize,
@@ -191,10 +187,10 @@ impl HostPool {
             key,
             authority,
             tls,
-            idle: OnceLock::new(),
+            idle: PerWorker::new(),
             sweep_list: None,
             listed: AtomicBool::new(false),
-            h2: OnceLock::new(),
+            h2: PerWorker::new(),
             speaks_h2: AtomicBool::new(false),
             h2_dial: tokio::sync::Mutex::new(()),
             in_flight: AtomicUsize::new(0),
@@ -497,8 +493,7 @@ impl HostPool {
     }
 
     fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
-        let slots = self.h2.get()?;
-        let slot = slots.get(here(slots.len()))?.load();
+        let slot = self.h2.here()?.load();
         slot.as_ref()
             .filter(|sender| !sender.is_closed())
             .map(|sender| http2::SendRequest::clone(sender))
@@ -520,26 +515,19 @@ impl HostPool {
 
     /// Every worker's idle connections.
     fn queues(&self) -> impl Iterator<Item = &ArrayQueue<Idle>> {
-        self.idle
-            .get()
-            .into_iter()
-            .flat_map(|queues| queues.iter())
-            .filter_map(OnceLock::get)
+        self.idle.all().filter_map(OnceLock::get)
     }
 
     /// This worker's idle connections, made on first use.
     fn queue_here(&self) -> &ArrayQueue<Idle> {
         let workers = self.settings.workers.max(1);
-        let queues = self
-            .idle
-            .get_or_init(|| (0..workers).map(|_| OnceLock::new()).collect());
-        queues[here(queues.len())]
+        self.idle
+            .here_or_make(workers, OnceLock::new)
             .get_or_init(|| ArrayQueue::new(self.settings.max_idle.div_ceil(workers).max(1)))
     }
 
     fn checkout(&self) -> Option<Box<H1Conn>> {
-        let queues = self.idle.get()?;
-        let idle = queues.get(here(queues.len()))?.get()?;
+        let idle = self.idle.here()?.get()?;
         while let Some(mut idle) = idle.pop() {
             if idle.since.elapsed() < self.settings.idle_timeout && idle.conn.still_open() {
                 return Some(idle.conn);
@@ -630,14 +618,9 @@ impl HostPool {
             .map_err(connect_error)?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let sender = self.h2_handshake(tls).await?;
-            let slots = self.h2.get_or_init(|| {
-                (0..self.settings.workers.max(1))
-                    .map(|_| ArcSwapOption::empty())
-                    .collect()
-            });
-            if let Some(slot) = slots.get(here(slots.len())) {
-                slot.store(Some(Arc::new(sender.clone())));
-            }
+            self.h2
+                .here_or_make(self.settings.workers, ArcSwapOption::empty)
+                .store(Some(Arc::new(sender.clone())));
             self.speaks_h2.store(true, Ordering::Relaxed);
             Ok(Conn::H2 {
                 sender,

@@ -15,11 +15,12 @@
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::{Builder, Handle};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 /// How the proxy runs its connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,12 +60,41 @@ pub(crate) fn index() -> Option<usize> {
     Some(INDEX.with(Cell::get)).filter(|&i| i != NOT_A_WORKER)
 }
 
+/// A `T` for each worker, made on first use (most pools of a big cluster's endpoints never
+/// see a request from this proxy); each thread uses its worker's ([`current`]).
+pub(crate) struct PerWorker<T>(OnceLock<Box<[T]>>);
+
+impl<T> PerWorker<T> {
+    /// None made yet.
+    pub const fn new() -> Self {
+        PerWorker(OnceLock::new())
+    }
+
+    /// This worker's, if they have been made.
+    pub fn here(&self) -> Option<&T> {
+        let all = self.0.get()?;
+        all.get(current().min(all.len().saturating_sub(1)))
+    }
+
+    /// This worker's, made with `make` for each of `workers` (at least one) if need be.
+    pub fn here_or_make(&self, workers: usize, make: impl Fn() -> T) -> &T {
+        let all = self
+            .0
+            .get_or_init(|| (0..workers.max(1)).map(|_| make()).collect());
+        // Never past the end: there is at least one, and the index is capped by them.
+        &all[current().min(all.len() - 1)]
+    }
+
+    /// Every worker's.
+    pub fn all(&self) -> impl Iterator<Item = &T> {
+        self.0.get().into_iter().flat_map(|all| all.iter())
+    }
+}
+
 /// A running worker thread.
 pub(crate) struct Worker {
     /// Its runtime: what is spawned here runs on the worker.
     pub handle: Handle,
-    /// Resolves once the thread has shut its runtime down.
-    done: oneshot::Receiver<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -77,26 +107,19 @@ impl Worker {
     pub fn start(index: usize, mut exit: watch::Receiver<bool>) -> io::Result<Worker> {
         let runtime = Builder::new_current_thread().enable_all().build()?;
         let handle = runtime.handle().clone();
-        let (tx, done) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("kanali-worker-{index}"))
             .spawn(move || {
                 INDEX.with(|i| i.set(index));
                 runtime.block_on(crate::stopped(&mut exit));
                 runtime.shutdown_timeout(BLOCKING_GRACE);
-                let _ = tx.send(());
             })?;
-        Ok(Worker {
-            handle,
-            done,
-            thread,
-        })
+        Ok(Worker { handle, thread })
     }
 
-    /// Waits until the worker has ended (it ends once `exit` turns true), its thread too.
+    /// Waits until the worker's thread has ended (it ends once `exit` turns true), off the
+    /// runtime's threads: a join blocks.
     pub async fn ended(self) {
-        let _ = self.done.await;
-        // Only the thread's own exit is left: a moment's wait, off the runtime's threads.
         let thread = self.thread;
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
@@ -108,7 +131,7 @@ impl Worker {
     }
 }
 
-/// `n` listening sockets on `addr`, one per worker, with `SO_REUSEPORT`.
+/// `n` listening sockets on `addr`, one per worker ([`Workers::count`]), with `SO_REUSEPORT`.
 ///
 /// Sockets that share a port that way also share it with any other process of the same user
 /// that asks for it, which would then silently take a share of the connections: the address
@@ -120,7 +143,7 @@ pub(crate) fn reuseport_listeners(
 ) -> io::Result<Vec<std::net::TcpListener>> {
     let port = std::net::TcpListener::bind(addr)?.local_addr()?.port();
     let addr = SocketAddr::new(addr.ip(), port);
-    (0..n.max(1))
+    (0..n)
         .map(|_| {
             let socket = match addr {
                 SocketAddr::V4(_) => TcpSocket::new_v4()?,
