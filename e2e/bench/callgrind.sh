@@ -22,7 +22,8 @@ cargo build -q --release --bins
 bin=${CARGO_TARGET_DIR:-$root/target}/release
 tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+source "$root/e2e/bench/stop.sh"
+cleanup() { stop_started; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 nginx -p "$tmp" -e "$tmp/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)

@@ -14,16 +14,7 @@ export KANALI_SHUTDOWN_DELAY_SECS=0
 # One worker thread, like the harness's nginx and HAProxy; scripts append listener flags.
 proxy_cmd="$bin/kanali-proxy --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 --admin-listen 127.0.0.1:18084 --worker-threads 1 --log warn"
 
-# Stops what the script started (PIDs in the array pids), newest first, each gone before the
-# next: the proxies before the controller they subscribe to, which otherwise each log that
-# they lost it.
-stop_started() {
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill "${pids[i]}" 2>/dev/null || true
-    wait "${pids[i]}" 2>/dev/null || true
-  done
-}
+source "$root/e2e/bench/stop.sh"
 
 # Starts the controller the proxies subscribe to, in the background (standalone, on the
 # bench's manifests); the caller records $! to stop it.

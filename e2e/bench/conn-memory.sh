@@ -19,15 +19,8 @@ bin=${CARGO_TARGET_DIR:-$root/target}/release
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
 pids=()
-# Newest first, each gone before the next: the proxy before the controller it would miss.
-cleanup() {
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill "${pids[i]}" 2>/dev/null || true
-    wait "${pids[i]}" 2>/dev/null || true
-  done
-  rm -rf "$tmp"
-}
+source "$root/e2e/bench/stop.sh"
+cleanup() { stop_started; rm -rf "$tmp"; }
 trap cleanup EXIT
 nginx -p "$tmp" -e "$tmp/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)
 "$bin/kanali-controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \

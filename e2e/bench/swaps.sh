@@ -25,7 +25,8 @@ cargo build -q --release --bins
 bin=${CARGO_TARGET_DIR:-$root/target}/release
 tmp=$(mktemp -d); chmod 755 "$tmp"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+source "$root/e2e/bench/stop.sh"
+cleanup() { stop_started; rm -rf "$tmp"; }
 trap cleanup EXIT
 for port in 18080 18090 18083 18084 19080 19443 19081 19444; do
   if ss -ltnH "sport = :$port" | grep -q .; then echo "port $port already in use" >&2; exit 1; fi

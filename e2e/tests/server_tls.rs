@@ -42,7 +42,7 @@ fn server_config(dir: &Path, client_ca: bool) -> ServerConfig {
     }
 }
 
-fn proxy_config(grpc: SocketAddr, server: ServerConfig, workers: Workers) -> ProxyConfig {
+fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
     ProxyConfig {
         listen: ANY.parse().unwrap(),
         admin_listen: ANY.parse().unwrap(),
@@ -59,7 +59,7 @@ fn proxy_config(grpc: SocketAddr, server: ServerConfig, workers: Workers) -> Pro
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
-        workers,
+        workers: Workers::Caller,
     }
 }
 
@@ -136,9 +136,12 @@ spec:
         }
         let mut server = server_config(dir.path(), client_ca.is_some());
         tune(&mut server);
-        let proxy = kanali_dataplane::start(proxy_config(controller.grpc_addr, server, workers))
-            .await
-            .unwrap();
+        let proxy = kanali_dataplane::start(ProxyConfig {
+            workers,
+            ..proxy_config(controller.grpc_addr, server)
+        })
+        .await
+        .unwrap();
         let version = controller.shared.version().unwrap();
         eventually("the proxy applies the snapshot", || async {
             proxy.version().as_deref() == Some(version.as_str())
@@ -323,14 +326,10 @@ async fn start_up_with_bad_tls_files_is_a_clear_error() {
     replace(&dir.path().join("tls.key"), &b.key_pem);
     let grpc: SocketAddr = "127.0.0.1:1".parse().unwrap();
 
-    let err = kanali_dataplane::start(proxy_config(
-        grpc,
-        server_config(dir.path(), false),
-        Workers::Caller,
-    ))
-    .await
-    .err()
-    .unwrap();
+    let err = kanali_dataplane::start(proxy_config(grpc, server_config(dir.path(), false)))
+        .await
+        .err()
+        .unwrap();
     assert!(
         matches!(err, StartError::Tls(TlsError::KeyMismatch { .. })),
         "{err:?}"
@@ -344,24 +343,16 @@ async fn start_up_with_bad_tls_files_is_a_clear_error() {
 
     // A missing client CA file names the file.
     replace(&dir.path().join("tls.key"), &a.key_pem);
-    let err = kanali_dataplane::start(proxy_config(
-        grpc,
-        server_config(dir.path(), true),
-        Workers::Caller,
-    ))
-    .await
-    .err()
-    .unwrap();
+    let err = kanali_dataplane::start(proxy_config(grpc, server_config(dir.path(), true)))
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("client-ca.crt"), "{err}");
 
     // The same files, matching: starts.
-    let proxy = kanali_dataplane::start(proxy_config(
-        grpc,
-        server_config(dir.path(), false),
-        Workers::Caller,
-    ))
-    .await
-    .unwrap();
+    let proxy = kanali_dataplane::start(proxy_config(grpc, server_config(dir.path(), false)))
+        .await
+        .unwrap();
     assert!(proxy.tls_addr.is_some());
     proxy.shutdown().await;
 }
