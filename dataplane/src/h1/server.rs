@@ -506,7 +506,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             scratch::give_fields(fields);
             return Err(too_large());
         }
-        let bytes = self.read.split_to(len).freeze();
+        // Most reads hold one head and no more: the buffer is then taken whole, which spares
+        // `split_to` (~130 instructions, an allocation among them).
+        let bytes = if len == self.read.len() {
+            std::mem::take(&mut self.read).freeze()
+        } else {
+            self.read.split_to(len).freeze()
+        };
         let Parsed {
             method,
             target,
