@@ -396,14 +396,25 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         };
         let handled = service(Request::from_parts(parts, body));
         async move {
-            let resp = {
+            let Some((mut out, close)) = ({
                 let mut handled = pin!(handled);
                 poll_fn(|cx| {
                     if let Some(pump) = pump.as_mut() {
                         self.poll_pump(pump, cx);
                     }
                     if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
-                        return Poll::Ready(Some(resp));
+                        // A body that failed (or that the handler dropped) leaves the
+                        // connection where its framing cannot be trusted.
+                        let abandoned = pump
+                            .as_ref()
+                            .is_some_and(|p| matches!(p.phase, Phase::Abandoned));
+                        let close = !keep_alive || abandoned || closing.load(Ordering::Relaxed);
+                        // Taken apart here, and `out` bound straight from the `await`: the
+                        // response, or a binding of what this returns, was otherwise kept in
+                        // this future beside `out` until it was written. This future was 808
+                        // bytes, now 392, allocated and moved once a request.
+                        let started = self.start_response(resp, head_request, version, close);
+                        return Poll::Ready(Some(started));
                     }
                     // Once the body is in (or there is none), what the client sends is the next
                     // request, or the end of its stream.
@@ -414,59 +425,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     Poll::Pending
                 })
                 .await
-            };
-            // Dropping the handler's future (above) dropped its upstream exchange.
-            let Some(resp) = resp else {
+            }) else {
+                // Dropping the handler's future (above) dropped its upstream exchange.
                 tracing::debug!("the client closed its connection before the response");
                 return false;
             };
-            let (parts, mut body) = resp.into_parts();
-            let raw = body.take_fields();
-            let (framing, length) = out_framing(&parts, raw.as_ref(), &body, head_request, version);
-            // (The upstream's `Connection` is never among its raw fields.)
-            let said_close = says_close(&parts.headers);
-            // A body that failed (or that the handler dropped) leaves the connection where its
-            // framing cannot be trusted.
-            let abandoned = pump
-                .as_ref()
-                .is_some_and(|p| matches!(p.phase, Phase::Abandoned));
-            let close = !keep_alive
-                || abandoned
-                || closing.load(Ordering::Relaxed)
-                || framing == OutFraming::Eof
-                || said_close;
-            self.write = scratch::take_write();
-            encode_head(
-                &mut self.write,
-                &parts,
-                raw.as_ref(),
-                framing,
-                length,
-                // The response may say so already.
-                close && !said_close,
-                !close && version == Version::HTTP_10,
-            );
-            let mut out = Out {
-                body: (framing != OutFraming::None).then_some(body),
-                framing,
-                trailer: (framing == OutFraming::Chunked)
-                    .then(|| match parts.headers.get(header::TRAILER) {
-                        Some(declared) => Some(declared.clone()),
-                        None => raw.as_ref().and_then(|raw| raw.get(&header::TRAILER)),
-                    })
-                    .flatten(),
-                at: 0,
-                data: Bytes::new(),
-                tail: b"",
-                last_chunk: false,
-                done: framing == OutFraming::None || framing == OutFraming::Length(0),
-            };
-            // The map a request came in (usually: the upstream's response is read into it),
-            // for the next request on this thread.
-            scratch::give_headers(parts.headers);
-            if let Some(raw) = raw {
-                raw.recycle();
-            }
             let written = poll_fn(|cx| {
                 if let Some(pump) = pump.as_mut() {
                     self.poll_pump(pump, cx);
@@ -493,6 +456,59 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             }
             true
         }
+    }
+
+    /// Lays out a response's head in the write buffer, and what is left of it to send;
+    /// whether the connection closes after it (`close`: it does already).
+    fn start_response<B>(
+        &mut self,
+        resp: Response<B>,
+        head_request: bool,
+        version: Version,
+        close: bool,
+    ) -> (Out<B>, bool)
+    where
+        B: ResponseBody,
+    {
+        let (parts, mut body) = resp.into_parts();
+        let raw = body.take_fields();
+        let (framing, length) = out_framing(&parts, raw.as_ref(), &body, head_request, version);
+        // (The upstream's `Connection` is never among its raw fields.)
+        let said_close = says_close(&parts.headers);
+        let close = close || framing == OutFraming::Eof || said_close;
+        self.write = scratch::take_write();
+        encode_head(
+            &mut self.write,
+            &parts,
+            raw.as_ref(),
+            framing,
+            length,
+            // The response may say so already.
+            close && !said_close,
+            !close && version == Version::HTTP_10,
+        );
+        let out = Out {
+            body: (framing != OutFraming::None).then_some(body),
+            framing,
+            trailer: (framing == OutFraming::Chunked)
+                .then(|| match parts.headers.get(header::TRAILER) {
+                    Some(declared) => Some(declared.clone()),
+                    None => raw.as_ref().and_then(|raw| raw.get(&header::TRAILER)),
+                })
+                .flatten(),
+            at: 0,
+            data: Bytes::new(),
+            tail: b"",
+            last_chunk: false,
+            done: framing == OutFraming::None || framing == OutFraming::Length(0),
+        };
+        // The map a request came in (usually: the upstream's response is read into it),
+        // for the next request on this thread.
+        scratch::give_headers(parts.headers);
+        if let Some(raw) = raw {
+            raw.recycle();
+        }
+        (out, close)
     }
 
     /// Takes a request head off the front of the buffer, if it is all there.
