@@ -298,14 +298,15 @@ impl Handler {
         if let Some(tls) = self.tls {
             req.extensions_mut().insert(tls);
         }
-        let in_flight = self.activity.begin();
+        let started = Instant::now();
+        let in_flight = self.activity.begin_at(started);
         let version = req.version();
         // An HTTP/1.x request runs in the connection's task, whose timer can watch its
         // deadline; an HTTP/2 stream runs in a task of its own.
         let watchdog = (version != Version::HTTP_2).then(|| self.activity.watchdog.clone());
         let handled = self
             .proxy
-            .handle(req, &self.client, watchdog, move |mut resp| {
+            .handle(req, &self.client, watchdog, started, move |mut resp| {
                 if version == Version::HTTP_2 {
                     // hyper writes the map, and only the map.
                     crate::body::map_fields(&mut resp);
@@ -679,14 +680,26 @@ impl Activity {
         }
     }
 
+    #[cfg(test)]
     fn begin(self: &Arc<Self>) -> InFlight {
+        self.begin_at(Instant::now())
+    }
+
+    /// A request in flight from `now`: its start, read once by the caller, which uses it for
+    /// the request's deadline too (a clock read is ~60 instructions).
+    fn begin_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.touch();
+        self.touch_at(now);
         InFlight(self.clone())
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.touch_at(Instant::now());
+    }
+
+    fn touch_at(&self, now: Instant) {
+        let since = now.saturating_duration_since(self.base);
+        let ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX - 1);
         self.last_ms.store(ms, Ordering::Release);
     }
 

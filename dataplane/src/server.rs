@@ -132,11 +132,13 @@ impl Proxy {
     ///
     /// `watchdog`: the request runs in its connection's task, whose timer watches the upstream
     /// exchange's deadline (HTTP/1.x); without, the exchange has a timer of its own.
+    /// `started`: when the request began, which its deadline counts from.
     pub(crate) fn handle<F, R>(
         &self,
         req: Request<ClientBody>,
         peer: &Peer,
         watchdog: Option<Arc<Watchdog>>,
+        started: tokio::time::Instant,
         finish: F,
     ) -> impl Future<Output = R> + Send + use<F, R>
     where
@@ -144,7 +146,7 @@ impl Proxy {
     {
         let correlation_id = correlation_id();
         let state = guarded(&correlation_id, || {
-            let (decision, passed) = self.decide(req, peer, &correlation_id, watchdog);
+            let (decision, passed) = self.decide(req, peer, &correlation_id, watchdog, started);
             match (decision, passed) {
                 (Decision::Answer(resp), None) => Handled::Answer { resp: Some(resp) },
                 (Decision::Forward(forward), passed) => forward.run(passed),
@@ -169,6 +171,7 @@ impl Proxy {
         peer: &Peer,
         correlation_id: &HeaderValue,
         watchdog: Option<Arc<Watchdog>>,
+        started: tokio::time::Instant,
     ) -> (Decision, Option<Box<Passed>>) {
         let answer = |resp| (Decision::Answer(resp), None);
         let (mut parts, body) = req.into_parts();
@@ -245,7 +248,7 @@ impl Proxy {
             added,
             body,
             upstream,
-            deadline: tokio::time::Instant::now() + timeout,
+            deadline: started + timeout,
             timeout,
             cardinality,
             client_version,
