@@ -1231,7 +1231,10 @@ mod scratch {
         MAPS.with(|maps| {
             let mut maps = maps.borrow_mut();
             if maps.len() < KEEP_MAPS {
-                map.clear();
+                // `clear` walks the whole index even when the map holds nothing.
+                if !map.is_empty() {
+                    map.clear();
+                }
                 maps.push(map);
             }
         });
