@@ -169,6 +169,57 @@ async fn a_request_with_a_body_gets_the_headers_the_proxy_sets_and_not_the_clien
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_go_upstream_as_sent_each_request_its_own() {
+    // Fields the proxy neither reads nor changes go as they arrived: each exactly once,
+    // repeats in order, empty values kept, `Connection` (this hop's) dropped, and the proxy's
+    // own fields beside them. Two requests on one connection: the second must not see the
+    // first's (the scratch maps and field lists are reused).
+    let env = Env::start().await;
+    let answer = env
+        .exchange(
+            b"GET /api/one HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t/1 (x; y)\r\n\
+              X-Dup: 1\r\nConnection: Keep-Alive\r\nx-dup: 2\r\nX-Empty:\r\n\
+              Content-Length: 0\r\n\r\n\
+              GET /api/two HTTP/1.1\r\nhost: a.example\r\nX-Other: 3\r\n\
+              Connection: close\r\n\r\n",
+            false,
+        )
+        .await;
+    // (The second status line follows the first JSON body on its line.)
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    let mut bodies = answer
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|r| echoed(&format!("HTTP/1.1 {r}")));
+    let json = |v: &[&str]| serde_json::json!(v);
+    let first = bodies.next().unwrap();
+    let headers = first["headers"].as_object().unwrap();
+    assert_eq!(first["path"], "/one", "{first}");
+    assert_eq!(headers["host"], json(&["a.example"]));
+    assert_eq!(headers["user-agent"], json(&["t/1 (x; y)"]));
+    assert_eq!(headers["x-dup"], json(&["1", "2"]));
+    assert_eq!(headers["x-empty"], json(&[""]));
+    assert_eq!(headers["content-length"], json(&["0"]));
+    assert_eq!(headers["x-forwarded-for"], json(&["127.0.0.1"]));
+    assert_eq!(headers["x-forwarded-host"], json(&["a.example"]));
+    assert!(!headers.contains_key("connection"), "{first}");
+    let second = bodies.next().unwrap();
+    let headers = second["headers"].as_object().unwrap();
+    assert_eq!(second["path"], "/two", "{second}");
+    assert_eq!(headers["host"], json(&["a.example"]));
+    assert_eq!(headers["x-other"], json(&["3"]));
+    for gone in [
+        "x-dup",
+        "user-agent",
+        "x-empty",
+        "content-length",
+        "connection",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone}: {second}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_must_be_there_exactly_once_and_valid() {
     let env = Env::start().await;
     for (what, request) in [
