@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::{ArrayQueue, SegQueue};
-use futures_util::FutureExt as _;
 use futures_util::future::Either;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
@@ -133,6 +132,16 @@ impl std::fmt::Debug for HostPool {
             .field("in_flight", &self.in_flight())
             .finish()
     }
+}
+
+/// How an HTTP/1.1 exchange goes: on `conn` (idle before: `reused`), sent again on a fresh
+/// connection if it never left and `retry` allows, counted by `counting` until the response
+/// head is in.
+struct H1Exchange {
+    conn: Box<H1Conn>,
+    reused: bool,
+    retry: bool,
+    counting: Option<InFlight>,
 }
 
 /// Counts a balanced request against its address until dropped. The response body holds it,
@@ -272,20 +281,28 @@ impl HostPool {
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         // Counted while it waits for the response head. The count holds the pool's `Arc`, so
         // the returned future borrows nothing: a caller can make it at once and keep only it,
-        // not also the request it was made from (see `Forward::run`).
+        // not also the request it was made from (see `Forward::run`). The exchange holds it,
+        // not a combinator around the exchange: that layer moved the whole future once more
+        // as it was made, and its output as it ended (~220 instructions a request).
         let counting = InFlight::new(self);
-        let sent = match self.ready_connection() {
-            Some(conn) => Either::Left(self.send_on(conn, req, added)),
+        match self.ready_connection() {
+            Some(conn) => {
+                let retry = conn.reused();
+                Either::Left(
+                    self.clone()
+                        .dispatch(conn, req, added, retry, Some(counting)),
+                )
+            }
             // Boxed: dialling, or waiting for another request's HTTP/2 handshake, is rare.
             None => {
                 let pool = self.clone();
                 Either::Right(Box::pin(async move {
+                    let _counting = counting;
                     let conn = pool.connection().await?;
                     pool.send_on(conn, req, added).await
                 }))
             }
-        };
-        sent.inspect(move |_| drop(counting))
+        }
     }
 
     /// A connection to send on without waiting: the shared HTTP/2 one, or an idle HTTP/1.1
@@ -331,7 +348,7 @@ impl HostPool {
         added: Option<Added>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         let retry = conn.reused();
-        self.clone().dispatch(conn, req, added, retry)
+        self.clone().dispatch(conn, req, added, retry, None)
     }
 
     /// The retry of [`send_on`](Self::send_on): HTTP/2 may find that another request already
@@ -346,34 +363,44 @@ impl HostPool {
         } else {
             self.connect().await?
         };
-        self.dispatch(conn, req, None, false).await
+        self.dispatch(conn, req, None, false, None).await
     }
 
     /// Sends on `conn` in its protocol; `retry`: once more on a fresh connection if the
     /// request never left. Only the proxy's own HTTP/1.1 exchange writes `added` beside the
-    /// map; for hyper it goes into the map.
+    /// map; for hyper it goes into the map. `counting` is held until the response head is in.
     fn dispatch(
         self: Arc<Self>,
         conn: Conn,
         mut req: Request<RequestBody>,
         added: Option<Added>,
         retry: bool,
+        counting: Option<InFlight>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         match conn {
             Conn::H1 { conn, reused } if req.body().is_complete() => {
                 let (parts, body) = h1_request(req).into_parts();
-                Either::Left(self.send_h1(conn, reused, parts, added, body.into_data(), retry))
+                let exchange = H1Exchange {
+                    conn,
+                    reused,
+                    retry,
+                    counting,
+                };
+                Either::Left(self.send_h1(exchange, parts, added, body.into_data()))
             }
             conn => {
                 if let Some(added) = added {
                     added.apply(req.headers_mut());
                 }
                 // Boxed: rare, and their state is hyper's handshake and dispatch.
-                Either::Right(Box::pin(match conn {
-                    Conn::H1 { conn, .. } => {
-                        Either::Left(self.send_streamed(conn, h1_request(req), retry))
+                Either::Right(Box::pin(async move {
+                    let _counting = counting;
+                    match conn {
+                        Conn::H1 { conn, .. } => {
+                            self.send_streamed(conn, h1_request(req), retry).await
+                        }
+                        Conn::H2 { sender, .. } => self.send_h2(sender, req, retry).await,
                     }
-                    Conn::H2 { sender, .. } => Either::Right(self.send_h2(sender, req, retry)),
                 }))
             }
         }
@@ -389,14 +416,19 @@ impl HostPool {
     )]
     fn send_h1(
         self: Arc<Self>,
-        conn: Box<H1Conn>,
-        reused: bool,
+        exchange: H1Exchange,
         mut parts: http::request::Parts,
         added: Option<Added>,
         data: Option<bytes::Bytes>,
-        retry: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send {
+        let H1Exchange {
+            conn,
+            reused,
+            retry,
+            counting,
+        } = exchange;
         async move {
+            let _counting = counting;
             // Decided before the retry is awaited, so the exchange's result is not kept
             // beside it.
             let sent = h1::exchange(

@@ -972,3 +972,43 @@ fn what_httparse_takes_in_a_field_http_takes_too() {
     // from space up but DEL.
     assert_eq!((names, values), (78, 224));
 }
+
+#[tokio::test]
+async fn a_request_counts_against_its_pool_until_its_response_head_is_in() {
+    // The balancer picks the address with the fewest requests in flight, so a request counts
+    // from the moment it is sent until its answer starts: on a fresh connection and on a
+    // reused one (the path most requests take).
+    let (release, released) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let released = Arc::new(tokio::sync::Mutex::new(released));
+    let (addr, _) = upstream(move |mut s, _| {
+        let released = released.clone();
+        async move {
+            let mut buf = Vec::new();
+            while read_request(&mut s, &mut buf).await.is_some() {
+                released.lock().await.recv().await;
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+    let pool = pool(addr);
+    for round in ["fresh", "reused"] {
+        let sent = tokio::spawn({
+            let pool = pool.clone();
+            async move { answer(&pool, get("GET", None)).await }
+        });
+        let counted = async {
+            while pool.in_flight() == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), counted)
+            .await
+            .unwrap_or_else(|_| panic!("{round}: not counted while it waits"));
+        release.send(()).unwrap();
+        assert_eq!(sent.await.unwrap(), "ok", "{round}");
+        assert_eq!(pool.in_flight(), 0, "{round}: counted after its answer");
+    }
+}
