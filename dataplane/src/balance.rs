@@ -120,7 +120,7 @@ impl ServiceBackend {
             Some((pool, conn)) => {
                 let in_flight = InFlight::new(&pool);
                 Either::Left(
-                    pool.send_on(conn, req, added)
+                    pool.send_on(conn, req, added, None)
                         .map(move |r| r.map(|resp| (resp, in_flight))),
                 )
             }
@@ -155,7 +155,7 @@ impl ServiceBackend {
             };
             let in_flight = InFlight::new(&pool);
             match pool.connection().await {
-                Ok(conn) => return Ok((pool.send_on(conn, req, added).await?, in_flight)),
+                Ok(conn) => return Ok((pool.send_on(conn, req, added, None).await?, in_flight)),
                 Err(error) if error.is_connect() => {
                     tracing::debug!(%error, service = %self.authority, "connect failed; trying another address");
                     last_error = Some(error);

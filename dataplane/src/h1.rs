@@ -643,10 +643,7 @@ fn take_head(
     };
     let bytes = buf.split_to(len).freeze();
     let mut headers = std::mem::take(recycle);
-    // `clear` walks the whole index even when the map holds nothing (~100 instructions).
-    if !headers.is_empty() {
-        headers.clear();
-    }
+    clear_map(&mut headers);
     let raw = if parsed.hop_by_hop {
         headers.reserve(spans.len() + crate::headers::ADDED_HEADERS);
         let fields = RawFields::new(bytes, spans);
@@ -971,6 +968,14 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
             .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
             .flatten()
     })
+}
+
+/// Empties `map` for reuse. `HeaderMap::clear` walks the whole index even when the map holds
+/// nothing (~100 instructions), and the recycled maps here mostly do.
+fn clear_map(map: &mut HeaderMap) {
+    if !map.is_empty() {
+        map.clear();
+    }
 }
 
 /// Takes `n` bytes off the front of `buf` (copied when small: see [`COPY_MAX`]).

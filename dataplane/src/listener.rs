@@ -680,11 +680,6 @@ impl Activity {
         }
     }
 
-    #[cfg(test)]
-    fn begin(self: &Arc<Self>) -> InFlight {
-        self.begin_at(Instant::now())
-    }
-
     /// A request in flight from `now`: its start, read once by the caller, which uses it for
     /// the request's deadline too (a clock read is ~60 instructions).
     fn begin_at(self: &Arc<Self>, now: Instant) -> InFlight {
@@ -811,7 +806,7 @@ mod tests {
             async move { idle(&activity, limits()).await }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let request = activity.begin();
+        let request = activity.begin_at(Instant::now());
         // A long request is not idle, however long it takes.
         tokio::time::sleep(Duration::from_secs(150)).await;
         assert!(!watcher.is_finished());

@@ -284,22 +284,15 @@ impl HostPool {
         // not also the request it was made from (see `Forward::run`). The exchange holds it,
         // not a combinator around the exchange: that layer moved the whole future once more
         // as it was made, and its output as it ended (~220 instructions a request).
-        let counting = InFlight::new(self);
+        let counting = Some(InFlight::new(self));
         match self.ready_connection() {
-            Some(conn) => {
-                let retry = conn.reused();
-                Either::Left(
-                    self.clone()
-                        .dispatch(conn, req, added, retry, Some(counting)),
-                )
-            }
+            Some(conn) => Either::Left(self.send_on(conn, req, added, counting)),
             // Boxed: dialling, or waiting for another request's HTTP/2 handshake, is rare.
             None => {
                 let pool = self.clone();
                 Either::Right(Box::pin(async move {
-                    let _counting = counting;
                     let conn = pool.connection().await?;
-                    pool.send_on(conn, req, added).await
+                    pool.send_on(conn, req, added, counting).await
                 }))
             }
         }
@@ -341,14 +334,16 @@ impl HostPool {
 
     /// Sends on `conn`. A reused connection that closed before the request went out is
     /// replaced once by a fresh one: nothing reached the upstream, so that is safe.
+    /// `counting` is held until the response head is in.
     pub(crate) fn send_on(
         self: &Arc<Self>,
         conn: Conn,
         req: Request<RequestBody>,
         added: Option<Added>,
+        counting: Option<InFlight>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
         let retry = conn.reused();
-        self.clone().dispatch(conn, req, added, retry, None)
+        self.clone().dispatch(conn, req, added, retry, counting)
     }
 
     /// The retry of [`send_on`](Self::send_on): HTTP/2 may find that another request already

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 
 use super::{
     Chunk, Decoded, Field, FieldKind, H1Error, LengthError, MAX_HEADERS, RawFields, State,
-    content_length, elements, field_name, offset, parse_length, reserve, take,
+    clear_map, content_length, elements, field_name, offset, parse_length, reserve, take,
 };
 
 /// What a wait for a request reads at once, on the stack (a request head is usually far
@@ -1231,10 +1231,7 @@ mod scratch {
         MAPS.with(|maps| {
             let mut maps = maps.borrow_mut();
             if maps.len() < KEEP_MAPS {
-                // `clear` walks the whole index even when the map holds nothing.
-                if !map.is_empty() {
-                    map.clear();
-                }
+                super::clear_map(&mut map);
                 maps.push(map);
             }
         });
