@@ -304,8 +304,8 @@ impl Handler {
         // An HTTP/1.x request runs in the connection's task, whose timer can watch its
         // deadline; an HTTP/2 stream runs in a task of its own.
         let watchdog = (version != Version::HTTP_2).then(|| self.activity.watchdog.clone());
-        let handled = self
-            .proxy
+        // Boxed by `handle`, so a connection carries a request's state only while it runs.
+        self.proxy
             .handle(req, &self.client, watchdog, started, move |mut resp| {
                 if version == Version::HTTP_2 {
                     // hyper writes the map, and only the map.
@@ -318,11 +318,7 @@ impl Handler {
                     body,
                     _in_flight: in_flight,
                 })
-            });
-        // Boxed: the connection keeps the request's future inside its own, so unboxed every
-        // connection — idle ones too — would carry the request's state for as long as it
-        // lives. Boxed, that memory is a request's.
-        Box::pin(handled)
+            })
     }
 }
 

@@ -133,6 +133,9 @@ impl Proxy {
     /// `watchdog`: the request runs in its connection's task, whose timer watches the upstream
     /// exchange's deadline (HTTP/1.x); without, the exchange has a timer of its own.
     /// `started`: when the request began, which its deadline counts from.
+    ///
+    /// The future comes boxed, as its callers keep it: a connection holds its request's
+    /// future, and unboxed every connection would carry a request's state while idle.
     pub(crate) fn handle<F, R>(
         &self,
         req: Request<ClientBody>,
@@ -140,13 +143,21 @@ impl Proxy {
         watchdog: Option<Arc<Watchdog>>,
         started: tokio::time::Instant,
         finish: F,
-    ) -> impl Future<Output = R> + Send + use<F, R>
+    ) -> Pin<Box<impl Future<Output = R> + Send + use<F, R>>>
     where
         F: FnOnce(Response<ProxyBody>) -> R + Send,
     {
-        let correlation_id = correlation_id();
-        let state = guarded(&correlation_id, || {
-            let (decision, passed) = self.decide(req, peer, &correlation_id, watchdog, started);
+        // Boxed first, and the state made into the box: made first, it was copied on its way
+        // out of the panic guard, into `Handling`, and into the box (~700 bytes each time).
+        let mut handling = Box::pin(Handling {
+            state: Handled::Answer { resp: None },
+            correlation_id: None,
+            finish: Some(finish),
+        });
+        let this = handling.as_mut().project();
+        let id = this.correlation_id.insert(correlation_id());
+        guarded(this.state, id, || {
+            let (decision, passed) = self.decide(req, peer, id, watchdog, started);
             match (decision, passed) {
                 (Decision::Answer(resp), None) => Handled::Answer { resp: Some(resp) },
                 (Decision::Forward(forward), passed) => forward.run(passed),
@@ -156,11 +167,7 @@ impl Proxy {
                 },
             }
         });
-        Handling {
-            state,
-            correlation_id: Some(correlation_id),
-            finish: Some(finish),
-        }
+        handling
     }
 
     /// Where a request goes: the answer (failure, mock, a plugin's refusal) or its head
@@ -476,13 +483,18 @@ impl Due {
     }
 }
 
-/// What `make` makes, or the answer to its panic (for the request `id`).
-fn guarded<S>(id: &HeaderValue, make: impl FnOnce() -> Handled<S>) -> Handled<S> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(make)).unwrap_or_else(|panic| {
-        Handled::Answer {
+/// Sets `state` to what `make` makes, or to the answer to its panic (for the request `id`).
+fn guarded<S>(
+    mut state: Pin<&mut Handled<S>>,
+    id: &HeaderValue,
+    make: impl FnOnce() -> Handled<S>,
+) {
+    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.set(make())));
+    if let Err(panic) = made {
+        state.set(Handled::Answer {
             resp: Some(panicked(panic, Some(id))),
-        }
-    })
+        });
+    }
 }
 
 impl<S: Sending> Handled<S> {
@@ -777,8 +789,9 @@ mod tests {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, ErrorCode::Unknown.body().as_bytes());
         // Routing runs when the handling is made.
-        let routing = guarded(&id, || panic!("routing"));
-        let resp = handling(routing, &id).await;
+        let mut routing = Box::pin(handling(Handled::Answer { resp: None }, &id));
+        guarded(routing.as_mut().project().state, &id, || panic!("routing"));
+        let resp = routing.await;
         assert_eq!(resp.status(), 500);
         assert_eq!(resp.headers().get(&X_KANALI_CORRELATION_ID), Some(&id));
         let ok = Handled::Answer {

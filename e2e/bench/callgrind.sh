@@ -10,7 +10,8 @@
 #        LIMIT=instructions fails the run when the figure is higher, for CI or a pre-push check;
 #        ANNOTATE=1 prints the top functions; KEEP=file keeps the callgrind dump;
 #        CONNS=64 loads it with wrk over that many connections for DURATION=15s instead, as the
-#        load comparison does: the runtime then parks once for many requests, not for each)
+#        load comparison does: the runtime then parks once for many requests, not for each;
+#        VALGRIND_ARGS adds callgrind options, e.g. --dump-instr=yes to see costs by address)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
@@ -29,7 +30,7 @@ trap cleanup EXIT
 nginx -p "$tmp" -e "$tmp/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)
 "$bin/kanali-controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \
   --admin-listen 127.0.0.1:19080 --log warn & pids+=($!)
-valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" --instr-atstart=yes \
+valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" --instr-atstart=yes ${VALGRIND_ARGS:-} \
   "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
   --admin-listen 127.0.0.1:18084 --worker-threads 1 --log warn 2>"$tmp/valgrind.log" & proxy=$!; pids+=($proxy)
 for _ in $(seq 300); do
