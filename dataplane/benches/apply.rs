@@ -139,10 +139,10 @@ fn bench_sweep(c: &mut Criterion) {
                 .header("host", "bench")
                 .body(kanali_dataplane::body::RequestBody::complete(None))
                 .unwrap_or_else(|e| panic!("{e}"));
-            let sent = pool.send(req, None);
+            let sent = pool.send(req, None, None);
             async move {
                 use http_body_util::BodyExt as _;
-                let resp = sent.await.unwrap_or_else(|e| panic!("{e}"));
+                let (resp, _) = sent.await.unwrap_or_else(|e| panic!("{e}"));
                 resp.into_body().collect().await.map(|_| ())
             }
         });

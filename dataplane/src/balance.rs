@@ -10,15 +10,14 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use futures_util::FutureExt as _;
 use futures_util::future::Either;
+use http::Request;
 use http::uri::Authority;
-use http::{Request, Response};
 use rustls::ClientConfig;
 
-use crate::body::{RequestBody, UpstreamBody};
+use crate::body::RequestBody;
 use crate::headers::Added;
-use crate::pool::{HostPool, InFlight, now_millis};
+use crate::pool::{HostPool, InFlight, Sent, now_millis};
 use crate::upstream::UpstreamError;
 
 /// How long an address that failed to connect is skipped.
@@ -101,14 +100,13 @@ impl ServiceBackend {
     }
 
     /// Sends `req` (with `added`, see [`HostPool::send`]) to one of the addresses; when
-    /// connecting fails, to another. The returned guard counts the request against the chosen
-    /// address until it is dropped (with the response body).
+    /// connecting fails, to another. The guard returned beside the head counts the request
+    /// against the chosen address until it is dropped (with the response body).
     pub fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
         added: Option<Added>,
-    ) -> impl Future<Output = Result<(Response<UpstreamBody>, InFlight), UpstreamError>> + Send + use<>
-    {
+    ) -> impl Future<Output = Result<Sent, UpstreamError>> + Send + use<> {
         // The common case without an `async fn` layer (see `HostPool::send`): the address
         // picked has a connection ready.
         let ready = {
@@ -119,10 +117,7 @@ impl ServiceBackend {
         match ready {
             Some((pool, conn)) => {
                 let in_flight = InFlight::new(&pool);
-                Either::Left(
-                    pool.send_on(conn, req, added, None)
-                        .map(move |r| r.map(|resp| (resp, in_flight))),
-                )
+                Either::Left(pool.send_on(conn, req, added, None, Some(in_flight)))
             }
             // Boxed: connecting (and trying other addresses) is the rare path.
             None => {
@@ -140,7 +135,7 @@ impl ServiceBackend {
         &self,
         req: Request<RequestBody>,
         added: Option<Added>,
-    ) -> Result<(Response<UpstreamBody>, InFlight), UpstreamError> {
+    ) -> Result<Sent, UpstreamError> {
         // Allocates only after a failure.
         let mut tried: Vec<Arc<HostPool>> = Vec::new();
         let mut last_error = None;
@@ -155,7 +150,7 @@ impl ServiceBackend {
             };
             let in_flight = InFlight::new(&pool);
             match pool.connection().await {
-                Ok(conn) => return Ok((pool.send_on(conn, req, added, None).await?, in_flight)),
+                Ok(conn) => return pool.send_on(conn, req, added, None, Some(in_flight)).await,
                 Err(error) if error.is_connect() => {
                     tracing::debug!(%error, service = %self.authority, "connect failed; trying another address");
                     last_error = Some(error);

@@ -134,14 +134,19 @@ impl std::fmt::Debug for HostPool {
     }
 }
 
+/// An upstream's response head, with what is kept until its body is done: a Service's
+/// count on the address it chose (see [`InFlight`]).
+pub type Sent = (Response<UpstreamBody>, Option<InFlight>);
+
 /// How an HTTP/1.1 exchange goes: on `conn` (idle before: `reused`), sent again on a fresh
 /// connection if it never left and `retry` allows, counted by `counting` until the response
-/// head is in.
+/// head is in; `keep` comes back beside the head.
 struct H1Exchange {
     conn: Box<H1Conn>,
     reused: bool,
     retry: bool,
     counting: Option<InFlight>,
+    keep: Option<InFlight>,
 }
 
 /// Counts a balanced request against its address until dropped. The response body holds it,
@@ -267,7 +272,9 @@ impl HostPool {
     }
 
     /// Sends `req` (origin-form URI, `Host` set, headers final) and returns the response head;
-    /// the body streams on. `added`: headers sent after the map's (see [`Added`]).
+    /// the body streams on. `added`: headers sent after the map's (see [`Added`]). `keep`
+    /// comes back beside the head, to be kept with the body: returned, not added by a
+    /// combinator, which moved the whole send future once more as it was made.
     ///
     /// Not an `async fn`, nor are the steps below it: each `async fn` keeps its arguments for
     /// as long as it runs, so every layer would hold its own copy of the request (hundreds of
@@ -278,7 +285,8 @@ impl HostPool {
         self: &Arc<Self>,
         req: Request<RequestBody>,
         added: Option<Added>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
+        keep: Option<InFlight>,
+    ) -> impl Future<Output = Result<Sent, UpstreamError>> + Send + use<> {
         // Counted while it waits for the response head. The count holds the pool's `Arc`, so
         // the returned future borrows nothing: a caller can make it at once and keep only it,
         // not also the request it was made from (see `Forward::run`). The exchange holds it,
@@ -286,13 +294,13 @@ impl HostPool {
         // as it was made, and its output as it ended (~220 instructions a request).
         let counting = Some(InFlight::new(self));
         match self.ready_connection() {
-            Some(conn) => Either::Left(self.send_on(conn, req, added, counting)),
+            Some(conn) => Either::Left(self.send_on(conn, req, added, counting, keep)),
             // Boxed: dialling, or waiting for another request's HTTP/2 handshake, is rare.
             None => {
                 let pool = self.clone();
                 Either::Right(Box::pin(async move {
                     let conn = pool.connection().await?;
-                    pool.send_on(conn, req, added, counting).await
+                    pool.send_on(conn, req, added, counting, keep).await
                 }))
             }
         }
@@ -334,16 +342,18 @@ impl HostPool {
 
     /// Sends on `conn`. A reused connection that closed before the request went out is
     /// replaced once by a fresh one: nothing reached the upstream, so that is safe.
-    /// `counting` is held until the response head is in.
+    /// `counting` is held until the response head is in; `keep` comes back beside it.
     pub(crate) fn send_on(
         self: &Arc<Self>,
         conn: Conn,
         req: Request<RequestBody>,
         added: Option<Added>,
         counting: Option<InFlight>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
+        keep: Option<InFlight>,
+    ) -> impl Future<Output = Result<Sent, UpstreamError>> + Send + use<> {
         let retry = conn.reused();
-        self.clone().dispatch(conn, req, added, retry, counting)
+        self.clone()
+            .dispatch(conn, req, added, retry, counting, keep)
     }
 
     /// The retry of [`send_on`](Self::send_on): HTTP/2 may find that another request already
@@ -358,12 +368,13 @@ impl HostPool {
         } else {
             self.connect().await?
         };
-        self.dispatch(conn, req, None, false, None).await
+        Ok(self.dispatch(conn, req, None, false, None, None).await?.0)
     }
 
     /// Sends on `conn` in its protocol; `retry`: once more on a fresh connection if the
     /// request never left. Only the proxy's own HTTP/1.1 exchange writes `added` beside the
-    /// map; for hyper it goes into the map. `counting` is held until the response head is in.
+    /// map; for hyper it goes into the map. `counting` is held until the response head is in;
+    /// `keep` comes back beside it.
     fn dispatch(
         self: Arc<Self>,
         conn: Conn,
@@ -371,7 +382,8 @@ impl HostPool {
         added: Option<Added>,
         retry: bool,
         counting: Option<InFlight>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
+        keep: Option<InFlight>,
+    ) -> impl Future<Output = Result<Sent, UpstreamError>> + Send + use<> {
         match conn {
             Conn::H1 { conn, reused } if req.body().is_complete() => {
                 let (parts, body) = h1_request(req).into_parts();
@@ -380,6 +392,7 @@ impl HostPool {
                     reused,
                     retry,
                     counting,
+                    keep,
                 };
                 Either::Left(self.send_h1(exchange, parts, added, body.into_data()))
             }
@@ -390,12 +403,13 @@ impl HostPool {
                 // Boxed: rare, and their state is hyper's handshake and dispatch.
                 Either::Right(Box::pin(async move {
                     let _counting = counting;
-                    match conn {
+                    let resp = match conn {
                         Conn::H1 { conn, .. } => {
                             self.send_streamed(conn, h1_request(req), retry).await
                         }
                         Conn::H2 { sender, .. } => self.send_h2(sender, req, retry).await,
-                    }
+                    };
+                    Ok((resp?, keep))
                 }))
             }
         }
@@ -415,12 +429,13 @@ impl HostPool {
         mut parts: http::request::Parts,
         added: Option<Added>,
         data: Option<bytes::Bytes>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send {
+    ) -> impl Future<Output = Result<Sent, UpstreamError>> + Send {
         let H1Exchange {
             conn,
             reused,
             retry,
             counting,
+            keep,
         } = exchange;
         async move {
             let _counting = counting;
@@ -435,7 +450,7 @@ impl HostPool {
                 &self,
             );
             match sent.await {
-                Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+                Ok(resp) => return Ok((resp.map(UpstreamBody::H1), keep)),
                 Err(ExchangeError::Retry(_)) if retry => {}
                 Err(ExchangeError::Retry(source) | ExchangeError::Fatal(source)) => {
                     return Err(self.h1_error(source));
@@ -446,7 +461,7 @@ impl HostPool {
                 added.apply(&mut parts.headers);
             }
             let req = Request::from_parts(parts, RequestBody::complete(data));
-            Box::pin(self.resend(req)).await
+            Ok((Box::pin(self.resend(req)).await?, keep))
         }
     }
 

@@ -15,7 +15,7 @@ use http_body::Body as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::{ClientBody, ProxyBody, RequestBody, UpstreamBody, read_ahead};
+use crate::body::{ClientBody, ProxyBody, RequestBody, read_ahead};
 use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
 use crate::filter::credentials::UsageLog;
@@ -24,7 +24,7 @@ use crate::filter::{self, Passed, RequestInfo};
 use crate::headers::{Added, X_KANALI_CORRELATION_ID, strip_hop_by_hop};
 use crate::listener::Watchdog;
 use crate::path::upstream_path;
-use crate::pool::InFlight;
+use crate::pool::Sent;
 use crate::request::Refusal;
 use crate::table::{Action, RouteTable};
 use crate::upstream::{Upstream, UpstreamError};
@@ -675,9 +675,6 @@ async fn read_body(
         Err(_) => Err(Refusal::BodyTimeout.response(version)),
     }
 }
-
-/// An upstream's response head, with the balancer's guard for a Service.
-type Sent = (Response<UpstreamBody>, Option<InFlight>);
 
 /// The client's response from what the upstream answered (`None`: nothing before the
 /// deadline), or the error that replaces it.

@@ -12,16 +12,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use http::Request;
 use http::uri::Authority;
-use http::{Request, Response};
 use kanali_proto::v1 as pb;
 use rustls::ClientConfig;
 
 use crate::balance::{ServiceBackend, ServiceKey};
-use crate::body::{RequestBody, UpstreamBody};
+use crate::body::RequestBody;
 use crate::dynamic::HeaderDefaults;
 use crate::headers::Added;
-use crate::pool::{HostPool, InFlight, PoolKey, PoolSettings, SweepList};
+use crate::pool::{HostPool, PoolKey, PoolSettings, Sent, SweepList};
 use crate::upstream_tls::{TlsContext, TlsError};
 
 /// How a Service's address is chosen (`--upstream-mode`).
@@ -151,21 +151,12 @@ impl Upstream {
         &self,
         req: Request<RequestBody>,
         added: Option<Added>,
-    ) -> impl Future<Output = Result<(Response<UpstreamBody>, Option<InFlight>), UpstreamError>>
-    + Send
-    + use<> {
-        use futures_util::FutureExt as _;
+    ) -> impl Future<Output = Result<Sent, UpstreamError>> + Send + use<> {
         use futures_util::future::Either;
-        // Combinators, not an `async fn`: see `HostPool::send`.
+        // Not an `async fn`: see `HostPool::send`.
         match self {
-            Upstream::Host(pool) => {
-                Either::Left(pool.send(req, added).map(|r| r.map(|resp| (resp, None))))
-            }
-            Upstream::Service(service) => Either::Right(
-                service
-                    .send(req, added)
-                    .map(|r| r.map(|(resp, in_flight)| (resp, Some(in_flight)))),
-            ),
+            Upstream::Host(pool) => Either::Left(pool.send(req, added, None)),
+            Upstream::Service(service) => Either::Right(service.send(req, added)),
         }
     }
 }

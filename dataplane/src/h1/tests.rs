@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::body::{RequestBody, UpstreamBody};
-use crate::pool::{PoolKey, PoolSettings};
+use crate::pool::{InFlight, PoolKey, PoolSettings};
 
 // ---- parsing, pure ----
 
@@ -531,7 +531,9 @@ fn get(method: &str, body: Option<&'static str>) -> Request<RequestBody> {
 
 /// Sends `req` through `pool` and reads the whole body of its answer.
 async fn answer(pool: &Arc<HostPool>, req: Request<RequestBody>) -> String {
-    text(pool.send(req, None).await.unwrap()).await.unwrap()
+    text(pool.send(req, None, None).await.unwrap().0)
+        .await
+        .unwrap()
 }
 
 async fn text(resp: Response<UpstreamBody>) -> Result<String, String> {
@@ -567,7 +569,7 @@ async fn keep_alive_connections_are_reused_and_split_responses_reassemble() {
     .await;
     let pool = pool(addr);
     for i in 1..=3 {
-        let resp = pool.send(get("GET", None), None).await.unwrap();
+        let (resp, _) = pool.send(get("GET", None), None, None).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(text(resp).await.unwrap(), format!("{i}:GET /x HTTP/1.1"));
     }
@@ -607,7 +609,7 @@ async fn chunked_and_close_delimited_bodies_stream_and_only_the_first_keeps_its_
     .await;
     let pool = pool(addr);
     let req = |path: &str| request("GET", path, None);
-    let resp = pool.send(req("/chunked"), None).await.unwrap();
+    let (resp, _) = pool.send(req("/chunked"), None, None).await.unwrap();
     let collected = resp.into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().unwrap()["x-sum"], "9");
     assert_eq!(collected.to_bytes(), "wikipedia");
@@ -644,7 +646,7 @@ async fn a_body_cut_short_is_an_error_and_extra_bytes_are_not_trusted() {
     .await;
     let pool = pool(addr);
     let req = |path: &str| request("GET", path, None);
-    let resp = pool.send(req("/short"), None).await.unwrap();
+    let (resp, _) = pool.send(req("/short"), None, None).await.unwrap();
     assert!(
         text(resp)
             .await
@@ -677,7 +679,10 @@ async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_rep
     assert_eq!(answer(&pool, get("GET", None)).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     // A POST may have been acted on: it is not sent twice.
-    let error = pool.send(get("POST", Some("x")), None).await.unwrap_err();
+    let error = pool
+        .send(get("POST", Some("x")), None, None)
+        .await
+        .unwrap_err();
     assert!(
         error
             .to_string()
@@ -836,7 +841,10 @@ async fn bad_responses_are_errors() {
         .await;
     })
     .await;
-    let error = pool(addr).send(get("GET", None), None).await.unwrap_err();
+    let error = pool(addr)
+        .send(get("GET", None), None, None)
+        .await
+        .unwrap_err();
     assert!(
         error.to_string().contains("conflicting Content-Length"),
         "{error}"
@@ -1010,5 +1018,36 @@ async fn a_request_counts_against_its_pool_until_its_response_head_is_in() {
         release.send(()).unwrap();
         assert_eq!(sent.await.unwrap(), "ok", "{round}");
         assert_eq!(pool.in_flight(), 0, "{round}: counted after its answer");
+    }
+}
+
+#[tokio::test]
+async fn what_a_request_keeps_comes_back_beside_its_response_head() {
+    // A Service's balancer counts a request against the address it chose until the response
+    // body is done: the pool hands that guard back with the head, whether the request went
+    // on the first connection or was sent again on a fresh one. Each connection answers its
+    // first request, then reads the next and closes without answering.
+    let (addr, accepted) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        reply_once(
+            &mut s,
+            &mut buf,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
+        let _ = read_request(&mut s, &mut buf).await;
+    })
+    .await;
+    let pool = pool(addr);
+    for (round, connections) in [("first", 1), ("sent again", 2)] {
+        let keep = InFlight::new(&pool);
+        let (resp, kept) = pool.send(get("GET", None), None, Some(keep)).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), connections, "{round}");
+        assert!(kept.is_some(), "{round}: not handed back");
+        // Only the guard counts now: the pool's own count ended with the head.
+        assert_eq!(pool.in_flight(), 1, "{round}: not held");
+        assert_eq!(text(resp).await.unwrap(), "ok", "{round}");
+        drop(kept);
+        assert_eq!(pool.in_flight(), 0, "{round}");
     }
 }
