@@ -338,3 +338,13 @@ impl Bound {
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
+
+/// `Box::pin(make())`, with the box allocated before the value is made, so the value can be
+/// built where it goes. `Box::pin(value)` builds it on the stack and copies it in: between the
+/// two the allocation may unwind, and the value must then be dropped where it is. For a
+/// request's futures that copy was hundreds of bytes, twice a request (~130 instructions).
+#[inline(always)]
+pub(crate) fn boxed<T>(make: impl FnOnce() -> T) -> std::pin::Pin<Box<T>> {
+    let place = Box::new_uninit();
+    Box::into_pin(Box::write(place, make()))
+}

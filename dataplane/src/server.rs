@@ -149,7 +149,7 @@ impl Proxy {
     {
         // Boxed first, and the state made into the box: made first, it was copied on its way
         // out of the panic guard, into `Handling`, and into the box (~700 bytes each time).
-        let mut handling = Box::pin(Handling {
+        let mut handling = crate::boxed(|| Handling {
             state: Handled::Answer { resp: None },
             correlation_id: None,
             finish: Some(finish),

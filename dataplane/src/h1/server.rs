@@ -126,7 +126,7 @@ where
         first = false;
         // Boxed: a request's state (its body pump, the response being written) is a
         // request's memory, not something every idle connection carries.
-        if !Box::pin(conn.exchange(head, &mut service, closing)).await {
+        if !crate::boxed(|| conn.exchange(head, &mut service, closing)).await {
             return Ok(Ended::Closed);
         }
         conn.idle();
