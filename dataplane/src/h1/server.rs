@@ -40,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use super::{
     Chunk, Decoded, Field, FieldKind, H1Error, LengthError, MAX_HEADERS, RawFields, State,
     clear_map, content_length, elements, field_name, offset, parse_length, reserve, take,
+    write_field,
 };
 
 /// What a wait for a request reads at once, on the stack (a request head is usually far
@@ -723,7 +724,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     self.write.extend_from_slice(b"0\r\n");
                     for (name, value) in &trailers {
                         if out.trailer_allowed(name) {
-                            field(&mut self.write, name.as_str().as_bytes(), value.as_bytes());
+                            write_field(
+                                &mut self.write,
+                                name.as_str().as_bytes(),
+                                value.as_bytes(),
+                            );
                         }
                     }
                     self.write.extend_from_slice(b"\r\n");
@@ -771,9 +776,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         head.extend_from_slice(
             b"\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n",
         );
-        field(&mut head, b"date", &date::now());
+        write_field(&mut head, b"date", &date::now());
         let mut digits = itoa::Buffer::new();
-        field(
+        write_field(
             &mut head,
             b"content-length",
             digits.format(reason.len()).as_bytes(),
@@ -1087,26 +1092,28 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     let own_length = length.is_some() || framing != OutFraming::None;
     let mut dated = false;
-    for (name, value, kind) in raw.into_iter().flat_map(RawFields::fields) {
-        if (own_length && kind == FieldKind::ContentLength) || in_map(&parts.headers, name) {
-            continue;
-        }
-        dated |= kind == FieldKind::Date;
-        field(out, name, value);
+    if let Some(raw) = raw {
+        raw.write(out, |name, kind| {
+            if (own_length && kind == FieldKind::ContentLength) || in_map(&parts.headers, name) {
+                return false;
+            }
+            dated |= kind == FieldKind::Date;
+            true
+        });
     }
     for (name, value) in &parts.headers {
         if name == header::TRANSFER_ENCODING || (own_length && name == header::CONTENT_LENGTH) {
             continue;
         }
         dated |= name == header::DATE;
-        field(out, name.as_str().as_bytes(), value.as_bytes());
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !dated {
-        field(out, b"date", &date::now());
+        write_field(out, b"date", &date::now());
     }
     if let Some(n) = length {
         let mut digits = itoa::Buffer::new();
-        field(out, b"content-length", digits.format(n).as_bytes());
+        write_field(out, b"content-length", digits.format(n).as_bytes());
     }
     if framing == OutFraming::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -1116,13 +1123,6 @@ fn encode_head(
     } else if keep_alive_10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    out.extend_from_slice(b"\r\n");
-}
-
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

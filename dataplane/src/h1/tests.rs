@@ -1051,3 +1051,49 @@ async fn what_a_request_keeps_comes_back_beside_its_response_head() {
         assert_eq!(pool.in_flight(), 0, "{round}");
     }
 }
+
+#[test]
+fn fields_that_came_as_the_proxy_writes_them_are_copied_as_they_came() {
+    // Runs of lines already written `name: value` are copied at once; the others are
+    // written anew between them. The output is the same either way, in order.
+    let head = "HTTP/1.1 200 OK\r\nServer: up\r\nDate: d\r\nX-Tight:tight\r\nX-Wide:   wide\r\n\
+                Empty:\r\nSkip: me\r\nA: 1\r\nA: 2\r\nx-kanali-correlation-id: theirs\r\n\
+                Last: l\r\nContent-Length: 0\r\n\r\n";
+    let Ok(Some(Some(taken))) = take(head, false).0 else {
+        panic!("not a head")
+    };
+    let mut raw = taken.raw.unwrap();
+    raw.set_own(
+        &crate::headers::X_KANALI_CORRELATION_ID,
+        HeaderValue::from_static("ours"),
+    );
+    let mut out = Vec::new();
+    let mut asked = Vec::new();
+    raw.write(&mut out, |name, kind| {
+        asked.push((String::from_utf8_lossy(name).into_owned(), kind));
+        name != b"Skip" && kind != FieldKind::ContentLength
+    });
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "Server: up\r\nDate: d\r\nX-Tight: tight\r\nX-Wide: wide\r\nEmpty: \r\nA: 1\r\nA: 2\r\n\
+         Last: l\r\nx-kanali-correlation-id: ours\r\n"
+    );
+    // Asked about each of the upstream's fields but the one the proxy's own replaces.
+    let names: Vec<_> = asked.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Server",
+            "Date",
+            "X-Tight",
+            "X-Wide",
+            "Empty",
+            "Skip",
+            "A",
+            "A",
+            "Last",
+            "Content-Length"
+        ]
+    );
+    assert_eq!(asked[1].1, FieldKind::Date);
+}
