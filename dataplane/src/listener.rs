@@ -680,7 +680,13 @@ impl Activity {
     /// the request's deadline too (a clock read is ~60 instructions).
     fn begin_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.touch_at(now);
+        // Only the first start is stamped (see `started`): while a request is in flight the
+        // connection is not idle whatever the stamp says, and the idle time counts from the
+        // end of the last one, which `InFlight` stamps. Stamping each start converted the
+        // clock once more a request.
+        if !self.started() {
+            self.touch_at(now);
+        }
         InFlight(self.clone())
     }
 
@@ -807,8 +813,14 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(150)).await;
         assert!(!watcher.is_finished());
         drop(request);
+        // The next one starts 30 s into the idle time and runs past when it would have ended.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let request = activity.begin_at(Instant::now());
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!watcher.is_finished());
+        drop(request);
         assert_eq!(watcher.await.unwrap(), "idle timeout");
-        assert_eq!(start.elapsed(), Duration::from_secs(211));
+        assert_eq!(start.elapsed(), Duration::from_secs(341));
     }
 
     #[test]
