@@ -658,11 +658,10 @@ async fn a_body_cut_short_is_an_error_and_extra_bytes_are_not_trusted() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
-#[tokio::test]
-async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_repeated() {
-    // Every connection answers its first request, then reads the next and closes without
-    // answering (an upstream's keep-alive timeout racing the request).
-    let (addr, accepted) = upstream(|mut s, _| async move {
+/// An upstream whose every connection answers its first request `ok`, then reads the next
+/// and closes without answering.
+async fn answers_once_then_closes() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    upstream(|mut s, _| async move {
         let mut buf = Vec::new();
         reply_once(
             &mut s,
@@ -672,7 +671,14 @@ async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_rep
         .await;
         let _ = read_request(&mut s, &mut buf).await;
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_reused_connection_that_closes_unanswered_retries_only_what_may_be_repeated() {
+    // Every connection answers its first request, then reads the next and closes without
+    // answering (an upstream's keep-alive timeout racing the request).
+    let (addr, accepted) = answers_once_then_closes().await;
     let pool = pool(addr);
     assert_eq!(answer(&pool, get("GET", None)).await, "ok");
     // The GET goes again on a new connection.
@@ -1025,19 +1031,8 @@ async fn a_request_counts_against_its_pool_until_its_response_head_is_in() {
 async fn what_a_request_keeps_comes_back_beside_its_response_head() {
     // A Service's balancer counts a request against the address it chose until the response
     // body is done: the pool hands that guard back with the head, whether the request went
-    // on the first connection or was sent again on a fresh one. Each connection answers its
-    // first request, then reads the next and closes without answering.
-    let (addr, accepted) = upstream(|mut s, _| async move {
-        let mut buf = Vec::new();
-        reply_once(
-            &mut s,
-            &mut buf,
-            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-        )
-        .await;
-        let _ = read_request(&mut s, &mut buf).await;
-    })
-    .await;
+    // on the first connection or was sent again on a fresh one.
+    let (addr, accepted) = answers_once_then_closes().await;
     let pool = pool(addr);
     for (round, connections) in [("first", 1), ("sent again", 2)] {
         let keep = InFlight::new(&pool);
