@@ -12,30 +12,40 @@
 #        CONNS=64 loads it with wrk over that many connections for DURATION=15s instead, as the
 #        load comparison does: the runtime then parks once for many requests, not for each;
 #        VALGRIND_ARGS adds callgrind options, e.g. --dump-instr=yes to see costs by address)
+#
+# `make test` runs it with a LIMIT (e2e/scripts/test-all.sh). Only the proxy is built for
+# release: the controller that serves it its routes is the debug build, whose speed the figure
+# does not see, and a release build of it (kube, k8s-openapi) would cost CI minutes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
 N=${N:-5000} WARM=${WARM:-500} path=${1:-/api/}
-command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
-command -v nginx >/dev/null || "$BENCH_DIR/setup.sh" >/dev/null
+for tool in valgrind nginx; do
+  command -v $tool >/dev/null ||
+    { echo "$tool is needed: apt-get install $tool (.ci/run installs it)" >&2; exit 1; }
+done
 cd "$root"
-cargo build -q --release --bins
+cargo build -q --release -p kanali-dataplane --bin kanali-proxy
+cargo build -q -p kanali-controller --bin kanali-controller
 bin=${CARGO_TARGET_DIR:-$root/target}/release
+controller=${CARGO_TARGET_DIR:-$root/target}/debug/kanali-controller
 tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
 pids=()
 source "$root/e2e/bench/stop.sh"
 cleanup() { stop_started; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-nginx -p "$tmp" -e "$tmp/upstream.err" -c "$BENCH_DIR/conf/upstream.conf" -g 'daemon off;' & pids+=($!)
-"$bin/kanali-controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \
+nginx -p "$tmp" -e "$tmp/upstream.err" -c "$root/e2e/bench/callgrind-upstream.conf" -g 'daemon off;' & pids+=($!)
+"$controller" --manifests e2e/bench/manifests --grpc-listen 127.0.0.1:19443 \
   --admin-listen 127.0.0.1:19080 --log warn & pids+=($!)
 valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" --instr-atstart=yes ${VALGRIND_ARGS:-} \
   "$bin/kanali-proxy" --controller http://127.0.0.1:19443 --listen 127.0.0.1:18083 \
   --admin-listen 127.0.0.1:18084 --worker-threads 1 --log warn 2>"$tmp/valgrind.log" & proxy=$!; pids+=($proxy)
+up=0
 for _ in $(seq 300); do
-  curl -fsS -o /dev/null "http://127.0.0.1:18083$path" 2>/dev/null && break; sleep 0.2
+  curl -fsS -o /dev/null "http://127.0.0.1:18083$path" 2>/dev/null && { up=1; break; }
+  sleep 0.2
 done
+[ "$up" = 1 ] || { echo "the proxy never answered $path with a 2xx" >&2; cat "$tmp/valgrind.log" >&2; exit 1; }
 
 # A keep-alive client: one connection, N sequential requests.
 send() {

@@ -8,6 +8,8 @@
 #
 # Env: KANALI_E2E_KUBECONFIG=path uses an API server you already run (kind, or e2e/k8s/start.sh);
 #      SKIP_K8S=1 runs everything but the API-server suite (its tests then skip, loudly);
+#      SKIP_GUARD=1 leaves out the instructions-per-request guard (valgrind; ~1.5 min warm,
+#      ~10 cold for the proxy's release build);
 #      SKIP_NODE=1 leaves out the node stage (it needs root and ~3 min warm, ~10 cold).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,9 +48,27 @@ fi
 # The node runs its own API server: stop the suite's first (ports differ, but memory and CPU
 # are better spent on the node).
 if [ -n "${k8s:-}" ]; then ./e2e/k8s/stop.sh "$k8s" >/dev/null 2>&1 || true; fi
+
+# Instructions per request, counted by callgrind: the data path's regression guard, which the
+# machine's load does not move (e2e/bench/RESULTS.md has the figures). The limit is ~5 % over
+# the count on the CI machine's CPU: valgrind passes the CPU's features on, and another CPU
+# may take other paths through memcpy and httparse (GUARD_LIMIT sets another).
+if [ "${SKIP_GUARD:-0}" != 1 ]; then
+  step "instructions per request (callgrind; first run builds the proxy for release)"
+  # A failure is reported at the end: the node stage still runs.
+  LIMIT=${GUARD_LIMIT:-19700} ./e2e/bench/callgrind.sh || guard_failed=1
+else
+  step "instructions-per-request guard skipped (SKIP_GUARD=1)"
+fi
+
 if [ "${SKIP_NODE:-0}" != 1 ]; then
   step "Kanali as pods on a single-node cluster (first run builds kubelet & co, ~5 min)"
   ./e2e/node/test-node.sh
 else
   step "node stage skipped (SKIP_NODE=1)"
+fi
+
+if [ "${guard_failed:-0}" = 1 ]; then
+  echo "FAILED: instructions per request over the guard's limit (see above)" >&2
+  exit 1
 fi
