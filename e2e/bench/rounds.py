@@ -33,7 +33,12 @@ def main(path: str) -> None:
             rounds[(row["case"], row["round"])][row["target"]] = (cpu_us, float(row["p99_ms"]))
     cases = sorted({case for case, _ in rounds})
     for case in cases:
-        keyed = [t for (c, _), t in sorted(rounds.items()) if c == case and "nginx" in t]
+        # In round order (the rounds are numbers, kept as text).
+        keyed = [
+            t
+            for (c, _), t in sorted(rounds.items(), key=lambda kv: int(kv[0][1]))
+            if c == case and "nginx" in t
+        ]
         targets = sorted({n for t in keyed for n in t} - {"nginx", "direct"})
         for target in targets:
             pairs = [(t[target], t["nginx"]) for t in keyed if target in t]
