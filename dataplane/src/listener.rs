@@ -191,7 +191,7 @@ impl Conn {
 
     async fn serve<I>(self, io: I, tls: Option<TlsConnection>)
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + crate::h1::server::Peek + Unpin + Send + 'static,
     {
         let Conn {
             peer,

@@ -518,6 +518,7 @@ fn an_exchange_keeps_only_what_writing_the_response_needs() {
         write: Vec::new(),
         max_head: 1024,
         half_close: false,
+        watched: false,
     };
     let Ok(Some(head)) = conn.take_head() else {
         panic!("the head is whole");
@@ -534,4 +535,54 @@ fn an_exchange_keeps_only_what_writing_the_response_needs() {
     let out = std::mem::size_of::<Out<crate::body::ProxyBody>>();
     let response = std::mem::size_of::<Response<crate::body::ProxyBody>>();
     assert!(size < out + response, "the exchange is {size} bytes");
+}
+
+/// Records that it was woken.
+#[derive(Default)]
+struct Woken(AtomicBool);
+
+impl std::task::Wake for Woken {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// [`Peek`] on TCP, which lets a connection wait for its next request without a read: it
+/// says "nothing to read" while a waiting read's waker is stored, and stops saying so once
+/// bytes arrive (the runtime saw them and used that waker up), so that the connection reads
+/// them instead of waiting for a wake-up that has come already.
+#[tokio::test]
+async fn a_tcp_stream_has_nothing_to_read_only_until_bytes_arrive() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut server, _) = listener.accept().await.unwrap();
+    let woken = std::sync::Arc::new(Woken::default());
+    let waker = std::task::Waker::from(woken.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut byte = [0u8; 1];
+    // A read that waits, as `poll_gone`'s does while the upstream answers.
+    let mut buf = ReadBuf::new(&mut byte);
+    assert!(
+        Pin::new(&mut server)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
+    );
+    assert!(server.nothing_to_read());
+    client.write_all(b"GET").await.unwrap();
+    for _ in 0..500 {
+        if woken.0.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(woken.0.load(Ordering::SeqCst), "the bytes woke the reader");
+    assert!(
+        !server.nothing_to_read(),
+        "bytes arrived: the connection must read"
+    );
+    let mut read = [0u8; 3];
+    server.read_exact(&mut read).await.unwrap();
+    assert_eq!(&read, b"GET");
 }
