@@ -56,7 +56,7 @@ if [ -n "${k8s:-}" ]; then ./e2e/k8s/stop.sh "$k8s" >/dev/null 2>&1 || true; fi
 if [ "${SKIP_GUARD:-0}" != 1 ]; then
   step "instructions per request (callgrind; first run builds the proxy for release)"
   # A failure is reported at the end: the node stage still runs.
-  LIMIT=${GUARD_LIMIT:-19700} ./e2e/bench/callgrind.sh || guard_failed=1
+  LIMIT=${GUARD_LIMIT:-19500} ./e2e/bench/callgrind.sh || guard_failed=1
 else
   step "instructions-per-request guard skipped (SKIP_GUARD=1)"
 fi
