@@ -275,6 +275,7 @@ impl RawFields {
     pub fn write(&self, out: &mut Vec<u8>, mut keep: impl FnMut(&[u8], FieldKind) -> bool) {
         let head = &self.0.head[..];
         let own = self.0.own.as_ref();
+        let own_name = own.map(|(name, _)| *name);
         let at = |from: u32, to: u32| head.get(from as usize..to as usize);
         // Lines of the head not yet written, all as they arrived.
         let mut run = 0..0;
@@ -283,7 +284,7 @@ impl RawFields {
             else {
                 continue;
             };
-            if replaces(own.map(|(own, _)| *own), name) || !keep(name, s.kind) {
+            if replaces(own_name, name) || !keep(name, s.kind) {
                 continue;
             }
             let as_written = at(s.name_end, s.value) == Some(b": ")
@@ -406,7 +407,6 @@ impl H1Conn {
     /// polling it for readiness stored a waker, under the socket's lock, for nothing
     /// (~110 instructions a request).
     pub fn still_open(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut byte = [0u8; 1];
         match &mut self.io {
             Io::Tcp(s) => {
@@ -414,6 +414,7 @@ impl H1Conn {
             }
             // TLS may have records to take in (session tickets) that are not data.
             Io::Tls(s) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
                 let mut buf = ReadBuf::new(&mut byte);
                 Pin::new(s.as_mut())
                     .poll_read(&mut cx, &mut buf)

@@ -28,7 +28,7 @@ cargo build -q --release -p kanali-dataplane --bin kanali-proxy
 cargo build -q -p kanali-controller --bin kanali-controller
 bin=${CARGO_TARGET_DIR:-$root/target}/release
 controller=${CARGO_TARGET_DIR:-$root/target}/debug/kanali-controller
-tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
+tmp=$(mktemp -d); chmod 755 "$tmp"
 pids=()
 source "$root/e2e/bench/stop.sh"
 cleanup() { stop_started; rm -rf "$tmp"; }

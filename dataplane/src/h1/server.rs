@@ -112,6 +112,8 @@ impl Peek for tokio::net::TcpStream {
 /// TLS may hold decrypted bytes the socket's readiness does not show.
 impl<IO> Peek for tokio_rustls::server::TlsStream<IO> {}
 
+/// The tests' in-memory streams.
+#[cfg(test)]
 impl Peek for tokio::io::DuplexStream {}
 
 /// Serves HTTP/1.x requests on `io` with `service` until the connection closes.
