@@ -1,5 +1,6 @@
 //! The proxy's admin port: `/healthz` (the process is up) and `/readyz` (a snapshot has been
-//! applied, so traffic can be sent here), plus `/version` (the snapshot being served).
+//! applied, so traffic can be sent here), plus `/version` (the snapshot being served) and
+//! `/metrics` (Prometheus' text format, see [`crate::metrics`]).
 //! Once the proxy drains ([`crate::shutdown`]) `/readyz` fails while `/healthz` still
 //! answers: a terminating proxy is not ready, but it is alive and must not be restarted.
 
@@ -14,13 +15,26 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::filter::rate_limit::RateLimits;
+use crate::metrics::Metrics;
 use crate::shutdown::DrainSignal;
 use crate::table::RouteTable;
+
+/// What the admin port reports on.
+#[derive(Clone)]
+pub struct Sources {
+    /// The table being served.
+    pub tables: Arc<ArcSwapOption<RouteTable>>,
+    /// The requests' and connections' counts.
+    pub metrics: Arc<Metrics>,
+    /// The rate limiters, for whether Redis is shared.
+    pub limits: Arc<RateLimits>,
+}
 
 /// Serves the admin endpoints until `shutdown` turns true; `/readyz` fails once `drain` fires.
 pub async fn serve(
     listener: TcpListener,
-    tables: Arc<ArcSwapOption<RouteTable>>,
+    sources: Sources,
     drain: DrainSignal,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -35,30 +49,42 @@ pub async fn serve(
             },
             () = crate::stopped(&mut shutdown) => return,
         };
-        let tables = tables.clone();
+        let sources = sources.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let version = tables.load().as_ref().map(|t| t.version.clone());
+                    let table = sources.tables.load_full();
+                    let version = table.as_ref().map(|t| t.version.clone());
                     let resp = match (req.uri().path(), version) {
-                        ("/healthz", _) => text(StatusCode::OK, "ok\n".to_owned()),
-                        ("/readyz", _) if drain.is_draining() => text(
+                        ("/metrics", _) => {
+                            let text = sources.metrics.render(&sources.limits, table.as_deref());
+                            let mut resp = text_response(StatusCode::OK, text);
+                            resp.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static(
+                                    "text/plain; version=0.0.4; charset=utf-8",
+                                ),
+                            );
+                            resp
+                        }
+                        ("/healthz", _) => text_response(StatusCode::OK, "ok\n".to_owned()),
+                        ("/readyz", _) if drain.is_draining() => text_response(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "shutting down\n".to_owned(),
                         ),
-                        ("/readyz", Some(_)) => text(StatusCode::OK, "ok\n".to_owned()),
-                        ("/readyz", None) => text(
+                        ("/readyz", Some(_)) => text_response(StatusCode::OK, "ok\n".to_owned()),
+                        ("/readyz", None) => text_response(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "no snapshot applied yet\n".to_owned(),
                         ),
-                        ("/version", Some(v)) => text(StatusCode::OK, format!("{v}\n")),
+                        ("/version", Some(v)) => text_response(StatusCode::OK, format!("{v}\n")),
                         ("/version", None) => {
-                            text(StatusCode::SERVICE_UNAVAILABLE, "none\n".to_owned())
+                            text_response(StatusCode::SERVICE_UNAVAILABLE, "none\n".to_owned())
                         }
-                        _ => text(
+                        _ => text_response(
                             StatusCode::NOT_FOUND,
-                            "try /healthz, /readyz or /version\n".to_owned(),
+                            "try /healthz, /readyz, /version or /metrics\n".to_owned(),
                         ),
                     };
                     async move { Ok::<_, Infallible>(resp) }
@@ -70,7 +96,7 @@ pub async fn serve(
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp

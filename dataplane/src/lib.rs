@@ -22,6 +22,7 @@ pub mod filter;
 pub mod h1;
 pub mod headers;
 pub mod listener;
+pub mod metrics;
 pub mod mock;
 pub mod path;
 pub mod pool;
@@ -203,11 +204,11 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let limits = Arc::new(filter::rate_limit::RateLimits::new(config.rate_limits)?);
     let usage = Arc::new(filter::credentials::UsageLog::default());
     let plugins = Arc::new(filter::wasm::Plugins::new(&config.plugins)?);
-    let proxy = Arc::new(server::Proxy::new(
-        tables.clone(),
-        config.server,
-        usage.clone(),
-    ));
+    let metrics = Arc::new(metrics::Metrics::new(config.workers.count()));
+    let proxy = Arc::new(
+        server::Proxy::new(tables.clone(), config.server, usage.clone())
+            .with_metrics(metrics.clone()),
+    );
     // Last, so that nothing above that fails leaves threads behind.
     let workers = match config.workers {
         Workers::Caller => Vec::new(),
@@ -218,7 +219,14 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     };
     // Listener `i` is served by worker `i`, or by the caller's runtime without workers.
     let serve = |(i, listener): (usize, TcpListener), tls: Option<server_tls::ServerTls>| {
-        let serving = server::serve(listener, tls, proxy.clone(), draining.clone(), rx.clone());
+        let serving = server::serve(
+            listener,
+            tls,
+            proxy.clone(),
+            i,
+            draining.clone(),
+            rx.clone(),
+        );
         match workers.get(i) {
             Some(worker) => worker.handle.spawn(serving),
             None => tokio::spawn(serving),
@@ -233,7 +241,11 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let mut tasks = vec![
         tokio::spawn(admin::serve(
             admin,
-            tables.clone(),
+            admin::Sources {
+                tables: tables.clone(),
+                metrics,
+                limits: limits.clone(),
+            },
             draining.clone(),
             exit_rx.clone(),
         )),

@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use crate::body::{ClientBody, ProxyBody};
 use crate::h1::RawFields;
 use crate::h1::server::{Ended, ResponseBody};
+use crate::metrics::{Metrics, Shard};
 use crate::server::{Proxy, ServerConfig};
 use crate::server_tls::ServerTls;
 use crate::shutdown::DrainSignal;
@@ -73,6 +74,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<ServerTls>,
     proxy: Arc<Proxy>,
+    worker: usize,
     config: &ServerConfig,
     drain: DrainSignal,
     mut shutdown: watch::Receiver<bool>,
@@ -104,6 +106,7 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             peer,
+            worker,
             proxy: proxy.clone(),
             http2: http2.clone(),
             limits,
@@ -150,6 +153,8 @@ struct Limits {
 /// One accepted connection, owned by its task.
 struct Conn {
     peer: SocketAddr,
+    /// The worker serving it: its shard of the metrics.
+    worker: usize,
     proxy: Arc<Proxy>,
     http2: Arc<http2::Builder<TokioExecutor>>,
     limits: Limits,
@@ -195,6 +200,7 @@ impl Conn {
     {
         let Conn {
             peer,
+            worker,
             proxy,
             http2,
             limits,
@@ -202,7 +208,7 @@ impl Conn {
             mut shutdown,
             _drained,
         } = self;
-        let activity = Arc::new(Activity::new(drain));
+        let activity = Arc::new(Activity::new(drain, proxy.metrics.clone(), worker));
         let handler = Handler {
             proxy,
             client: Arc::new(crate::server::Peer::new(peer)),
@@ -299,8 +305,9 @@ impl Handler {
             req.extensions_mut().insert(tls);
         }
         let started = Instant::now();
-        let in_flight = self.activity.begin_at(started);
+        let mut in_flight = self.activity.begin_at(started);
         let version = req.version();
+        let method = crate::metrics::method_index(req.method());
         // An HTTP/1.x request runs in the connection's task, whose timer can watch its
         // deadline; an HTTP/2 stream runs in a task of its own.
         let watchdog = (version != Version::HTTP_2).then(|| self.activity.watchdog.clone());
@@ -312,6 +319,7 @@ impl Handler {
                     crate::body::map_fields(&mut resp);
                 }
                 in_flight.leave_if_draining(version, &mut resp);
+                in_flight.answered = Some((method, resp.status()));
                 // The request stays in flight until its response body is sent (or dropped), so a
                 // long download or stream is not "idle".
                 resp.map(|body| Tracked {
@@ -660,12 +668,19 @@ struct Activity {
     closing: AtomicBool,
     /// The HTTP/1.x exchange in flight's deadline.
     watchdog: Arc<Watchdog>,
+    /// What the connection's requests are counted in: the metrics' shard `shard`.
+    metrics: Arc<Metrics>,
+    shard: usize,
 }
 
 impl Activity {
-    fn new(drain: DrainSignal) -> Activity {
+    /// A connection's, served by worker `shard`.
+    fn new(drain: DrainSignal, metrics: Arc<Metrics>, shard: usize) -> Activity {
         let base = Instant::now();
+        metrics.shard(shard).connected();
         Activity {
+            metrics,
+            shard,
             base,
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(u64::MAX),
@@ -687,11 +702,16 @@ impl Activity {
         if !self.started() {
             self.touch_at(now);
         }
-        InFlight(self.clone())
+        self.shard().begin();
+        InFlight {
+            activity: self.clone(),
+            started: now,
+            answered: None,
+        }
     }
 
-    fn touch(&self) {
-        self.touch_at(Instant::now());
+    fn shard(&self) -> &Shard {
+        self.metrics.shard(self.shard)
     }
 
     fn touch_at(&self, now: Instant) {
@@ -717,19 +737,30 @@ impl Activity {
     }
 }
 
+impl Drop for Activity {
+    fn drop(&mut self) {
+        self.shard().disconnected();
+    }
+}
+
 /// One request in flight; ends when dropped.
-struct InFlight(Arc<Activity>);
+struct InFlight {
+    activity: Arc<Activity>,
+    started: Instant,
+    /// The method (see [`crate::metrics::method_index`]) and the status it was answered with.
+    answered: Option<(u8, http::StatusCode)>,
+}
 
 impl InFlight {
     /// While the proxy drains, asks the client to take its next request elsewhere: an
     /// HTTP/1.x response says `Connection: close` (hyper then closes the connection after
     /// it), an HTTP/2 one makes its connection send GOAWAY. One atomic load otherwise.
     fn leave_if_draining<B>(&self, version: Version, resp: &mut Response<B>) {
-        if !self.0.drain.is_draining() {
+        if !self.activity.drain.is_draining() {
             return;
         }
         if version == Version::HTTP_2 {
-            self.0.goaway.notify_one();
+            self.activity.goaway.notify_one();
         } else {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -739,9 +770,14 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // One clock read for both: the idle time counts from here, and the latency ends here.
+        let now = Instant::now();
         // Stamp first: a watcher that sees zero in flight must also see the fresh time.
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.activity.touch_at(now);
+        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.activity
+            .shard()
+            .end(self.answered, now.saturating_duration_since(self.started));
     }
 }
 
@@ -792,7 +828,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_a_request_is_closed_after_the_header_read_timeout() {
-        let activity = Arc::new(Activity::new(DrainSignal::never()));
+        let activity = Arc::new(Activity::new(
+            DrainSignal::never(),
+            Arc::new(Metrics::new(1)),
+            0,
+        ));
         let start = Instant::now();
         let reason = idle(&activity, limits()).await;
         assert_eq!(reason, "no request within the header read timeout");
@@ -801,7 +841,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_end_of_the_last_request() {
-        let activity = Arc::new(Activity::new(DrainSignal::never()));
+        let activity = Arc::new(Activity::new(
+            DrainSignal::never(),
+            Arc::new(Metrics::new(1)),
+            0,
+        ));
         let start = Instant::now();
         let watcher = tokio::spawn({
             let activity = activity.clone();

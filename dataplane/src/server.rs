@@ -23,6 +23,7 @@ use crate::filter::wasm::Exchange;
 use crate::filter::{self, Passed, RequestInfo};
 use crate::headers::{Added, X_KANALI_CORRELATION_ID, strip_hop_by_hop};
 use crate::listener::Watchdog;
+use crate::metrics::Metrics;
 use crate::path::upstream_path;
 use crate::pool::Sent;
 use crate::request::Refusal;
@@ -100,10 +101,13 @@ pub struct Proxy {
     pub tables: Arc<ArcSwapOption<RouteTable>>,
     config: ServerConfig,
     usage: Arc<UsageLog>,
+    /// What its requests and connections are counted in.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    /// A proxy serving from `tables`, logging key usage into `usage`.
+    /// A proxy serving from `tables`, logging key usage into `usage`, counting into a
+    /// [`Metrics`] of one shard (see [`Proxy::with_metrics`]).
     pub fn new(
         tables: Arc<ArcSwapOption<RouteTable>>,
         config: ServerConfig,
@@ -113,7 +117,13 @@ impl Proxy {
             tables,
             config,
             usage,
+            metrics: Arc::new(Metrics::new(1)),
         }
+    }
+
+    /// The same, counting into `metrics` (one shard per worker).
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Proxy { metrics, ..self }
     }
 
     /// Handles one request. Never fails: every problem becomes a Kanali error response, and a
@@ -743,16 +753,18 @@ fn correlation_id() -> HeaderValue {
 /// current requests. With `tls`, every connection is a TLS handshake first (with the
 /// certificate current when it was accepted), and its requests carry a
 /// [`crate::listener::TlsConnection`] extension. Once `drain` fires, connections are asked
-/// to close (see [`crate::shutdown`]) while new ones are still accepted.
+/// to close (see [`crate::shutdown`]) while new ones are still accepted. `worker`: which
+/// worker serves it, whose shard of the metrics its connections count in.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<crate::server_tls::ServerTls>,
     proxy: Arc<Proxy>,
+    worker: usize,
     drain: crate::shutdown::DrainSignal,
     shutdown: watch::Receiver<bool>,
 ) {
     let config = proxy.config.clone();
-    crate::listener::serve(listener, tls, proxy, &config, drain, shutdown).await;
+    crate::listener::serve(listener, tls, proxy, worker, &config, drain, shutdown).await;
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod check;
 pub mod kubectl;
 pub mod netns;
 pub mod openssl;
+pub mod prometheus;
 pub mod redis;
 pub mod tls;
 

@@ -15,6 +15,8 @@ use kanali_dataplane::shutdown::ShutdownConfig;
 use kanali_dataplane::upstream::{AddressMode, UpstreamConfig};
 use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{ProxyConfig, start};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Kanali proxy.
 #[derive(Debug, Parser)]
@@ -236,10 +238,12 @@ fn main() -> anyhow::Result<()> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Counted for `kanali_log_count`, after the filter: what is logged, not what could be.
+    let counted = kanali_dataplane::metrics::CountLogs;
     if args.log_json {
-        logs.json().init()
+        logs.json().finish().with(counted).init()
     } else {
-        logs.init()
+        logs.finish().with(counted).init()
     }
 
     let workers = match args.worker_threads {

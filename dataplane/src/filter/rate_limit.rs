@@ -318,6 +318,9 @@ struct Shared {
     fleet: AtomicU32,
     /// Numbers limiter instances, so two live limiters of one id keep separate reservations.
     serial: AtomicU64,
+    /// Times Redis stayed unreachable past the grace and the limiters fell back to the full
+    /// amount on this proxy.
+    fallbacks: AtomicU64,
 }
 
 /// All limiters of one proxy process.
@@ -349,6 +352,7 @@ impl RateLimits {
             overflow: AtomicBool::new(false),
             fleet: AtomicU32::new(0),
             serial: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
         });
         Ok(RateLimits {
             shared,
@@ -413,6 +417,17 @@ impl RateLimits {
     /// Limits are currently shared through Redis (false without Redis or while it is down).
     pub fn is_shared(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// With Redis configured, whether limits are shared through it now; `None` without.
+    pub fn redis_shared(&self) -> Option<bool> {
+        self.shared.redis.then(|| self.is_shared())
+    }
+
+    /// Times this proxy fell back to enforcing its limits alone, Redis unreachable past the
+    /// grace (0 without Redis).
+    pub fn redis_fallbacks(&self) -> u64 {
+        self.shared.fallbacks.load(Ordering::Relaxed)
     }
 
     /// Synchronises with Redis until `shutdown` turns true, then releases this proxy's

@@ -123,6 +123,7 @@ impl Harness {
             listener,
             None,
             proxy,
+            0,
             kanali_dataplane::shutdown::DrainSignal::never(),
             stopped,
         ));

@@ -334,6 +334,7 @@ impl Syncer<'_> {
         }
         self.fallen_back = true;
         self.shared().healthy.store(false, Ordering::Relaxed);
+        self.shared().fallbacks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             error = %self.last_error,
             "Redis is unreachable: rate limits are per proxy until Redis is back"

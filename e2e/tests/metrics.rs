@@ -1,0 +1,246 @@
+//! The proxy's `/metrics` end to end: requests through a proxy with two workers (two shards
+//! to sum) are counted by method and status, what is in flight and open goes back to zero,
+//! and a real Prometheus scrapes and reads it all.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kanali_controller::StandaloneConfig;
+use kanali_controller::source::watch::Debounce;
+use kanali_dataplane::ProxyConfig;
+use kanali_dataplane::client::ClientConfig;
+use kanali_dataplane::workers::Workers;
+use kanali_e2e::check::eventually;
+use kanali_e2e::prometheus::Prometheus;
+use serde_json::Value;
+
+const ANY: &str = "127.0.0.1:0";
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get_text(http: &HttpClient, url: String) -> String {
+    let resp = http.get(url.parse().unwrap()).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// `/metrics` as a map from each sample's name and labels, as written, to its value.
+async fn scrape(http: &HttpClient, admin: SocketAddr) -> HashMap<String, f64> {
+    get_text(http, format!("http://{admin}/metrics"))
+        .await
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+fn latency_count(code: u16, method: &str) -> String {
+    format!("kanali_http_request_latency_milliseconds_count{{code=\"{code}\",method=\"{method}\"}}")
+}
+
+/// A PromQL query's one result's value, from Prometheus' HTTP API; `None` while it has none.
+async fn query(http: &HttpClient, prometheus: SocketAddr, promql: &str) -> Option<f64> {
+    let encoded: String = promql
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let text = get_text(
+        http,
+        format!("http://{prometheus}/api/v1/query?query={encoded}"),
+    )
+    .await;
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["status"], "success", "{promql}: {answer}");
+    let result = answer["data"]["result"].as_array()?;
+    assert!(result.len() <= 1, "{promql}: {answer}");
+    result.first()?["value"][1].as_str()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_by_method_and_status_and_prometheus_reads_them() {
+    let echo = kanali_e2e::start_echo(ANY.parse().unwrap(), "echo")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routes.yaml"),
+        format!(
+            r#"apiVersion: kanali.io/v2
+kind: ApiProxy
+metadata: {{name: api, namespace: shop}}
+spec:
+  source: {{path: /api}}
+  target:
+    path: /
+    backend: {{endpoint: "http://{}"}}
+"#,
+            echo.addr
+        ),
+    )
+    .unwrap();
+    let controller = kanali_controller::start_standalone(StandaloneConfig {
+        manifests: dir.path().to_owned(),
+        grpc_listen: ANY.parse().unwrap(),
+        admin_listen: ANY.parse().unwrap(),
+        debounce: Debounce {
+            quiet: Duration::from_millis(30),
+            max_delay: Duration::from_millis(200),
+            resync: Duration::from_secs(5),
+        },
+        grpc_tls: None,
+        decryption: Default::default(),
+    })
+    .await
+    .unwrap();
+    let proxy = kanali_dataplane::start(ProxyConfig {
+        listen: ANY.parse().unwrap(),
+        admin_listen: ANY.parse().unwrap(),
+        client: ClientConfig {
+            controllers: vec![format!("http://{}", controller.grpc_addr)],
+            proxy_id: "proxy-a".to_owned(),
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            tls: None,
+            tls_server_name: None,
+            usage_interval: Duration::from_millis(200),
+        },
+        server: Default::default(),
+        upstream: Default::default(),
+        rate_limits: Default::default(),
+        plugins: Default::default(),
+        workers: Workers::PerCore(2),
+    })
+    .await
+    .unwrap();
+    let version = controller.shared.version().unwrap();
+    eventually("the proxy applies the snapshot", || async {
+        proxy.version().as_deref() == Some(version.as_str())
+    })
+    .await;
+
+    let http = client();
+    let admin = proxy.admin_addr;
+    let before = scrape(&http, admin).await;
+    assert_eq!(
+        before[&format!("kanali_snapshot_info{{version=\"{version}\"}}")],
+        1.0
+    );
+    assert!(
+        !before
+            .keys()
+            .any(|k| k.starts_with("kanali_http_request_latency")),
+        "no request yet: {before:?}"
+    );
+    assert!(before["process_resident_memory_bytes"] > 0.0);
+
+    // Several connections, so that both workers are likely to serve some.
+    let sent = [
+        (Method::GET, "/api/a", 200, 3),
+        (Method::POST, "/api/b", 200, 2),
+        (Method::GET, "/nowhere", 404, 2),
+        (Method::from_bytes(b"PURGE").unwrap(), "/api/c", 200, 1),
+    ];
+    let clients: Vec<HttpClient> = (0..4).map(|_| client()).collect();
+    for (i, (method, path, status, times)) in sent.iter().enumerate() {
+        for _ in 0..*times {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(format!("http://{}{path}", proxy.addr))
+                .body(Empty::new())
+                .unwrap();
+            let resp = clients[i].request(req).await.unwrap();
+            assert_eq!(resp.status().as_u16(), *status, "{method} {path}");
+            resp.into_body().collect().await.unwrap();
+        }
+    }
+    // A request is counted when its response has been written to the end, which may be just
+    // after the client has read it.
+    eventually("every request is counted", || async {
+        let now = scrape(&http, admin).await;
+        now.get(&latency_count(200, "GET")) == Some(&3.0)
+            && now.get(&latency_count(200, "POST")) == Some(&2.0)
+            && now.get(&latency_count(404, "GET")) == Some(&2.0)
+            && now.get(&latency_count(200, "OTHER")) == Some(&1.0)
+            && now["kanali_http_request_inflight_count"] == 0.0
+    })
+    .await;
+    let now = scrape(&http, admin).await;
+    let bucket = |le: &str| {
+        now[&format!(
+            "kanali_http_request_latency_milliseconds_bucket{{code=\"200\",method=\"GET\",le=\"{le}\"}}"
+        )]
+    };
+    assert_eq!(bucket("+Inf"), 3.0);
+    assert!(bucket("10000") == 3.0, "no request took 10 s: {now:?}");
+    let sum = now["kanali_http_request_latency_milliseconds_sum{code=\"200\",method=\"GET\"}"];
+    assert!(sum > 0.0 && sum < 30_000.0, "{sum}");
+    assert_eq!(
+        now.keys()
+            .filter(|k| k.ends_with("_count{code=\"200\",method=\"HEAD\"}"))
+            .count(),
+        0
+    );
+    assert!(now["kanali_http_connections"] >= 4.0, "{now:?}");
+
+    // A real Prometheus reads the same numbers.
+    let prometheus_dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind(ANY)
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prometheus = Prometheus::start(port, prometheus_dir.path(), &[admin]);
+    let read = |promql: &'static str| {
+        let http = &http;
+        let at = prometheus.addr;
+        async move { query(http, at, promql).await }
+    };
+    eventually("prometheus scrapes the proxy", || async {
+        read("up{job=\"kanali\"}").await == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        read("kanali_http_request_latency_milliseconds_count{code=\"200\",method=\"POST\"}").await,
+        Some(2.0)
+    );
+    assert_eq!(
+        read("sum(kanali_http_request_latency_milliseconds_count)").await,
+        Some(8.0)
+    );
+    // The histogram is one Prometheus can compute with.
+    let p50 = read(
+        "histogram_quantile(0.5, sum by (le) (kanali_http_request_latency_milliseconds_bucket))",
+    )
+    .await
+    .unwrap();
+    assert!(p50 > 0.0 && p50 <= 10_000.0, "{p50}");
+
+    // Connections closed by their clients are no longer counted.
+    drop(clients);
+    eventually("closed connections are no longer counted", || async {
+        scrape(&http, admin).await["kanali_http_connections"] == 0.0
+    })
+    .await;
+    drop(prometheus);
+    proxy.shutdown().await;
+    drop(echo);
+}
