@@ -480,7 +480,34 @@ async fn three_proxies_share_a_limit_through_redis_and_fall_back_when_it_dies() 
     };
     // Let every proxy's limiter join the window reservations first.
     drive(1, [20, 5, 5]).await;
-    let shared = drive(5, [160, 20, 20]).await;
+    // A proxy whose Redis calls stall for longer than the grace falls back to the whole limit
+    // on its own, by design (it fails open), and a loaded 2-core machine can stall it that
+    // long. A phase in which one did says nothing about sharing: it is run again, up to three
+    // times. No other excess is forgiven.
+    let mut phases = 0;
+    let shared = loop {
+        eventually("every proxy shares its limits through Redis", || async {
+            env.redis_metric("kanali_rate_limit_redis_shared").await == [1; 3]
+        })
+        .await;
+        let before = env
+            .redis_metric("kanali_rate_limit_redis_fallbacks_total")
+            .await;
+        let shared = drive(5, [160, 20, 20]).await;
+        let after = env
+            .redis_metric("kanali_rate_limit_redis_fallbacks_total")
+            .await;
+        phases += 1;
+        if before == after {
+            break shared;
+        }
+        println!("fell back during the phase ({before:?} -> {after:?}), accepted {shared:?}");
+        assert!(
+            phases < 3,
+            "a proxy fell back to its own limit in each of {phases} phases: its Redis calls \
+             stalled past the grace every time ({before:?} -> {after:?} in the last)"
+        );
+    };
     let total: u64 = shared.iter().sum();
     println!(
         "shared through Redis, 5 s at 160/20/20 req/s, limit 20/s: accepted {shared:?} = {total}"
@@ -490,10 +517,25 @@ async fn three_proxies_share_a_limit_through_redis_and_fall_back_when_it_dies() 
         "accepted {total} of a 100 budget: {shared:?}"
     );
 
+    let before = env
+        .redis_metric("kanali_rate_limit_redis_fallbacks_total")
+        .await;
     drop(redis);
     let alone = drive(3, [60, 30, 30]).await;
     let total: u64 = alone.iter().sum();
     println!("Redis gone, 3 s at 60/30/30 req/s: accepted {alone:?} = {total}");
+    // Each proxy says so on its /metrics.
+    assert_eq!(
+        env.redis_metric("kanali_rate_limit_redis_shared").await,
+        [0; 3]
+    );
+    let after = env
+        .redis_metric("kanali_rate_limit_redis_fallbacks_total")
+        .await;
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| a == &(b + 1)),
+        "each proxy fell back once: {before:?} -> {after:?}"
+    );
     // Each proxy now allows 20/s by itself: three times the shared budget, give or take the
     // window in which Redis went away.
     assert!(total >= 150, "accepted only {total}: {alone:?}");
@@ -502,6 +544,31 @@ async fn three_proxies_share_a_limit_through_redis_and_fall_back_when_it_dies() 
             *n <= 3 * 20 + 20,
             "proxy {i} accepted {n}, more than its own limit"
         );
+    }
+}
+
+impl Env {
+    /// An unlabelled metric of Redis sharing, from each proxy's `/metrics`.
+    async fn redis_metric(&self, name: &str) -> Vec<u64> {
+        let mut values = Vec::new();
+        for admin in std::iter::once(&self.proxy)
+            .chain(&self._more)
+            .map(|p| p.admin_addr)
+        {
+            let req = Request::get(format!("http://{admin}/metrics"))
+                .body(Empty::new())
+                .unwrap();
+            let text = Answer::read(self.http.request(req).await.unwrap())
+                .await
+                .body;
+            let text = String::from_utf8(text.to_vec()).unwrap();
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+            values.push(value.parse().unwrap());
+        }
+        values
     }
 }
 
