@@ -126,6 +126,14 @@ impl Body for ProxyBody {
 
 impl ProxyBody {
     /// The header fields an upstream's HTTP/1 response carries unparsed, if it does.
+    pub fn raw_fields(&self) -> Option<&RawFields> {
+        match self {
+            ProxyBody::Upstream(Over::H1(body), _) => body.fields(),
+            _ => None,
+        }
+    }
+
+    /// The same, to change.
     pub fn raw_fields_mut(&mut self) -> Option<&mut RawFields> {
         match self {
             ProxyBody::Upstream(Over::H1(body), _) => body.fields_mut(),

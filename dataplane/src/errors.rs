@@ -115,6 +115,9 @@ impl ErrorCode {
         response
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // For the metrics and the access log, which see only the response. Only error
+        // responses pay for the extension map; the others' stays unallocated.
+        response.extensions_mut().insert(self);
         response
     }
 }
@@ -304,6 +307,10 @@ mod tests {
         let response: Response<Bytes> = ErrorCode::Upstream.response();
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(response.headers().len(), 1);
+        assert_eq!(
+            response.extensions().get::<ErrorCode>(),
+            Some(&ErrorCode::Upstream)
+        );
         assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
         assert_eq!(
             response.body().as_ref(),

@@ -243,6 +243,11 @@ impl RawFields {
         self.0.own = Some((name, value));
     }
 
+    /// The proxy's own field's value, if set.
+    pub fn own_value(&self) -> Option<&HeaderValue> {
+        self.0.own.as_ref().map(|(_, value)| value)
+    }
+
     /// Each field's name (spelled as the upstream spelled it), value and kind, in order, then
     /// the proxy's own (see [`RawFields::set_own`]).
     pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8], FieldKind)> + '_ {
@@ -1230,6 +1235,11 @@ impl H1Body {
     }
 
     /// The response's header fields that are not in its map, if it carries them.
+    pub fn fields(&self) -> Option<&RawFields> {
+        self.fields.as_ref()
+    }
+
+    /// The same, to change.
     pub fn fields_mut(&mut self) -> Option<&mut RawFields> {
         self.fields.as_mut()
     }

@@ -12,6 +12,7 @@
 //! modules from `--plugins-dir`, [`filter::wasm`]), on its bodies and responses too.
 //! [`shutdown`] takes a proxy out of service without losing requests.
 
+mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;

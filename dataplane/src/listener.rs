@@ -40,10 +40,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::access_log::Access;
 use crate::body::{ClientBody, ProxyBody};
+use crate::errors::ErrorCode;
 use crate::h1::RawFields;
 use crate::h1::server::{Ended, ResponseBody};
-use crate::metrics::{Metrics, Shard};
+use crate::metrics::{Answered, Metrics, Shard};
 use crate::server::{Proxy, ServerConfig};
 use crate::server_tls::ServerTls;
 use crate::shutdown::DrainSignal;
@@ -305,7 +307,11 @@ impl Handler {
             req.extensions_mut().insert(tls);
         }
         let started = Instant::now();
-        let mut in_flight = self.activity.begin_at(started);
+        let access = self
+            .proxy
+            .access_log()
+            .then(|| Access::of(&req, self.client.addr));
+        let mut in_flight = self.activity.begin_at(started, access);
         let version = req.version();
         let method = crate::metrics::method_index(req.method());
         // An HTTP/1.x request runs in the connection's task, whose timer can watch its
@@ -319,7 +325,14 @@ impl Handler {
                     crate::body::map_fields(&mut resp);
                 }
                 in_flight.leave_if_draining(version, &mut resp);
-                in_flight.answered = Some((method, resp.status()));
+                in_flight.answered = Some(Answered {
+                    method,
+                    status: resp.status(),
+                    error: resp.extensions().get::<ErrorCode>().copied(),
+                });
+                if let Some(access) = &mut in_flight.access {
+                    access.correlation_id = crate::server::correlation_id_of(&resp).cloned();
+                }
                 // The request stays in flight until its response body is sent (or dropped), so a
                 // long download or stream is not "idle".
                 resp.map(|body| Tracked {
@@ -692,8 +705,9 @@ impl Activity {
     }
 
     /// A request in flight from `now`: its start, read once by the caller, which uses it for
-    /// the request's deadline too (a clock read is ~60 instructions).
-    fn begin_at(self: &Arc<Self>, now: Instant) -> InFlight {
+    /// the request's deadline too (a clock read is ~60 instructions); `access`: what its access log
+    /// line will say, with the access log on.
+    fn begin_at(self: &Arc<Self>, now: Instant, access: Option<Box<Access>>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         // Only the first start is stamped (see `started`): while a request is in flight the
         // connection is not idle whatever the stamp says, and the idle time counts from the
@@ -707,6 +721,7 @@ impl Activity {
             activity: self.clone(),
             started: now,
             answered: None,
+            access,
         }
     }
 
@@ -747,8 +762,10 @@ impl Drop for Activity {
 struct InFlight {
     activity: Arc<Activity>,
     started: Instant,
-    /// The method (see [`crate::metrics::method_index`]) and the status it was answered with.
-    answered: Option<(u8, http::StatusCode)>,
+    /// How it was answered, once it was.
+    answered: Option<Answered>,
+    /// With the access log on, what its line will say.
+    access: Option<Box<Access>>,
 }
 
 impl InFlight {
@@ -775,9 +792,11 @@ impl Drop for InFlight {
         // Stamp first: a watcher that sees zero in flight must also see the fresh time.
         self.activity.touch_at(now);
         self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.activity
-            .shard()
-            .end(self.answered, now.saturating_duration_since(self.started));
+        let took = now.saturating_duration_since(self.started);
+        self.activity.shard().end(self.answered.as_ref(), took);
+        if let Some(access) = &self.access {
+            access.log(self.answered.as_ref(), took);
+        }
     }
 }
 
@@ -852,14 +871,14 @@ mod tests {
             async move { idle(&activity, limits()).await }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let request = activity.begin_at(Instant::now());
+        let request = activity.begin_at(Instant::now(), None);
         // A long request is not idle, however long it takes.
         tokio::time::sleep(Duration::from_secs(150)).await;
         assert!(!watcher.is_finished());
         drop(request);
         // The next one starts 30 s into the idle time and runs past when it would have ended.
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let request = activity.begin_at(Instant::now());
+        let request = activity.begin_at(Instant::now(), None);
         tokio::time::sleep(Duration::from_secs(100)).await;
         assert!(!watcher.is_finished());
         drop(request);

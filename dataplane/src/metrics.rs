@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 
+use crate::errors::ErrorCode;
 use crate::filter::rate_limit::RateLimits;
 use crate::table::RouteTable;
 
@@ -84,6 +85,14 @@ impl Metrics {
             .sum()
     }
 
+    /// Responses with Kanali error `code`, over all shards.
+    pub fn errors(&self, code: ErrorCode) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.errors[code as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Open client connections, over all shards.
     pub fn connections(&self) -> i64 {
         self.shards
@@ -131,6 +140,20 @@ impl Metrics {
                     h.render(&mut out, name, code.as_u16(), method);
                 }
             }
+        }
+        header(
+            &mut out,
+            "kanali_errors_total",
+            "counter",
+            "Kanali error responses (codes 00-14), by code.",
+        );
+        for code in ErrorCode::ALL {
+            let _ = writeln!(
+                out,
+                "kanali_errors_total{{code=\"{:02}\"}} {}",
+                code.code(),
+                self.errors(code)
+            );
         }
         gauge(
             &mut out,
@@ -202,12 +225,15 @@ pub struct Shard {
     rows: [OnceLock<Row>; METHODS.len()],
     in_flight: AtomicI64,
     connections: AtomicI64,
+    /// By Kanali error code.
+    errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
 impl Default for Shard {
     fn default() -> Shard {
         Shard {
             rows: std::array::from_fn(|_| OnceLock::new()),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
         }
@@ -220,13 +246,21 @@ impl Shard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A request ended: answered with `status` after `took` (`None` if it never was, its
-    /// client gone first).
-    pub fn end(&self, answered: Option<(u8, StatusCode)>, took: Duration) {
+    /// A request ended after `took`: answered as `answered` says (`None` if it never was,
+    /// its client gone first).
+    pub fn end(&self, answered: Option<&Answered>, took: Duration) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let Some((method, status)) = answered else {
+        let Some(&Answered {
+            method,
+            status,
+            error,
+        }) = answered
+        else {
             return;
         };
+        if let Some(code) = error {
+            self.errors[code as usize].fetch_add(1, Ordering::Relaxed);
+        }
         let Some(slot) = usize::from(status.as_u16()).checked_sub(100) else {
             return;
         };
@@ -248,6 +282,17 @@ impl Shard {
     pub fn disconnected(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// How a request was answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Answered {
+    /// Its method, as [`method_index`] numbers it.
+    pub method: u8,
+    /// The response's status.
+    pub status: StatusCode,
+    /// The Kanali error it was, if one.
+    pub error: Option<ErrorCode>,
 }
 
 /// One method's series, by status − 100, each made on first use.
@@ -427,6 +472,14 @@ mod tests {
         Duration::from_micros(n * 1000)
     }
 
+    fn answered(method: u8, status: StatusCode) -> Answered {
+        Answered {
+            method,
+            status,
+            error: None,
+        }
+    }
+
     #[test]
     fn an_observation_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() {
         let m = Metrics::new(1);
@@ -439,7 +492,7 @@ mod tests {
             ms(20_000), // past the last bound
         ] {
             s.begin();
-            s.end(Some((get, StatusCode::OK)), took);
+            s.end(Some(&answered(get, StatusCode::OK)), took);
         }
         let h = m.latency(get, StatusCode::OK).unwrap();
         let mut want = [0; 16];
@@ -456,11 +509,15 @@ mod tests {
     fn shards_are_summed_and_series_kept_apart() {
         let m = Metrics::new(2);
         let (get, post) = (method_index(&Method::GET), method_index(&Method::POST));
-        m.shard(0).end(Some((get, StatusCode::OK)), ms(1));
-        m.shard(1).end(Some((get, StatusCode::OK)), ms(1));
-        m.shard(1).end(Some((post, StatusCode::OK)), ms(1));
-        m.shard(1)
-            .end(Some((get, StatusCode::TOO_MANY_REQUESTS)), ms(1));
+        m.shard(0).end(Some(&answered(get, StatusCode::OK)), ms(1));
+        m.shard(1).end(Some(&answered(get, StatusCode::OK)), ms(1));
+        m.shard(1).end(Some(&answered(post, StatusCode::OK)), ms(1));
+        let limited = Answered {
+            error: Some(ErrorCode::RateLimited),
+            ..answered(get, StatusCode::TOO_MANY_REQUESTS)
+        };
+        m.shard(1).end(Some(&limited), ms(1));
+        m.shard(0).end(Some(&limited), ms(1));
         // Never answered: only the in-flight count moves.
         m.shard(0).begin();
         m.shard(0).begin();
@@ -471,11 +528,13 @@ mod tests {
             m.latency(get, StatusCode::TOO_MANY_REQUESTS)
                 .unwrap()
                 .count(),
-            1
+            2
         );
+        assert_eq!(m.errors(ErrorCode::RateLimited), 2);
+        assert_eq!(m.errors(ErrorCode::NoApiProxy), 0);
         assert_eq!(m.latency(post, StatusCode::NOT_FOUND), None);
-        // Two begins and five ends, over the shards.
-        assert_eq!(m.in_flight(), -3);
+        // Two begins and six ends, over the shards.
+        assert_eq!(m.in_flight(), -4);
     }
 
     #[test]
@@ -490,8 +549,10 @@ mod tests {
     fn the_text_is_cumulative_with_count_equal_to_inf() {
         let m = Metrics::new(1);
         let head = method_index(&Method::HEAD);
-        m.shard(0).end(Some((head, StatusCode::NOT_FOUND)), ms(3));
-        m.shard(0).end(Some((head, StatusCode::NOT_FOUND)), ms(30));
+        m.shard(0)
+            .end(Some(&answered(head, StatusCode::NOT_FOUND)), ms(3));
+        m.shard(0)
+            .end(Some(&answered(head, StatusCode::NOT_FOUND)), ms(30));
         let limits = RateLimits::new(Default::default()).unwrap();
         let text = m.render(&limits, None);
         let line = |prefix: &str| {

@@ -58,6 +58,8 @@ pub struct ServerConfig {
     /// [`crate::h1::server::Settings::half_close`]). Off: the request is cancelled, upstream
     /// included, as soon as the client's stream ends.
     pub http1_half_close: bool,
+    /// Log a line for every request (see [`crate::access_log`]).
+    pub access_log: bool,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +74,7 @@ impl Default for ServerConfig {
             tls: None,
             request_buffer_bytes: 64 * 1024,
             http1_half_close: false,
+            access_log: false,
         }
     }
 }
@@ -119,6 +122,11 @@ impl Proxy {
             usage,
             metrics: Arc::new(Metrics::new(1)),
         }
+    }
+
+    /// Whether every request gets a line in the access log.
+    pub(crate) fn access_log(&self) -> bool {
+        self.config.access_log
     }
 
     /// The same, counting into `metrics` (one shard per worker).
@@ -572,6 +580,15 @@ where
             Some(finish) => Poll::Ready(finish(resp)),
             None => panic!("a request's handling was polled after it answered"),
         }
+    }
+}
+
+/// The correlation id a response carries: in its map, or with the upstream's unparsed
+/// fields (see [`Handling`]).
+pub(crate) fn correlation_id_of(resp: &Response<ProxyBody>) -> Option<&HeaderValue> {
+    match resp.body().raw_fields() {
+        Some(raw) => raw.own_value(),
+        None => resp.headers().get(&X_KANALI_CORRELATION_ID),
     }
 }
 

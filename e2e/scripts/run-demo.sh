@@ -23,8 +23,10 @@ trap 'exit 0' INT TERM
 # The demo key pair (manifests/examples/apikey.yaml explains it): never use it for real keys.
 "$bin/kanali-controller" --manifests "$EXAMPLES" --grpc-listen "$GRPC" --admin-listen "$ADMIN" \
   --decryption-key-file "$EXAMPLES/demo-decryption-key.pem" & pids+=($!)
-# No load balancer sends the demo traffic: stop at once instead of the 5 s drain delay.
-"$bin/kanali-proxy" --controller "http://$GRPC" --listen "$PROXY" --admin-listen "$PROXY_ADMIN" --shutdown-delay-secs 0 & pids+=($!)
+# No load balancer sends the demo traffic: stop at once instead of the 5 s drain delay. The
+# access log shows each request below as it is answered.
+"$bin/kanali-proxy" --controller "http://$GRPC" --listen "$PROXY" --admin-listen "$PROXY_ADMIN" --shutdown-delay-secs 0 \
+  --access-log & pids+=($!)
 
 ready=0
 for _ in $(seq 100); do
@@ -42,6 +44,7 @@ Kanali is running. Try:
   curl -i -H 'apikey: kanali-demo-key' http://$PROXY/keyed/hi   # 200, the API key checked
   curl -i http://$PROXY/keyed/hi           # 403, Kanali error 12 (no API key)
   curl -s http://$ADMIN/status             # every resource's conditions, as JSON
+  curl -s http://$PROXY_ADMIN/metrics      # the proxy's Prometheus metrics
 Ctrl-C to stop.
 MSG
 wait -n "${pids[@]}"

@@ -191,6 +191,11 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "KANALI_LOG_JSON")]
     log_json: bool,
+    /// Log a `request details` line for every request (target `kanali::access`, level info):
+    /// correlation id, client address, method, host, path without the query, status, Kanali
+    /// error code and duration.
+    #[arg(long, env = "KANALI_ACCESS_LOG")]
+    access_log: bool,
 }
 
 /// `--upstream-mode` values.
@@ -327,6 +332,7 @@ async fn run(args: Args, workers: usize, threads: Workers) -> anyhow::Result<()>
             max_header_bytes: usize::try_from(args.max_header_bytes)?,
             request_buffer_bytes: usize::try_from(args.request_buffer_bytes)?,
             http1_half_close: args.http1_half_close,
+            access_log: args.access_log,
             upstream_timeout: Duration::from_secs(args.upstream_timeout_secs),
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
             http2_keep_alive_interval: (args.http2_keep_alive_interval_secs > 0)

@@ -1,11 +1,13 @@
-//! The proxy's `/metrics` end to end: requests through a proxy with two workers (two shards
-//! to sum) are counted by method and status, what is in flight and open goes back to zero,
-//! and a real Prometheus scrapes and reads it all.
+//! What the proxy says about its traffic, end to end. `/metrics`: requests through a proxy
+//! with two workers (two shards to sum) are counted by method and status, what is in flight
+//! and open goes back to zero, and a real Prometheus scrapes and reads it all. The access log:
+//! a line per request, with the correlation id the client got and nothing secret.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,11 +16,14 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use kanali_controller::Controller;
 use kanali_controller::StandaloneConfig;
 use kanali_controller::source::watch::Debounce;
-use kanali_dataplane::ProxyConfig;
 use kanali_dataplane::client::ClientConfig;
+use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::workers::Workers;
+use kanali_dataplane::{ProxyConfig, RunningProxy};
+use kanali_e2e::Echo;
 use kanali_e2e::check::eventually;
 use kanali_e2e::prometheus::Prometheus;
 use serde_json::Value;
@@ -75,8 +80,16 @@ async fn query(http: &HttpClient, prometheus: SocketAddr, promql: &str) -> Optio
     result.first()?["value"][1].as_str()?.parse().ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_are_counted_by_method_and_status_and_prometheus_reads_them() {
+struct Env {
+    proxy: RunningProxy,
+    version: String,
+    _controller: Controller,
+    _echo: Echo,
+    _dir: tempfile::TempDir,
+}
+
+/// A controller, an echo upstream behind `/api`, and a proxy with two workers.
+async fn start(access_log: bool) -> Env {
     let echo = kanali_e2e::start_echo(ANY.parse().unwrap(), "echo")
         .await
         .unwrap();
@@ -123,7 +136,10 @@ spec:
             tls_server_name: None,
             usage_interval: Duration::from_millis(200),
         },
-        server: Default::default(),
+        server: ServerConfig {
+            access_log,
+            ..Default::default()
+        },
         upstream: Default::default(),
         rate_limits: Default::default(),
         plugins: Default::default(),
@@ -136,6 +152,25 @@ spec:
         proxy.version().as_deref() == Some(version.as_str())
     })
     .await;
+    Env {
+        proxy,
+        version,
+        _controller: controller,
+        _echo: echo,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_by_method_and_status_and_prometheus_reads_them() {
+    // Every part bound: `..` would drop the upstream and the controller here.
+    let Env {
+        proxy,
+        version,
+        _controller,
+        _echo,
+        _dir,
+    } = start(false).await;
 
     let http = client();
     let admin = proxy.admin_addr;
@@ -183,6 +218,9 @@ spec:
             && now["kanali_http_request_inflight_count"] == 0.0
     })
     .await;
+    let now = scrape(&http, admin).await;
+    assert_eq!(now["kanali_errors_total{code=\"00\"}"], 2.0, "{now:?}");
+    assert_eq!(now["kanali_errors_total{code=\"14\"}"], 0.0, "{now:?}");
     let now = scrape(&http, admin).await;
     let bucket = |le: &str| {
         now[&format!(
@@ -242,5 +280,91 @@ spec:
     .await;
     drop(prometheus);
     proxy.shutdown().await;
-    drop(echo);
+}
+
+/// Everything the access log wrote, as JSON lines.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_with_its_correlation_id_and_no_secret() {
+    // The proxies run on runtime threads: only a global subscriber sees them. The other
+    // tests' proxies log no access lines, and nothing else passes the filter.
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("kanali::access=info"))
+        .with_writer(move || writer.clone())
+        .init();
+    let Env {
+        proxy,
+        _controller,
+        _echo,
+        _dir,
+        ..
+    } = start(true).await;
+
+    let http = client();
+    let mut ids = Vec::new();
+    for (path, status) in [("/api/a?apikey=s3cr3t", 200), ("/nowhere", 404)] {
+        let resp = http
+            .get(format!("http://{}{path}", proxy.addr).parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        ids.push(
+            resp.headers()["x-kanali-correlation-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        resp.into_body().collect().await.unwrap();
+    }
+    eventually("both requests are logged", || async {
+        captured.lines().len() == 2
+    })
+    .await;
+    let lines = captured.lines();
+    let field = |i: usize, name: &str| lines[i]["fields"][name].clone();
+    for (i, (path, status)) in [("/api/a", 200), ("/nowhere", 404)].into_iter().enumerate() {
+        assert_eq!(lines[i]["target"], "kanali::access", "{}", lines[i]);
+        assert_eq!(field(i, "message"), "request details");
+        assert_eq!(field(i, "http.request.correlation_id"), ids[i].as_str());
+        assert_eq!(field(i, "http.request.method"), "GET");
+        assert_eq!(field(i, "http.request.url.path"), path);
+        assert_eq!(field(i, "http.request.url.host"), proxy.addr.to_string());
+        assert_eq!(field(i, "http.response.status.code"), status);
+        let remote = field(i, "http.request.remote_address");
+        assert!(
+            remote.as_str().unwrap().starts_with("127.0.0.1:"),
+            "{remote}"
+        );
+        assert!(field(i, "http.request.duration").is_string());
+    }
+    assert_eq!(field(0, "kanali.error.code"), Value::Null);
+    assert_eq!(field(1, "kanali.error.code"), "00");
+    let all = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(!all.contains("s3cr3t"), "the query reached the log: {all}");
+    proxy.shutdown().await;
 }
