@@ -1,6 +1,7 @@
-//! The controller's admin port: `/healthz`, `/readyz` and `/status` (JSON: the snapshot
-//! version, every object's conditions, source errors and each proxy's ACK/NACK). In standalone
-//! mode `/status` is where config mistakes show, since files have no status subresource.
+//! The controller's admin port: `/healthz`, `/readyz`, `/status` (JSON: the snapshot
+//! version, every object's conditions, source errors and each proxy's ACK/NACK) and `/metrics`
+//! (the same, counted, for Prometheus). In standalone mode `/status` is where config mistakes
+//! show, since files have no status subresource.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,12 +14,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use kanali_proto::exposition::{Exposition, Kind};
+
+use crate::compile::Kind as ObjectKind;
 use crate::state::Shared;
 
-/// Serves the admin endpoints on `listener` until `shutdown` turns true.
+/// Serves the admin endpoints on `listener` until `shutdown` turns true. `leader`: whether
+/// this replica holds the Lease, in cluster mode.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    leader: Option<watch::Receiver<bool>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -33,10 +39,12 @@ pub async fn serve(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let shared = shared.clone();
+        let leader = leader.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &shared)) }
+                let leader = leader.as_ref().map(|l| *l.borrow());
+                async move { Ok::<_, Infallible>(handle(&req, &shared, leader)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -45,7 +53,7 @@ pub async fn serve(
     }
 }
 
-fn handle(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+fn handle(req: &Request<Incoming>, shared: &Shared, leader: Option<bool>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -82,7 +90,18 @@ fn handle(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             );
             resp
         }
-        _ => text(StatusCode::NOT_FOUND, "try /status, /healthz or /readyz\n"),
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(metrics(shared, leader))));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(kanali_proto::exposition::CONTENT_TYPE),
+            );
+            resp
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /status, /metrics, /healthz or /readyz\n",
+        ),
     }
 }
 
@@ -101,6 +120,98 @@ fn with_programmed(shared: &Shared) -> crate::state::StatusView {
         o.diagnostic.conditions.push(programmed);
     }
     view
+}
+
+/// `/metrics`: what `/status` says, counted.
+fn metrics(shared: &Shared, leader: Option<bool>) -> String {
+    let view = with_programmed(shared);
+    let version = shared.version();
+    let mut page = Exposition::new();
+    page.family(
+        "kanali_controller_resources",
+        Kind::Gauge,
+        "Resources compiled, by kind and whether they are Ready (Accepted, their references resolved, and served by every connected proxy).",
+    );
+    for kind in [
+        ObjectKind::ApiProxy,
+        ObjectKind::MockTarget,
+        ObjectKind::ApiKey,
+        ObjectKind::ApiKeyBinding,
+    ] {
+        for ready in [true, false] {
+            let n = view
+                .objects
+                .iter()
+                .filter(|o| o.diagnostic.object.kind == kind && o.ready == ready)
+                .count();
+            let ready = if ready { "true" } else { "false" };
+            let labels = [("kind", kind.as_str()), ("ready", ready)];
+            page.sample("kanali_controller_resources", &labels, n);
+        }
+    }
+    page.single(
+        "kanali_controller_source_errors",
+        Kind::Gauge,
+        "Inputs that could not be used (in standalone mode, manifest files that do not parse).",
+        view.source_errors.len(),
+    );
+    page.single(
+        "kanali_controller_compiles_total",
+        Kind::Counter,
+        "Snapshots compiled.",
+        shared.compiles(),
+    );
+    if let Some(version) = &version {
+        page.family(
+            "kanali_controller_snapshot_info",
+            Kind::Gauge,
+            "The newest snapshot, by version.",
+        )
+        .sample(
+            "kanali_controller_snapshot_info",
+            &[("version", version)],
+            1,
+        );
+        page.single(
+            "kanali_controller_snapshot_routes",
+            Kind::Gauge,
+            "Routes in the newest snapshot.",
+            view.routes,
+        );
+    }
+    let connected = view.proxies.values().filter(|p| p.connected);
+    let (mut current, mut behind, mut rejecting) = (0, 0, 0);
+    for proxy in connected {
+        if proxy.rejected.is_some() {
+            rejecting += 1;
+        } else if proxy.applied_version.is_some() && proxy.applied_version == version {
+            current += 1;
+        } else {
+            behind += 1;
+        }
+    }
+    page.family(
+        "kanali_controller_proxies",
+        Kind::Gauge,
+        "Connected proxies, by state: current (applied the newest snapshot), behind (on an older one, or none yet), rejecting (their newest answer was a NACK).",
+    );
+    for (state, n) in [
+        ("current", current),
+        ("behind", behind),
+        ("rejecting", rejecting),
+    ] {
+        page.sample("kanali_controller_proxies", &[("state", state)], n);
+    }
+    if let Some(leader) = leader {
+        page.single(
+            "kanali_controller_leader",
+            Kind::Gauge,
+            "1 on the replica holding the Lease, which writes the resources' status.",
+            u8::from(leader),
+        );
+    }
+    page.process();
+    page.finish()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -143,6 +143,7 @@ async fn serve_all(
     grpc_listen: SocketAddr,
     admin_listen: SocketAddr,
     grpc_tls: Option<&GrpcTls>,
+    leader: Option<watch::Receiver<bool>>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(SocketAddr, SocketAddr, Vec<JoinHandle<()>>), StartError> {
     let mut server = tonic::transport::Server::builder()
@@ -183,6 +184,7 @@ async fn serve_all(
     let mut tasks = vec![tokio::spawn(admin::serve(
         admin,
         shared.clone(),
+        leader,
         shutdown.clone(),
     ))];
     let service = serve::SnapshotServer::new(shared.clone(), shutdown.clone());
@@ -232,6 +234,7 @@ pub async fn start_standalone(config: StandaloneConfig) -> Result<Controller, St
         config.grpc_listen,
         config.admin_listen,
         config.grpc_tls.as_ref(),
+        None,
         &shutdown_rx,
     )
     .await?;
@@ -327,11 +330,14 @@ pub async fn start_cluster(
     let mut tasks =
         source::kube::spawn_watchers(&client, config.namespace.as_deref(), &cache, &shutdown_rx)
             .await;
+    // Made here, so that the admin port can say whether this replica leads.
+    let (leader, leader_rx) = watch::channel(false);
     let (grpc_addr, admin_addr, served) = serve_all(
         &shared,
         config.grpc_listen,
         config.admin_listen,
         config.grpc_tls.as_ref(),
+        Some(leader_rx.clone()),
         &shutdown_rx,
     )
     .await?;
@@ -370,7 +376,6 @@ pub async fn start_cluster(
         config.debounce,
         shutdown_rx.clone(),
     )));
-    let (leader, leader_rx) = watch::channel(false);
     tasks.push(tokio::spawn(lease::run(
         client.clone(),
         config.lease.clone(),

@@ -12,12 +12,12 @@
 //! (0.005 … 10), so that nearly every observation in milliseconds fell in `+Inf`; and a panic
 //! left its in-flight gauge counted up for good.
 
-use std::fmt::Write as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use kanali_proto::exposition::{Exposition, Kind};
 
 use crate::errors::ErrorCode;
 use crate::filter::rate_limit::RateLimits;
@@ -117,12 +117,11 @@ impl Metrics {
 
     /// Everything, in Prometheus' text format (version 0.0.4).
     pub fn render(&self, limits: &RateLimits, table: Option<&RouteTable>) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut page = Exposition::new();
         let name = "kanali_http_request_latency_milliseconds";
-        header(
-            &mut out,
+        page.family(
             name,
-            "histogram",
+            Kind::Histogram,
             "Time from a request's head to the end of its response, by method and status.",
         );
         for (m, method) in METHODS.iter().enumerate() {
@@ -137,83 +136,67 @@ impl Metrics {
                     continue;
                 };
                 if let Some(h) = self.latency(m as u8, code) {
-                    h.render(&mut out, name, code.as_u16(), method);
+                    h.render(&mut page, name, code.as_str(), method);
                 }
             }
         }
-        header(
-            &mut out,
+        page.family(
             "kanali_errors_total",
-            "counter",
+            Kind::Counter,
             "Kanali error responses (codes 00-14), by code.",
         );
         for code in ErrorCode::ALL {
-            let _ = writeln!(
-                out,
-                "kanali_errors_total{{code=\"{:02}\"}} {}",
-                code.code(),
-                self.errors(code)
-            );
+            let nn = format!("{:02}", code.code());
+            page.sample("kanali_errors_total", &[("code", &nn)], self.errors(code));
         }
-        gauge(
-            &mut out,
+        page.single(
             "kanali_http_request_inflight_count",
+            Kind::Gauge,
             "Requests received and not yet answered to the end.",
             self.in_flight(),
         );
-        gauge(
-            &mut out,
+        page.single(
             "kanali_http_connections",
+            Kind::Gauge,
             "Open client connections (TLS ones once their handshake is done).",
             self.connections(),
         );
         if let Some(shared) = limits.redis_shared() {
-            gauge(
-                &mut out,
+            page.single(
                 "kanali_rate_limit_redis_shared",
+                Kind::Gauge,
                 "1 while rate limits are shared with the other proxies through Redis, 0 while each proxy enforces them alone.",
-                i64::from(shared),
+                u8::from(shared),
             );
-            header(
-                &mut out,
+            page.single(
                 "kanali_rate_limit_redis_fallbacks_total",
-                "counter",
+                Kind::Counter,
                 "Times Redis stayed unreachable past the grace and this proxy fell back to enforcing rate limits alone.",
-            );
-            let _ = writeln!(
-                out,
-                "kanali_rate_limit_redis_fallbacks_total {}",
-                limits.redis_fallbacks()
+                limits.redis_fallbacks(),
             );
         }
         if let Some(table) = table {
-            header(
-                &mut out,
+            page.family(
                 "kanali_snapshot_info",
-                "gauge",
+                Kind::Gauge,
                 "The routing snapshot being served, by version.",
-            );
-            let _ = writeln!(
-                out,
-                "kanali_snapshot_info{{version=\"{}\"}} 1",
-                escape(&table.version)
-            );
+            )
+            .sample("kanali_snapshot_info", &[("version", &table.version)], 1);
         }
-        header(
-            &mut out,
+        page.family(
             "kanali_log_count",
-            "counter",
+            Kind::Counter,
             "Log events emitted, by level.",
         );
         for (level, count) in LOG_LEVELS.iter().zip(&LOG_COUNTS) {
-            let _ = writeln!(
-                out,
-                "kanali_log_count{{level=\"{level}\"}} {}",
-                count.load(Ordering::Relaxed)
+            page.sample(
+                "kanali_log_count",
+                &[("level", level)],
+                count.load(Ordering::Relaxed),
             );
         }
-        process(&mut out);
-        out
+        page.process();
+        page.finish()
     }
 }
 
@@ -339,100 +322,26 @@ impl Histogram {
         self.buckets.iter().sum()
     }
 
-    fn render(&self, out: &mut String, name: &str, code: u16, method: &str) {
+    fn render(&self, page: &mut Exposition, name: &str, code: &str, method: &str) {
         // The count is the buckets' total, read once: `+Inf` and `_count` always agree.
         let mut cumulative = 0;
+        let bucket = format!("{name}_bucket");
         for (i, n) in self.buckets.iter().enumerate() {
             cumulative += n;
             let le = match BOUNDS_US.get(i) {
                 Some(us) => (*us as f64 / 1000.0).to_string(),
                 None => "+Inf".to_owned(),
             };
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{code=\"{code}\",method=\"{method}\",le=\"{le}\"}} {cumulative}"
+            page.sample(
+                &bucket,
+                &[("code", code), ("method", method), ("le", &le)],
+                cumulative,
             );
         }
-        let sum_ms = self.sum_ns as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "{name}_sum{{code=\"{code}\",method=\"{method}\"}} {sum_ms}"
-        );
-        let _ = writeln!(
-            out,
-            "{name}_count{{code=\"{code}\",method=\"{method}\"}} {cumulative}"
-        );
+        let labels = [("code", code), ("method", method)];
+        page.sample(&format!("{name}_sum"), &labels, self.sum_ns as f64 / 1e6);
+        page.sample(&format!("{name}_count"), &labels, cumulative);
     }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
-    header(out, name, "gauge", help);
-    let _ = writeln!(out, "{name} {value}");
-}
-
-/// A label value escaped for the text format.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The standard process metrics, from `/proc/self` (left out where the system has no such
-/// file).
-fn process(out: &mut String) {
-    if let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| cpu_ticks(&stat))
-    {
-        header(
-            out,
-            "process_cpu_seconds_total",
-            "counter",
-            "User and system CPU time spent, in seconds.",
-        );
-        // In USER_HZ, which is 100 on every architecture Linux runs containers on (and what
-        // Prometheus' own process collector assumes).
-        let _ = writeln!(out, "process_cpu_seconds_total {}", ticks as f64 / 100.0);
-    }
-    let rss_kib = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        });
-    if let Some(kib) = rss_kib {
-        gauge(
-            out,
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
-            i64::try_from(kib * 1024).unwrap_or(i64::MAX),
-        );
-    }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        gauge(
-            out,
-            "process_open_fds",
-            "Open file descriptors.",
-            i64::try_from(fds.count()).unwrap_or(i64::MAX),
-        );
-    }
-}
-
-/// utime + stime from `/proc/self/stat`: the 14th and 15th fields, counted after the command
-/// name, which is in parentheses and may hold spaces and parentheses itself.
-fn cpu_ticks(stat: &str) -> Option<u64> {
-    let (_, after) = stat.rsplit_once(')')?;
-    let mut fields = after.split_ascii_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
 }
 
 /// The levels of [`LOG_COUNTS`], as `kanali_log_count` labels them.
@@ -579,16 +488,6 @@ mod tests {
     }
 
     #[test]
-    fn cpu_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
-        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 1 0 0 0 170 30 0 0 20 0 1 0";
-        assert_eq!(cpu_ticks(stat), Some(200));
-        assert_eq!(cpu_ticks("4242 (short) S 1"), None);
-        // This process's own, which the kernel writes.
-        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert!(cpu_ticks(&own).is_some(), "{own}");
-    }
-
-    #[test]
     fn logs_are_counted_by_level_after_the_filter() {
         use tracing_subscriber::layer::SubscriberExt as _;
         let logs = tracing_subscriber::fmt()
@@ -606,10 +505,5 @@ mod tests {
             tracing::error!("three");
         });
         assert_eq!((count(2), count(3), count(4)), (info, warn + 1, error + 2));
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), r#"a\"b\\c\nd"#);
     }
 }

@@ -281,6 +281,60 @@ async fn both_proxies_serve_endpoints_mocks_and_errors() {
     }
 }
 
+/// The controller's `/metrics`, by sample (name and labels as written).
+async fn controller_metrics(addr: SocketAddr) -> std::collections::HashMap<String, f64> {
+    let text = String::from_utf8(get_admin(addr, "/metrics").await.to_vec()).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_metrics_count_resources_proxies_and_broken_files() {
+    let env = Env::start().await;
+    let admin = env.controller().admin_addr;
+    eventually("both proxies are current", || async {
+        controller_metrics(admin).await["kanali_controller_proxies{state=\"current\"}"] == 2.0
+    })
+    .await;
+    let m = controller_metrics(admin).await;
+    let resources = |kind: &str, ready: bool| {
+        m[&format!("kanali_controller_resources{{kind=\"{kind}\",ready=\"{ready}\"}}")]
+    };
+    // `orders` names a MockTarget that does not exist; the other three ApiProxies are fine.
+    assert_eq!(resources("ApiProxy", true), 3.0, "{m:?}");
+    assert_eq!(resources("ApiProxy", false), 1.0, "{m:?}");
+    assert_eq!(resources("MockTarget", true), 1.0, "{m:?}");
+    assert_eq!(resources("ApiKey", true) + resources("ApiKey", false), 0.0);
+    assert_eq!(m["kanali_controller_proxies{state=\"behind\"}"], 0.0);
+    assert_eq!(m["kanali_controller_proxies{state=\"rejecting\"}"], 0.0);
+    assert_eq!(m["kanali_controller_source_errors"], 0.0);
+    assert!(m["kanali_controller_compiles_total"] >= 1.0);
+    let status = admin_status(admin).await;
+    let version = status["version"].as_str().unwrap();
+    assert_eq!(
+        m[&format!("kanali_controller_snapshot_info{{version=\"{version}\"}}")],
+        1.0
+    );
+    assert_eq!(
+        m["kanali_controller_snapshot_routes"],
+        status["routes"].as_u64().unwrap() as f64
+    );
+    // No Lease in standalone mode, so no leader to report.
+    assert!(!m.contains_key("kanali_controller_leader"), "{m:?}");
+    assert!(m["process_open_fds"] > 0.0);
+
+    env.write("routes.yaml", "apiVersion: kanali.io/v2\nkind: [\n");
+    eventually("the broken file is counted", || async {
+        controller_metrics(admin).await["kanali_controller_source_errors"] == 1.0
+    })
+    .await;
+}
+
 async fn admin_status(addr: SocketAddr) -> Value {
     let a = get_admin(addr, "/status").await;
     serde_json::from_slice(&a).unwrap()

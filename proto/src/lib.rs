@@ -6,6 +6,7 @@
 //! way on both sides of the stream.
 
 pub mod certs;
+pub mod exposition;
 pub mod version;
 
 /// `kanali.snapshot.v1`: snapshot messages and the `SnapshotService` client and server.

@@ -50,9 +50,39 @@ async fn a_surviving_replica_takes_the_lease_and_keeps_status_and_proxies_curren
     let dead = env.controller_index(&holder);
     let survivor_name = if holder == "c1" { "c2" } else { "c1" };
     let survivor = env.controller_index(survivor_name);
+    // Each replica's /metrics says which one leads.
+    let leaders = |expected: [f64; 2]| {
+        let env = &env;
+        async move {
+            let mut found = [0.0; 2];
+            for (i, f) in found.iter_mut().enumerate() {
+                *f = env.controller_metric(i, "kanali_controller_leader").await?;
+            }
+            if found == expected {
+                Ok(())
+            } else {
+                Err(format!(
+                    "kanali_controller_leader {found:?}, not {expected:?}"
+                ))
+            }
+        }
+    };
+    let mut expected = [0.0; 2];
+    expected[dead] = 1.0;
+    eventually("the holder's /metrics says it leads", || leaders(expected)).await;
     env.controllers[dead].kill();
 
     env.wait_lease_holder(survivor_name).await;
+    eventually("the survivor's /metrics says it leads", || async {
+        match env
+            .controller_metric(survivor, "kanali_controller_leader")
+            .await
+        {
+            Ok(1.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 
     // Status writes continue: break the MockTarget reference.
     env.kubectl(&[

@@ -378,6 +378,17 @@ impl Env {
         a.json()
     }
 
+    /// An unlabelled sample of controller `i`'s `/metrics`.
+    pub async fn controller_metric(&self, i: usize, name: &str) -> Result<f64, String> {
+        let a = http_get(&self.http, self.controllers[i].admin, "/metrics").await?;
+        let text = String::from_utf8_lossy(&a.body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .ok_or_else(|| format!("no {name} in /metrics"))?
+            .parse()
+            .map_err(|e| format!("{name}: {e}"))
+    }
+
     async fn proxy_connected(&self, controller: usize, id: &str) -> Result<bool, String> {
         let status = self.controller_status(controller).await?;
         Ok(status["proxies"][id]["connected"] == true)
