@@ -210,6 +210,7 @@ fn metrics(shared: &Shared, leader: Option<bool>) -> String {
             u8::from(leader),
         );
     }
+    page.log_counts();
     page.process();
     page.finish()
 }

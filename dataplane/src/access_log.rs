@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{HeaderValue, Method, Request};
+use http::{HeaderValue, Method, Request, StatusCode};
 
 use crate::metrics::Answered;
 
@@ -84,4 +84,18 @@ impl Access {
             }
         );
     }
+}
+
+/// Writes the line for a request head the HTTP/1 server refused (answered with `status`,
+/// for `reason`) before it was parsed into a request: there is no method, path or
+/// correlation id to say.
+pub(crate) fn refused(remote: SocketAddr, status: StatusCode, reason: &str) {
+    tracing::event!(
+        target: "kanali::access",
+        tracing::Level::INFO,
+        http.request.remote_address = %remote,
+        http.response.status.code = status.as_u16(),
+        reason = reason.trim_end(),
+        "request refused"
+    );
 }

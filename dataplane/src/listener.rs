@@ -211,6 +211,7 @@ impl Conn {
             _drained,
         } = self;
         let activity = Arc::new(Activity::new(drain, proxy.metrics.clone(), worker));
+        let proxy_logs = proxy.access_log();
         let handler = Handler {
             proxy,
             client: Arc::new(crate::server::Peer::new(peer)),
@@ -243,6 +244,13 @@ impl Conn {
         let (io, read) = match served {
             Some(Ok(Ended::Http2(io, read))) => (io, read),
             Some(Ok(Ended::Closed)) | None => return,
+            Some(Ok(Ended::Refused(status, reason))) => {
+                activity.shard().refuse(status);
+                if proxy_logs {
+                    crate::access_log::refused(peer, status, reason);
+                }
+                return;
+            }
             Some(Err(error)) => {
                 tracing::debug!(%error, %peer, "connection ended with an error");
                 return;

@@ -39,6 +39,12 @@ const METHODS: [&str; 10] = [
 /// Statuses a response can have (`http` allows 100–999).
 const STATUSES: usize = 900;
 
+/// The statuses the HTTP/1 server refuses a request head with, before any route sees it.
+const REFUSALS: [StatusCode; 2] = [
+    StatusCode::BAD_REQUEST,
+    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+];
+
 /// The index of `method` in [`METHODS`].
 pub fn method_index(method: &Method) -> u8 {
     // Most likely first: each comparison of a standard method is one of a small enum.
@@ -90,6 +96,17 @@ impl Metrics {
         self.shards
             .iter()
             .map(|s| s.errors[code as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Request heads refused with `status` before routing, over all shards.
+    pub fn refused(&self, status: StatusCode) -> u64 {
+        let Some(i) = REFUSALS.iter().position(|&s| s == status) else {
+            return 0;
+        };
+        self.shards
+            .iter()
+            .map(|s| s.refused[i].load(Ordering::Relaxed))
             .sum()
     }
 
@@ -149,6 +166,18 @@ impl Metrics {
             let nn = format!("{:02}", code.code());
             page.sample("kanali_errors_total", &[("code", &nn)], self.errors(code));
         }
+        page.family(
+            "kanali_http_refused_total",
+            Kind::Counter,
+            "Request heads the HTTP/1 server refused before routing (malformed: 400; too large: 431), by status; not in the latency histogram, which counts requests that were routed.",
+        );
+        for status in REFUSALS {
+            page.sample(
+                "kanali_http_refused_total",
+                &[("code", status.as_str())],
+                self.refused(status),
+            );
+        }
         page.single(
             "kanali_http_request_inflight_count",
             Kind::Gauge,
@@ -183,18 +212,7 @@ impl Metrics {
             )
             .sample("kanali_snapshot_info", &[("version", &table.version)], 1);
         }
-        page.family(
-            "kanali_log_count",
-            Kind::Counter,
-            "Log events emitted, by level.",
-        );
-        for (level, count) in LOG_LEVELS.iter().zip(&LOG_COUNTS) {
-            page.sample(
-                "kanali_log_count",
-                &[("level", level)],
-                count.load(Ordering::Relaxed),
-            );
-        }
+        page.log_counts();
         page.process();
         page.finish()
     }
@@ -210,6 +228,8 @@ pub struct Shard {
     connections: AtomicI64,
     /// By Kanali error code.
     errors: [AtomicU64; ErrorCode::ALL.len()],
+    /// By status, as [`REFUSALS`] lists them.
+    refused: [AtomicU64; REFUSALS.len()],
 }
 
 impl Default for Shard {
@@ -217,6 +237,7 @@ impl Default for Shard {
         Shard {
             rows: std::array::from_fn(|_| OnceLock::new()),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            refused: std::array::from_fn(|_| AtomicU64::new(0)),
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
         }
@@ -254,6 +275,13 @@ impl Shard {
         if let Some(series) = row.get(slot) {
             series.get_or_init(Box::default).observe(took);
         }
+    }
+
+    /// A request head was refused with `status` (one the server refuses with, else the
+    /// first: a 400).
+    pub fn refuse(&self, status: StatusCode) {
+        let i = REFUSALS.iter().position(|&s| s == status).unwrap_or(0);
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A client connection opened.
@@ -341,34 +369,6 @@ impl Histogram {
         let labels = [("code", code), ("method", method)];
         page.sample(&format!("{name}_sum"), &labels, self.sum_ns as f64 / 1e6);
         page.sample(&format!("{name}_count"), &labels, cumulative);
-    }
-}
-
-/// The levels of [`LOG_COUNTS`], as `kanali_log_count` labels them.
-const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
-
-/// Log events by level, for the process (the log is the process's, as is its subscriber).
-static LOG_COUNTS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
-
-/// A `tracing` layer that counts the events that pass the log's filter, by level, for
-/// `kanali_log_count`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CountLogs;
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountLogs {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        let i = match *event.metadata().level() {
-            tracing::Level::TRACE => 0,
-            tracing::Level::DEBUG => 1,
-            tracing::Level::INFO => 2,
-            tracing::Level::WARN => 3,
-            tracing::Level::ERROR => 4,
-        };
-        LOG_COUNTS[i].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -485,25 +485,5 @@ mod tests {
         // Without Redis there is nothing shared to report.
         assert!(!text.contains("kanali_rate_limit_redis"), "{text}");
         assert_eq!(line("kanali_http_request_inflight_count"), "-2");
-    }
-
-    #[test]
-    fn logs_are_counted_by_level_after_the_filter() {
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let logs = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-            .with_writer(std::io::sink)
-            .finish()
-            .with(CountLogs);
-        let count = |i: usize| LOG_COUNTS[i].load(Ordering::Relaxed);
-        let (info, warn, error) = (count(2), count(3), count(4));
-        // This thread's subscriber only: other tests' events are not counted meanwhile.
-        tracing::subscriber::with_default(logs, || {
-            tracing::info!("filtered out");
-            tracing::warn!("one");
-            tracing::error!("two");
-            tracing::error!("three");
-        });
-        assert_eq!((count(2), count(3), count(4)), (info, warn + 1, error + 2));
     }
 }

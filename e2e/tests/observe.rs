@@ -1,7 +1,8 @@
 //! What the proxy says about its traffic, end to end. `/metrics`: requests through a proxy
 //! with two workers (two shards to sum) are counted by method and status, what is in flight
 //! and open goes back to zero, and a real Prometheus scrapes and reads it all. The access log:
-//! a line per request, with the correlation id the client got and nothing secret.
+//! a line per request, with the correlation id the client got and nothing secret. Request
+//! heads refused before routing (malformed, too large) are counted and logged too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -29,6 +30,22 @@ use kanali_e2e::prometheus::Prometheus;
 use serde_json::Value;
 
 const ANY: &str = "127.0.0.1:0";
+
+/// Sends `head` on a connection of its own and reads the proxy's answer to its end (the
+/// proxy closes after refusing a head).
+async fn raw(proxy: SocketAddr, head: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    conn.write_all(head).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A head the proxy refuses with 400: two Content-Lengths that disagree.
+const SMUGGLING: &[u8] =
+    b"POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
@@ -218,7 +235,24 @@ async fn requests_are_counted_by_method_and_status_and_prometheus_reads_them() {
             && now["kanali_http_request_inflight_count"] == 0.0
     })
     .await;
+    // Heads refused before routing: counted apart, not as requests of some method.
+    let answer = raw(proxy.addr, SMUGGLING).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let big = format!(
+        "GET /api/a HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let answer = raw(proxy.addr, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
     let now = scrape(&http, admin).await;
+    assert_eq!(
+        now["kanali_http_refused_total{code=\"400\"}"], 1.0,
+        "{now:?}"
+    );
+    assert_eq!(
+        now["kanali_http_refused_total{code=\"431\"}"], 1.0,
+        "{now:?}"
+    );
     assert_eq!(now["kanali_errors_total{code=\"00\"}"], 2.0, "{now:?}");
     assert_eq!(now["kanali_errors_total{code=\"14\"}"], 0.0, "{now:?}");
     let now = scrape(&http, admin).await;
@@ -341,8 +375,10 @@ async fn the_access_log_has_a_line_per_request_with_its_correlation_id_and_no_se
         );
         resp.into_body().collect().await.unwrap();
     }
-    eventually("both requests are logged", || async {
-        captured.lines().len() == 2
+    let answer = raw(proxy.addr, SMUGGLING).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    eventually("every request is logged", || async {
+        captured.lines().len() == 3
     })
     .await;
     let lines = captured.lines();
@@ -364,6 +400,11 @@ async fn the_access_log_has_a_line_per_request_with_its_correlation_id_and_no_se
     }
     assert_eq!(field(0, "kanali.error.code"), Value::Null);
     assert_eq!(field(1, "kanali.error.code"), "00");
+    // The refused head has no method or path to say: why it was refused instead.
+    assert_eq!(field(2, "message"), "request refused");
+    assert_eq!(field(2, "http.response.status.code"), 400);
+    assert_eq!(field(2, "reason"), "Content-Length values disagree");
+    assert_eq!(field(2, "http.request.method"), Value::Null);
     let all = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(!all.contains("s3cr3t"), "the query reached the log: {all}");
     proxy.shutdown().await;

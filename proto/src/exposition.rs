@@ -2,6 +2,7 @@
 //! `/metrics` both write: families with their `HELP` and `TYPE`, then samples with labels.
 
 use std::fmt::{Display, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -71,6 +72,23 @@ impl Exposition {
         self.family(name, kind, help).sample(name, &[], value)
     }
 
+    /// `kanali_log_count`: the process's log events by level, as [`CountLogs`] counted them.
+    pub fn log_counts(&mut self) -> &mut Self {
+        self.family(
+            "kanali_log_count",
+            Kind::Counter,
+            "Log events emitted, by level.",
+        );
+        for (level, count) in LOG_LEVELS.iter().zip(&LOG_COUNTS) {
+            self.sample(
+                "kanali_log_count",
+                &[("level", level)],
+                count.load(Ordering::Relaxed),
+            );
+        }
+        self
+    }
+
     /// The standard process families every Prometheus target has, from `/proc/self` (left
     /// out where the system has no such file).
     pub fn process(&mut self) -> &mut Self {
@@ -116,6 +134,34 @@ impl Exposition {
     /// The page.
     pub fn finish(self) -> String {
         self.text
+    }
+}
+
+/// The levels of [`LOG_COUNTS`], as `kanali_log_count` labels them.
+const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+/// Log events by level, for the process (the log is the process's, as is its subscriber).
+static LOG_COUNTS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+/// A `tracing` layer that counts the events that pass the log's filter, by level, for
+/// `kanali_log_count` ([`Exposition::log_counts`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CountLogs;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountLogs {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let i = match *event.metadata().level() {
+            tracing::Level::TRACE => 0,
+            tracing::Level::DEBUG => 1,
+            tracing::Level::INFO => 2,
+            tracing::Level::WARN => 3,
+            tracing::Level::ERROR => 4,
+        };
+        LOG_COUNTS[i].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -188,5 +234,25 @@ mod tests {
              # HELP b B.\n# TYPE b gauge\n\
              b -1\n"
         );
+    }
+
+    #[test]
+    fn logs_are_counted_by_level_after_the_filter() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let logs = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_writer(std::io::sink)
+            .finish()
+            .with(CountLogs);
+        let count = |i: usize| LOG_COUNTS[i].load(Ordering::Relaxed);
+        let (info, warn, error) = (count(2), count(3), count(4));
+        // This thread's subscriber only: other tests' events are not counted meanwhile.
+        tracing::subscriber::with_default(logs, || {
+            tracing::info!("filtered out");
+            tracing::warn!("one");
+            tracing::error!("two");
+            tracing::error!("three");
+        });
+        assert_eq!((count(2), count(3), count(4)), (info, warn + 1, error + 2));
     }
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use std::time::Duration;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use kanali_controller::keys::KeySource;
 use kanali_controller::lease::LeaseConfig;
@@ -217,10 +219,12 @@ fn init_logging(filter: &str, json: bool) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Counted for `kanali_log_count`, after the filter: what is logged, not what could be.
+    let counted = kanali_proto::exposition::CountLogs;
     if json {
-        builder.json().init()
+        builder.json().finish().with(counted).init()
     } else {
-        builder.init()
+        builder.finish().with(counted).init()
     }
     Ok(())
 }

@@ -244,7 +244,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     // Counted for `kanali_log_count`, after the filter: what is logged, not what could be.
-    let counted = kanali_dataplane::metrics::CountLogs;
+    let counted = kanali_proto::exposition::CountLogs;
     if args.log_json {
         logs.json().finish().with(counted).init()
     } else {

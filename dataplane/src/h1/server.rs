@@ -68,6 +68,9 @@ pub trait ResponseBody: Body<Data = Bytes> + Unpin {
 pub enum Ended<I> {
     /// Closed (by either side), or given up after an error.
     Closed,
+    /// A request head was refused before any handler saw it (malformed, or too large): it
+    /// was answered with this status and reason, and the connection closed.
+    Refused(StatusCode, &'static str),
     /// The client speaks HTTP/2 (it sent the connection preface): the stream, and what was
     /// read of it, for an HTTP/2 server to take over.
     Http2(I, Bytes),
@@ -153,7 +156,7 @@ where
             Err(Refused::Io(e)) => return Err(e.into()),
             Err(Refused::Status(status, reason)) => {
                 conn.refuse(status, reason).await;
-                return Ok(Ended::Closed);
+                return Ok(Ended::Refused(status, reason));
             }
         };
         first = false;

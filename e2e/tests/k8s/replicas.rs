@@ -70,6 +70,12 @@ async fn a_surviving_replica_takes_the_lease_and_keeps_status_and_proxies_curren
     let mut expected = [0.0; 2];
     expected[dead] = 1.0;
     eventually("the holder's /metrics says it leads", || leaders(expected)).await;
+    // The binary counts what it logs (at least "taking the lease", at info).
+    let info = env
+        .controller_metric(dead, "kanali_log_count{level=\"info\"}")
+        .await
+        .unwrap();
+    assert!(info >= 1.0, "kanali_log_count{{level=\"info\"}} is {info}");
     env.controllers[dead].kill();
 
     env.wait_lease_holder(survivor_name).await;
