@@ -5,7 +5,8 @@
 //! suite's `tester` image, so tests can assert on exactly what a proxy forwarded. [`tls`]
 //! adds certificates generated in the test, an HTTPS echo upstream and a small HTTPS client;
 //! [`check`] the waiting and answer assertions the tests share; [`netns`] test hosts in network
-//! namespaces, for peers that must not be on loopback.
+//! namespaces, for peers that must not be on loopback; [`setup`] the configurations the suites
+//! start controllers and proxies with.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -27,6 +28,7 @@ pub mod netns;
 pub mod openssl;
 pub mod prometheus;
 pub mod redis;
+pub mod setup;
 pub mod tls;
 
 /// A running echo upstream.

@@ -17,12 +17,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kanali_controller::crypto::PublicKey;
 use kanali_controller::keys::KeySource;
-use kanali_controller::source::watch::Debounce;
 use kanali_controller::{Controller, StandaloneConfig};
-use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::filter::rate_limit::{RateLimitConfig, RedisConfig};
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::{Answer, eventually};
+use kanali_e2e::setup;
 use kanali_e2e::{Echo, start_echo};
 
 const ANY: &str = "127.0.0.1:0";
@@ -137,16 +136,8 @@ impl Env {
             + &api_proxy("per-second", "/per-second", &echo, Some("per-second"));
         std::fs::write(manifests.join("api.yaml"), yaml).unwrap();
         let controller = kanali_controller::start_standalone(StandaloneConfig {
-            manifests,
-            grpc_listen: ANY.parse().unwrap(),
-            admin_listen: ANY.parse().unwrap(),
-            debounce: Debounce {
-                quiet: Duration::from_millis(30),
-                max_delay: Duration::from_millis(200),
-                resync: Duration::from_secs(5),
-            },
-            grpc_tls: None,
             decryption: KeySource::File(key_file),
+            ..setup::controller(manifests)
         })
         .await
         .unwrap();
@@ -155,27 +146,13 @@ impl Env {
             let id = format!("proxy-{i}");
             started.push(
                 kanali_dataplane::start(ProxyConfig {
-                    listen: ANY.parse().unwrap(),
-                    admin_listen: ANY.parse().unwrap(),
-                    client: ClientConfig {
-                        controllers: vec![format!("http://{}", controller.grpc_addr)],
-                        proxy_id: id.clone(),
-                        min_backoff: Duration::from_millis(20),
-                        max_backoff: Duration::from_millis(200),
-                        tls: None,
-                        tls_server_name: None,
-                        usage_interval: Duration::from_millis(200),
-                    },
-                    server: Default::default(),
-                    upstream: Default::default(),
                     rate_limits: RateLimitConfig {
                         redis: redis.as_ref().map(|url| RedisConfig {
-                            proxy_id: id,
+                            proxy_id: id.clone(),
                             ..RedisConfig::new(url.clone())
                         }),
                     },
-                    plugins: Default::default(),
-                    workers: kanali_dataplane::workers::Workers::Caller,
+                    ..setup::proxy(controller.grpc_addr, &id)
                 })
                 .await
                 .unwrap(),

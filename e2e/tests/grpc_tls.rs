@@ -11,6 +11,7 @@ use kanali_controller::{Controller, GrpcTls, StandaloneConfig};
 use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::eventually;
+use kanali_e2e::setup;
 use kanali_e2e::tls::{Ca, Issued};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -57,23 +58,15 @@ async fn proxy(url: String, id: &str, trust: &Ca, client: Option<&Issued>) -> Ru
     if let Some(c) = client {
         tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
     }
+    let base = setup::proxy(setup::ANY, id);
     kanali_dataplane::start(ProxyConfig {
-        listen: ANY.parse().unwrap(),
-        admin_listen: ANY.parse().unwrap(),
         client: ClientConfig {
             controllers: vec![url],
-            proxy_id: id.to_owned(),
-            min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
             tls: Some(tls),
-            tls_server_name: None,
-            usage_interval: Duration::from_millis(200),
+            ..base.client
         },
-        server: Default::default(),
-        upstream: Default::default(),
-        rate_limits: Default::default(),
-        plugins: Default::default(),
-        workers: kanali_dataplane::workers::Workers::Caller,
+        ..base
     })
     .await
     .unwrap()

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request};
@@ -18,15 +17,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kanali_controller::Controller;
-use kanali_controller::StandaloneConfig;
-use kanali_controller::source::watch::Debounce;
-use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::Echo;
 use kanali_e2e::check::eventually;
 use kanali_e2e::prometheus::Prometheus;
+use kanali_e2e::setup;
 use serde_json::Value;
 
 const ANY: &str = "127.0.0.1:0";
@@ -111,64 +108,21 @@ async fn start(access_log: bool) -> Env {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("routes.yaml"),
-        format!(
-            r#"apiVersion: kanali.io/v2
-kind: ApiProxy
-metadata: {{name: api, namespace: shop}}
-spec:
-  source: {{path: /api}}
-  target:
-    path: /
-    backend: {{endpoint: "http://{}"}}
-"#,
-            echo.addr
-        ),
-    )
-    .unwrap();
-    let controller = kanali_controller::start_standalone(StandaloneConfig {
-        manifests: dir.path().to_owned(),
-        grpc_listen: ANY.parse().unwrap(),
-        admin_listen: ANY.parse().unwrap(),
-        debounce: Debounce {
-            quiet: Duration::from_millis(30),
-            max_delay: Duration::from_millis(200),
-            resync: Duration::from_secs(5),
-        },
-        grpc_tls: None,
-        decryption: Default::default(),
-    })
-    .await
-    .unwrap();
+    std::fs::write(dir.path().join("routes.yaml"), setup::api_route(echo.addr)).unwrap();
+    let controller = kanali_controller::start_standalone(setup::controller(dir.path()))
+        .await
+        .unwrap();
     let proxy = kanali_dataplane::start(ProxyConfig {
-        listen: ANY.parse().unwrap(),
-        admin_listen: ANY.parse().unwrap(),
-        client: ClientConfig {
-            controllers: vec![format!("http://{}", controller.grpc_addr)],
-            proxy_id: "proxy-a".to_owned(),
-            min_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(200),
-            tls: None,
-            tls_server_name: None,
-            usage_interval: Duration::from_millis(200),
-        },
         server: ServerConfig {
             access_log,
             ..Default::default()
         },
-        upstream: Default::default(),
-        rate_limits: Default::default(),
-        plugins: Default::default(),
         workers: Workers::PerCore(2),
+        ..setup::proxy(controller.grpc_addr, "proxy-a")
     })
     .await
     .unwrap();
-    let version = controller.shared.version().unwrap();
-    eventually("the proxy applies the snapshot", || async {
-        proxy.version().as_deref() == Some(version.as_str())
-    })
-    .await;
+    let version = setup::applied(&proxy, &controller).await;
     Env {
         proxy,
         version,

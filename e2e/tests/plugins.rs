@@ -19,14 +19,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kanali_controller::keys::KeySource;
-use kanali_controller::source::watch::Debounce;
 use kanali_controller::{Controller, StandaloneConfig};
-use kanali_dataplane::client::ClientConfig;
 use kanali_dataplane::filter::wasm::WasmConfig;
 use kanali_dataplane::filter::wasm::testkit::{Buffer, Map, RET_LEN, RET_PTR, Wat, header_plugin};
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::{Answer, eventually};
+use kanali_e2e::setup;
 use kanali_e2e::{Echo, start_echo};
 use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
@@ -75,37 +74,16 @@ impl Env {
         std::fs::create_dir(&manifests_dir).unwrap();
         std::fs::write(manifests_dir.join("api.yaml"), manifests(&echo, &env_dir)).unwrap();
         let controller = kanali_controller::start_standalone(StandaloneConfig {
-            manifests: manifests_dir,
-            grpc_listen: ANY.parse().unwrap(),
-            admin_listen: ANY.parse().unwrap(),
-            debounce: Debounce {
-                quiet: Duration::from_millis(30),
-                max_delay: Duration::from_millis(200),
-                resync: Duration::from_secs(5),
-            },
-            grpc_tls: None,
             decryption: KeySource::File(key_file),
+            ..setup::controller(manifests_dir)
         })
         .await
         .unwrap();
         let proxy = kanali_dataplane::start(ProxyConfig {
-            listen: ANY.parse().unwrap(),
-            admin_listen: ANY.parse().unwrap(),
-            client: ClientConfig {
-                controllers: vec![format!("http://{}", controller.grpc_addr)],
-                proxy_id: "proxy-1".to_owned(),
-                min_backoff: Duration::from_millis(20),
-                max_backoff: Duration::from_millis(200),
-                tls: None,
-                tls_server_name: None,
-                usage_interval: Duration::from_millis(200),
-            },
             server: ServerConfig {
                 request_buffer_bytes: 1024,
                 ..ServerConfig::default()
             },
-            upstream: Default::default(),
-            rate_limits: Default::default(),
             plugins: WasmConfig {
                 dir: Some(plugins),
                 poll_interval: Duration::from_millis(50),
@@ -115,7 +93,7 @@ impl Env {
                 vms_per_plugin: 2,
                 ..WasmConfig::default()
             },
-            workers: kanali_dataplane::workers::Workers::Caller,
+            ..setup::proxy(controller.grpc_addr, "proxy-1")
         })
         .await
         .unwrap();

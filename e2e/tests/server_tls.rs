@@ -12,14 +12,13 @@ use bytes::Bytes;
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kanali_controller::source::watch::Debounce;
-use kanali_controller::{Controller, StandaloneConfig};
-use kanali_dataplane::client::ClientConfig;
+use kanali_controller::Controller;
 use kanali_dataplane::server::ServerConfig;
 use kanali_dataplane::server_tls::{TlsConfig, TlsError};
 use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{ProxyConfig, RunningProxy, StartError};
 use kanali_e2e::check::{Answer, DEADLINE, eventually};
+use kanali_e2e::setup;
 use kanali_e2e::tls::{Ca, Issued, https_request, tls_connect};
 use kanali_e2e::{Echo, start_echo};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
@@ -44,22 +43,8 @@ fn server_config(dir: &Path, client_ca: bool) -> ServerConfig {
 
 fn proxy_config(grpc: SocketAddr, server: ServerConfig) -> ProxyConfig {
     ProxyConfig {
-        listen: ANY.parse().unwrap(),
-        admin_listen: ANY.parse().unwrap(),
-        client: ClientConfig {
-            controllers: vec![format!("http://{grpc}")],
-            proxy_id: "tls-proxy".to_owned(),
-            min_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(200),
-            tls: None,
-            tls_server_name: None,
-            usage_interval: Duration::from_millis(200),
-        },
         server,
-        upstream: Default::default(),
-        rate_limits: Default::default(),
-        plugins: Default::default(),
-        workers: Workers::Caller,
+        ..setup::proxy(grpc, "tls-proxy")
     }
 }
 
@@ -98,36 +83,10 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests).unwrap();
-        std::fs::write(
-            manifests.join("routes.yaml"),
-            format!(
-                r#"apiVersion: kanali.io/v2
-kind: ApiProxy
-metadata: {{name: api, namespace: shop}}
-spec:
-  source: {{path: /api}}
-  target:
-    path: /
-    backend: {{endpoint: "http://{}"}}
-"#,
-                echo.addr
-            ),
-        )
-        .unwrap();
-        let controller = kanali_controller::start_standalone(StandaloneConfig {
-            manifests,
-            grpc_listen: ANY.parse().unwrap(),
-            admin_listen: ANY.parse().unwrap(),
-            debounce: Debounce {
-                quiet: Duration::from_millis(50),
-                max_delay: Duration::from_millis(300),
-                resync: Duration::from_secs(5),
-            },
-            grpc_tls: None,
-            decryption: Default::default(),
-        })
-        .await
-        .unwrap();
+        std::fs::write(manifests.join("routes.yaml"), setup::api_route(echo.addr)).unwrap();
+        let controller = kanali_controller::start_standalone(setup::controller(manifests))
+            .await
+            .unwrap();
 
         let ca = Ca::new("proxy CA");
         write_pair(dir.path(), &ca.issue_server(&[NAME, "127.0.0.1"]));
@@ -142,11 +101,7 @@ spec:
         })
         .await
         .unwrap();
-        let version = controller.shared.version().unwrap();
-        eventually("the proxy applies the snapshot", || async {
-            proxy.version().as_deref() == Some(version.as_str())
-        })
-        .await;
+        setup::applied(&proxy, &controller).await;
         Env {
             dir,
             echo,

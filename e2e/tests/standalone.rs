@@ -15,9 +15,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kanali_controller::source::watch::Debounce;
 use kanali_controller::{Controller, StandaloneConfig};
-use kanali_dataplane::client::ClientConfig;
-use kanali_dataplane::{ProxyConfig, RunningProxy};
+use kanali_dataplane::RunningProxy;
 use kanali_e2e::check::{Answer, DEADLINE, eventually};
+use kanali_e2e::setup;
 use kanali_e2e::{Echo, start_echo};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -34,38 +34,18 @@ fn debounce() -> Debounce {
 
 async fn controller(dir: &Path, grpc: SocketAddr) -> Controller {
     kanali_controller::start_standalone(StandaloneConfig {
-        manifests: dir.to_owned(),
         grpc_listen: grpc,
-        admin_listen: ANY.parse().unwrap(),
         debounce: debounce(),
-        grpc_tls: None,
-        decryption: Default::default(),
+        ..setup::controller(dir)
     })
     .await
     .unwrap()
 }
 
 async fn proxy(grpc: SocketAddr, id: &str) -> RunningProxy {
-    kanali_dataplane::start(ProxyConfig {
-        listen: ANY.parse().unwrap(),
-        admin_listen: ANY.parse().unwrap(),
-        client: ClientConfig {
-            controllers: vec![format!("http://{grpc}")],
-            proxy_id: id.to_owned(),
-            min_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(200),
-            tls: None,
-            tls_server_name: None,
-            usage_interval: Duration::from_millis(200),
-        },
-        server: Default::default(),
-        upstream: Default::default(),
-        rate_limits: Default::default(),
-        plugins: Default::default(),
-        workers: kanali_dataplane::workers::Workers::Caller,
-    })
-    .await
-    .unwrap()
+    kanali_dataplane::start(setup::proxy(grpc, id))
+        .await
+        .unwrap()
 }
 
 struct Env {
@@ -775,29 +755,12 @@ async fn a_proxy_fails_over_between_controller_replicas() {
         "replicas compile the same version"
     );
 
-    let p = kanali_dataplane::start(ProxyConfig {
-        listen: ANY.parse().unwrap(),
-        admin_listen: ANY.parse().unwrap(),
-        client: ClientConfig {
-            controllers: vec![
-                format!("http://{}", a.grpc_addr),
-                format!("http://{}", b.grpc_addr),
-            ],
-            proxy_id: "roamer".into(),
-            min_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(200),
-            tls: None,
-            tls_server_name: None,
-            usage_interval: Duration::from_millis(200),
-        },
-        server: Default::default(),
-        upstream: Default::default(),
-        rate_limits: Default::default(),
-        plugins: Default::default(),
-        workers: kanali_dataplane::workers::Workers::Caller,
-    })
-    .await
-    .unwrap();
+    let mut config = setup::proxy(a.grpc_addr, "roamer");
+    config
+        .client
+        .controllers
+        .push(format!("http://{}", b.grpc_addr));
+    let p = kanali_dataplane::start(config).await.unwrap();
     eventually("the proxy applies the version", || async {
         p.version().as_deref() == Some(version.as_str())
     })

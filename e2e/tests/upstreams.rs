@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
@@ -16,14 +15,13 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use kanali_controller::source::watch::Debounce;
-use kanali_controller::{Controller, StandaloneConfig};
-use kanali_dataplane::client::ClientConfig;
+use kanali_controller::Controller;
 use kanali_dataplane::dynamic::HeaderDefaults;
 use kanali_dataplane::upstream::AddressMode;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::{Answer, eventually};
 use kanali_e2e::openssl::OpensslPki;
+use kanali_e2e::setup;
 use kanali_e2e::tls::{Ca, Issued, start_tls_echo};
 use kanali_e2e::{Echo, start_echo};
 
@@ -42,38 +40,10 @@ impl Env {
     async fn start(manifests: &str, tweak: impl FnOnce(&mut ProxyConfig)) -> Env {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("api.yaml"), manifests).unwrap();
-        let controller = kanali_controller::start_standalone(StandaloneConfig {
-            manifests: dir.path().to_owned(),
-            grpc_listen: ANY.parse().unwrap(),
-            admin_listen: ANY.parse().unwrap(),
-            debounce: Debounce {
-                quiet: Duration::from_millis(30),
-                max_delay: Duration::from_millis(200),
-                resync: Duration::from_secs(5),
-            },
-            grpc_tls: None,
-            decryption: Default::default(),
-        })
-        .await
-        .unwrap();
-        let mut config = ProxyConfig {
-            listen: ANY.parse().unwrap(),
-            admin_listen: ANY.parse().unwrap(),
-            client: ClientConfig {
-                controllers: vec![format!("http://{}", controller.grpc_addr)],
-                proxy_id: "proxy".to_owned(),
-                min_backoff: Duration::from_millis(20),
-                max_backoff: Duration::from_millis(200),
-                tls: None,
-                tls_server_name: None,
-                usage_interval: Duration::from_millis(200),
-            },
-            server: Default::default(),
-            upstream: Default::default(),
-            rate_limits: Default::default(),
-            plugins: Default::default(),
-            workers: kanali_dataplane::workers::Workers::Caller,
-        };
+        let controller = kanali_controller::start_standalone(setup::controller(dir.path()))
+            .await
+            .unwrap();
+        let mut config = setup::proxy(controller.grpc_addr, "proxy");
         tweak(&mut config);
         let proxy = kanali_dataplane::start(config).await.unwrap();
         let env = Env {

@@ -64,25 +64,11 @@ pub fn summary(a: &Answer) -> String {
 /// itself through `RunningProxy::tables`), defaults elsewhere; `id` names it in logs.
 #[allow(dead_code)] // proxy_upstreams.rs serves through `Proxy::handle` instead
 pub fn detached_proxy_config(id: &str) -> kanali_dataplane::ProxyConfig {
-    kanali_dataplane::ProxyConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        client: kanali_dataplane::client::ClientConfig {
-            // Port 9 (discard): nothing answers, and the client backs off for the test's length.
-            controllers: vec!["http://127.0.0.1:9".to_owned()],
-            proxy_id: id.to_owned(),
-            min_backoff: Duration::from_secs(5),
-            max_backoff: Duration::from_secs(5),
-            tls: None,
-            tls_server_name: None,
-            usage_interval: Duration::from_millis(200),
-        },
-        server: Default::default(),
-        upstream: Default::default(),
-        rate_limits: Default::default(),
-        plugins: Default::default(),
-        workers: kanali_dataplane::workers::Workers::Caller,
-    }
+    // Port 9 (discard): nothing answers, and the client backs off for the test's length.
+    let mut config = kanali_e2e::setup::proxy(SocketAddr::from(([127, 0, 0, 1], 9)), id);
+    config.client.min_backoff = Duration::from_secs(5);
+    config.client.max_backoff = Duration::from_secs(5);
+    config
 }
 
 /// Serves `routes` on a proxy started with [`detached_proxy_config`]; the returned
