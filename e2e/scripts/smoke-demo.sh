@@ -36,5 +36,8 @@ check "/tracks/x" 500 '"code":10,' -H 'x-track: nightly'
 check "/keyed/hi" 200 '"path":"/hi"' -H 'apikey: kanali-demo-key'
 check "/keyed/hi" 403 '"code":12,'
 check "/keyed/hi" 401 '"code":13,' -H 'apikey: wrong'
-curl -s "http://$ADMIN/status" | grep -q MockTargetNotFound && echo "ok   /status reports MockTargetNotFound" || { echo "FAIL /status"; fail=1; }
+# Read whole before grep: `grep -q` stops at the first match, and a curl still writing then
+# fails with EPIPE, which pipefail makes the pipeline's status.
+status=$(curl -s "http://$ADMIN/status")
+grep -qF MockTargetNotFound <<<"$status" && echo "ok   /status reports MockTargetNotFound" || { echo "FAIL /status: $status"; fail=1; }
 [ $fail = 0 ] && echo "smoke: 11 passed, 0 failed" || { cat "$dir/demo.log"; echo "smoke: failed"; exit 1; }
