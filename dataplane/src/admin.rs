@@ -63,7 +63,7 @@ pub async fn serve(
                             resp.headers_mut().insert(
                                 http::header::CONTENT_TYPE,
                                 http::HeaderValue::from_static(
-                                    "text/plain; version=0.0.4; charset=utf-8",
+                                    kanali_proto::exposition::CONTENT_TYPE,
                                 ),
                             );
                             resp
