@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kanali_dataplane::table::RouteTable;
+use kanali_dataplane::route::table::RouteTable;
 use kanali_dataplane::upstream::{UpstreamConfig, Upstreams};
 use kanali_proto::v1 as pb;
 use prost::Message as _;

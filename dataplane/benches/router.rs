@@ -6,8 +6,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kanali_dataplane::path::upstream_path;
-use kanali_dataplane::router::{Router, RouterBuilder};
+use kanali_dataplane::route::path::upstream_path;
+use kanali_dataplane::route::router::{Router, RouterBuilder};
 
 const VHOST: &str = "api.example.org";
 const OTHER_HOST: &str = "gateway.example.org";

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
-use kanali_dataplane::balance::{Candidate, pick};
-use kanali_dataplane::dynamic::{DynamicService, HeaderDefaults};
+use kanali_dataplane::upstream::balance::{Candidate, pick};
+use kanali_dataplane::upstream::dynamic::{DynamicService, HeaderDefaults};
 use kanali_proto::v1 as pb;
 
 struct Addr(AtomicUsize);

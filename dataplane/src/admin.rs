@@ -1,6 +1,6 @@
 //! The proxy's admin port: `/healthz` (the process is up) and `/readyz` (a snapshot has been
 //! applied, so traffic can be sent here), plus `/version` (the snapshot being served) and
-//! `/metrics` (Prometheus' text format, see [`crate::metrics`]).
+//! `/metrics` (Prometheus' text format, see [`crate::observe::metrics`]).
 //! Once the proxy drains ([`crate::shutdown`]) `/readyz` fails while `/healthz` still
 //! answers: a terminating proxy is not ready, but it is alive and must not be restarted.
 
@@ -16,9 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::filter::rate_limit::RateLimits;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
+use crate::route::table::RouteTable;
 use crate::shutdown::DrainSignal;
-use crate::table::RouteTable;
 
 /// What the admin port reports on.
 #[derive(Clone)]

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::h1::server::ResponseBody;
 use crate::h1::{H1Body, H1Error, RawFields};
-use crate::pool::InFlight;
+use crate::upstream::pool::InFlight;
 
 /// Body of every response the proxy sends.
 #[derive(Debug)]

@@ -7,7 +7,7 @@
 //! a socket and two buffers in its pool's queue, with no task behind it.
 //!
 //! Requests whose whole body is in hand (none, or one read ahead to its end) go this way.
-//! A body that streams goes over hyper (see [`crate::pool`]), which can write it while the
+//! A body that streams goes over hyper (see [`crate::upstream::pool`]), which can write it while the
 //! response is already arriving.
 //!
 //! Responses are parsed strictly (RFC 9112): a malformed head, conflicting `Content-Length`s,
@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::headers::Added;
-use crate::pool::HostPool;
+use crate::upstream::pool::HostPool;
 
 pub mod server;
 

@@ -1,40 +1,30 @@
 //! The Kanali proxy.
 //!
-//! Data flow: the [`client`] task subscribes to the controller and receives snapshots; each one
-//! is turned into an immutable [`table::RouteTable`] off the request path and swapped in
-//! atomically. The [`server`] answers every request from whatever table is current when it
-//! arrives: the [`router`] finds the route, [`path`] rewrites the upstream path, and the request
-//! is either answered by a [`mock`], proxied through the pooled [`upstream`] client, or answered
-//! with a Kanali error from [`errors`]. The [`listener`] accepts the connections: cleartext, and
-//! optionally TLS with a certificate from [`server_tls`], reloaded when its files change. With
-//! [`workers`], each worker thread accepts on a socket of its own and serves what it accepted.
-//! A route's plugins ([`filter`]) run before its backend and, for custom plugins (WebAssembly
-//! modules from `--plugins-dir`, [`filter::wasm`]), on its bodies and responses too.
-//! [`shutdown`] takes a proxy out of service without losing requests.
+//! Data flow: the [`control`] task subscribes to the controller and receives snapshots; each one
+//! is turned into an immutable [`route::table::RouteTable`] off the request path and swapped in
+//! atomically. The [`listen`] side accepts the connections (cleartext, and optionally TLS with a
+//! certificate reloaded when its files change) and answers every request from whatever table is
+//! current when it arrives: the [`route`] module finds the route and rewrites the upstream path,
+//! and the request is either answered by a mock, proxied through the pooled [`upstream`] client,
+//! or answered with a Kanali error from [`errors`]. With [`workers`], each worker thread accepts
+//! on a socket of its own and serves what it accepted. A route's plugins ([`filter`]) run before
+//! its backend and, for custom plugins (WebAssembly modules from `--plugins-dir`,
+//! [`filter::wasm`]), on its bodies and responses too. [`observe`] counts and logs what was
+//! served; [`shutdown`] takes a proxy out of service without losing requests.
 
-mod access_log;
 pub mod admin;
-pub mod balance;
 pub mod body;
-pub mod client;
-pub mod dynamic;
+pub mod control;
 pub mod errors;
 pub mod filter;
 pub mod h1;
 pub mod headers;
-pub mod listener;
-pub mod metrics;
-pub mod mock;
-pub mod path;
-pub mod pool;
+pub mod listen;
+pub mod observe;
 pub mod request;
-pub mod router;
-pub mod server;
-pub mod server_tls;
+pub mod route;
 pub mod shutdown;
-pub mod table;
 pub mod upstream;
-pub mod upstream_tls;
 pub mod workers;
 
 use std::net::SocketAddr;
@@ -45,8 +35,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use route::table::RouteTable;
 use shutdown::{Drain, ShutdownConfig};
-use table::RouteTable;
 use workers::{Worker, Workers};
 
 /// Everything needed to start a proxy.
@@ -57,9 +47,9 @@ pub struct ProxyConfig {
     /// Admin listener.
     pub admin_listen: SocketAddr,
     /// Controller subscription.
-    pub client: client::ClientConfig,
+    pub client: control::client::ClientConfig,
     /// Listener limits.
-    pub server: server::ServerConfig,
+    pub server: listen::server::ServerConfig,
     /// Upstream pool settings.
     pub upstream: upstream::UpstreamConfig,
     /// Rate limits: local, or shared through Redis.
@@ -88,7 +78,7 @@ pub enum StartError {
     Upstream(#[from] upstream::UpstreamError),
     /// The HTTPS listener's certificate, key or client CA does not load.
     #[error("HTTPS listener: {0}")]
-    Tls(#[from] server_tls::TlsError),
+    Tls(#[from] listen::tls::TlsError),
     /// The rate-limit settings are unusable (e.g. a bad Redis URL).
     #[error("rate limits: {0}")]
     RateLimit(#[from] filter::rate_limit::RateLimitError),
@@ -191,7 +181,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         None => None,
         Some(tls) => {
             let bound = bind("https", tls.listen, config.workers).await?;
-            let (server_tls, reload) = server_tls::start(tls.clone(), exit_rx.clone())?;
+            let (server_tls, reload) = listen::tls::start(tls.clone(), exit_rx.clone())?;
             Some((bound, server_tls, reload))
         }
     };
@@ -205,9 +195,9 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let limits = Arc::new(filter::rate_limit::RateLimits::new(config.rate_limits)?);
     let usage = Arc::new(filter::credentials::UsageLog::default());
     let plugins = Arc::new(filter::wasm::Plugins::new(&config.plugins)?);
-    let metrics = Arc::new(metrics::Metrics::new(config.workers.count()));
+    let metrics = Arc::new(observe::metrics::Metrics::new(config.workers.count()));
     let proxy = Arc::new(
-        server::Proxy::new(tables.clone(), config.server, usage.clone())
+        listen::server::Proxy::new(tables.clone(), config.server, usage.clone())
             .with_metrics(metrics.clone()),
     );
     // Last, so that nothing above that fails leaves threads behind.
@@ -219,8 +209,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             .map_err(StartError::Worker)?,
     };
     // Listener `i` is served by worker `i`, or by the caller's runtime without workers.
-    let serve = |(i, listener): (usize, TcpListener), tls: Option<server_tls::ServerTls>| {
-        let serving = server::serve(
+    let serve = |(i, listener): (usize, TcpListener), tls: Option<listen::tls::ServerTls>| {
+        let serving = listen::server::serve(
             listener,
             tls,
             proxy.clone(),
@@ -253,9 +243,9 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tokio::spawn(limits.clone().run(exit_rx.clone())),
         tokio::spawn(upstreams.clone().run_sweeper(exit_rx.clone())),
         tokio::spawn(plugins.clone().watch(exit_rx.clone())),
-        tokio::spawn(client::run(
+        tokio::spawn(control::client::run(
             config.client,
-            client::Context {
+            control::client::Context {
                 tables: tables.clone(),
                 upstreams,
                 limits,

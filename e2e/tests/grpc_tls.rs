@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kanali_controller::source::watch::Debounce;
 use kanali_controller::{Controller, GrpcTls, StandaloneConfig};
-use kanali_dataplane::client::ClientConfig;
+use kanali_dataplane::control::client::ClientConfig;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::eventually;
 use kanali_e2e::setup;

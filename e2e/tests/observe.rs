@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kanali_controller::Controller;
-use kanali_dataplane::server::ServerConfig;
+use kanali_dataplane::listen::server::ServerConfig;
 use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::Echo;

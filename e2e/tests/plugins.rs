@@ -22,7 +22,7 @@ use kanali_controller::keys::KeySource;
 use kanali_controller::{Controller, StandaloneConfig};
 use kanali_dataplane::filter::wasm::WasmConfig;
 use kanali_dataplane::filter::wasm::testkit::{Buffer, Map, RET_LEN, RET_PTR, Wat, header_plugin};
-use kanali_dataplane::server::ServerConfig;
+use kanali_dataplane::listen::server::ServerConfig;
 use kanali_dataplane::{ProxyConfig, RunningProxy};
 use kanali_e2e::check::{Answer, eventually};
 use kanali_e2e::setup;

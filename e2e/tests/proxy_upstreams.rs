@@ -1,7 +1,7 @@
 //! The proxy's upstream side against real sockets: TLS upstreams with certificates made in the
 //! test (private CA, wrong CA, mTLS, HTTP/2, hostname checks), Service backends balanced over
 //! several local servers, dynamic Services, timeouts and endpoint updates. Requests go through
-//! [`kanali_dataplane::server::Proxy::handle`] on a local listener, with tables built straight
+//! [`kanali_dataplane::listen::server::Proxy::handle`] on a local listener, with tables built straight
 //! from snapshots (no controller needed). The upstreams are `kanali_e2e`'s echo servers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a failed unwrap is a failed test
@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use harness::*;
 use http::StatusCode;
-use kanali_dataplane::dynamic::{HeaderDefaults, X_KANALI_SERVICE_CARDINALITY};
-use kanali_dataplane::table::Action;
+use kanali_dataplane::route::table::Action;
+use kanali_dataplane::upstream::dynamic::{HeaderDefaults, X_KANALI_SERVICE_CARDINALITY};
+use kanali_dataplane::upstream::tls::{TlsContext, server_name};
 use kanali_dataplane::upstream::{Upstream, UpstreamConfig};
-use kanali_dataplane::upstream_tls::{TlsContext, server_name};
 use kanali_e2e::check::Answer;
 use kanali_e2e::tls::Ca;
 use kanali_proto::v1 as pb;

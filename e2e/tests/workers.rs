@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use harness::{detached_proxy_config, echo, endpoint, material, route, snapshot, tls_echo};
+use kanali_dataplane::route::table::RouteTable;
 use kanali_dataplane::shutdown::ShutdownConfig;
-use kanali_dataplane::table::RouteTable;
 use kanali_dataplane::upstream::Upstreams;
 use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{RunningProxy, StartError};

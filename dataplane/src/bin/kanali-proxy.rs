@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use kanali_dataplane::client::ClientConfig;
-use kanali_dataplane::dynamic::HeaderDefaults;
+use kanali_dataplane::control::client::ClientConfig;
 use kanali_dataplane::filter::rate_limit::{RateLimitConfig, RedisConfig};
 use kanali_dataplane::filter::wasm::WasmConfig;
-use kanali_dataplane::server::ServerConfig;
-use kanali_dataplane::server_tls::{DEFAULT_RELOAD_INTERVAL, TlsConfig};
+use kanali_dataplane::listen::server::ServerConfig;
+use kanali_dataplane::listen::tls::{DEFAULT_RELOAD_INTERVAL, TlsConfig};
 use kanali_dataplane::shutdown::ShutdownConfig;
+use kanali_dataplane::upstream::dynamic::HeaderDefaults;
 use kanali_dataplane::upstream::{AddressMode, UpstreamConfig};
 use kanali_dataplane::workers::Workers;
 use kanali_dataplane::{ProxyConfig, start};
@@ -325,7 +325,7 @@ async fn run(args: Args, workers: usize, threads: Workers) -> anyhow::Result<()>
             max_backoff: Duration::from_secs(10),
             tls: controller_tls,
             tls_server_name: args.controller_server_name,
-            usage_interval: kanali_dataplane::client::USAGE_INTERVAL,
+            usage_interval: kanali_dataplane::control::client::USAGE_INTERVAL,
         },
         server: ServerConfig {
             header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),

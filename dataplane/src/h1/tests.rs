@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::body::{RequestBody, UpstreamBody};
-use crate::pool::{InFlight, PoolKey, PoolSettings};
+use crate::upstream::pool::{InFlight, PoolKey, PoolSettings};
 
 // ---- parsing, pure ----
 

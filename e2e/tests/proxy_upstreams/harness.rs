@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use kanali_dataplane::server::{Proxy, ServerConfig};
-use kanali_dataplane::table::RouteTable;
+use kanali_dataplane::listen::server::{Proxy, ServerConfig};
+use kanali_dataplane::route::table::RouteTable;
 use kanali_dataplane::upstream::{UpstreamConfig, Upstreams};
 use kanali_e2e::check::Answer;
 use kanali_e2e::tls::{Ca, Issued, start_tls_echo};
@@ -105,7 +105,7 @@ impl Harness {
         let addr = listener.local_addr().unwrap();
         // The proxy's own listener, as kanali-proxy runs it; it stops with the test's runtime.
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(kanali_dataplane::server::serve(
+        tokio::spawn(kanali_dataplane::listen::server::serve(
             listener,
             None,
             proxy,

@@ -30,7 +30,7 @@ use crate::body::{RequestBody, UpstreamBody};
 use crate::h1::{self, ExchangeError, H1Conn, Io};
 use crate::headers::Added;
 use crate::upstream::UpstreamError;
-use crate::upstream_tls::server_name;
+use crate::upstream::tls::server_name;
 use crate::workers::PerWorker;
 
 /// What makes two pools the same: an unchanged upstream keeps its pool (and its warm

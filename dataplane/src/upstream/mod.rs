@@ -6,6 +6,11 @@
 //! The registry's maps are only touched when a snapshot is applied and by the sweep, once a
 //! second on a blocking thread; the request path holds `Arc`s and never takes its locks.
 
+pub mod balance;
+pub mod dynamic;
+pub mod pool;
+pub mod tls;
+
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
@@ -17,12 +22,12 @@ use http::uri::Authority;
 use kanali_proto::v1 as pb;
 use rustls::ClientConfig;
 
-use crate::balance::{ServiceBackend, ServiceKey};
 use crate::body::RequestBody;
-use crate::dynamic::HeaderDefaults;
 use crate::headers::Added;
-use crate::pool::{HostPool, PoolKey, PoolSettings, Sent, SweepList};
-use crate::upstream_tls::{TlsContext, TlsError};
+use crate::upstream::balance::{ServiceBackend, ServiceKey};
+use crate::upstream::dynamic::HeaderDefaults;
+use crate::upstream::pool::{HostPool, PoolKey, PoolSettings, Sent, SweepList};
+use crate::upstream::tls::{TlsContext, TlsError};
 
 /// How a Service's address is chosen (`--upstream-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use kanali_proto::exposition::{Exposition, Kind};
 
 use crate::errors::ErrorCode;
 use crate::filter::rate_limit::RateLimits;
-use crate::table::RouteTable;
+use crate::route::table::RouteTable;
 
 /// The latency buckets' upper bounds, in microseconds (rendered in milliseconds): from a
 /// quarter of a millisecond, which a proxied request on one host takes, to ten seconds.
@@ -45,7 +45,7 @@ const REFUSALS: [StatusCode; 2] = [
     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
 ];
 
-/// The index of `method` in [`METHODS`].
+/// The index of `method` in `METHODS`.
 pub fn method_index(method: &Method) -> u8 {
     // Most likely first: each comparison of a standard method is one of a small enum.
     [
@@ -118,7 +118,7 @@ impl Metrics {
             .sum()
     }
 
-    /// The latency histogram of `method` (an index into [`METHODS`]) and `status`, summed over
+    /// The latency histogram of `method` (an index into `METHODS`) and `status`, summed over
     /// the shards; `None` if no such response was recorded.
     pub fn latency(&self, method: u8, status: StatusCode) -> Option<Histogram> {
         let slot = usize::from(status.as_u16()).checked_sub(100)?;

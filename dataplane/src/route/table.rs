@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use kanali_proto::v1 as pb;
 
-use crate::balance::{ServiceBackend, ServiceKey};
-use crate::dynamic::DynamicService;
 use crate::errors::ErrorCode;
 use crate::filter::Filter;
 use crate::filter::api_key::ApiKeyFilter;
 use crate::filter::credentials::Credentials;
 use crate::filter::wasm::{LoadError, Plugins, WasmFilter, WasmUse};
-use crate::mock::MockTable;
-use crate::router::{Router, RouterBuilder};
+use crate::route::mock::MockTable;
+use crate::route::router::{Router, RouterBuilder};
+use crate::upstream::balance::{ServiceBackend, ServiceKey};
+use crate::upstream::dynamic::DynamicService;
 use crate::upstream::{TlsSet, Upstream, Upstreams};
 use http::header::HeaderName;
 
@@ -378,7 +378,7 @@ impl Build<'_> {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use crate::balance::ServiceBackend;
+    use crate::upstream::balance::ServiceBackend;
     use crate::upstream::{AddressMode, UpstreamConfig};
     use pb::route::Backend;
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, StatusCode};
 
-use crate::metrics::Answered;
+use crate::observe::metrics::Answered;
 
 /// What the line says of one request, gathered while it runs.
 #[derive(Debug)]

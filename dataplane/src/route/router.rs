@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::path::{normalize, segments};
+use crate::route::path::{normalize, segments};
 
 /// Below this many children a node scans a slice instead of hashing: comparing a few short
 /// segments is cheaper than hashing one, and most trie nodes have a single child.

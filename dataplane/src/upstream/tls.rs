@@ -266,9 +266,9 @@ mod tests {
     fn openssl_v1_certificates_load_as_client_certificate_and_ca() {
         let ctx = TlsContext::new(true);
         let m = material(
-            include_bytes!("../../proto/testdata/v1-ca.pem"),
-            include_bytes!("../../proto/testdata/v1-client.pem"),
-            include_bytes!("../../proto/testdata/v1-client.key"),
+            include_bytes!("../../../proto/testdata/v1-ca.pem"),
+            include_bytes!("../../../proto/testdata/v1-client.pem"),
+            include_bytes!("../../../proto/testdata/v1-client.key"),
         );
         let config = ctx.config(&m).unwrap();
         assert!(config.client_auth_cert_resolver.has_certs());

@@ -16,18 +16,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::{ClientBody, ProxyBody, RequestBody, read_ahead};
-use crate::dynamic::X_KANALI_SERVICE_CARDINALITY;
 use crate::errors::ErrorCode;
 use crate::filter::credentials::UsageLog;
 use crate::filter::wasm::Exchange;
 use crate::filter::{self, Passed, RequestInfo};
 use crate::headers::{Added, X_KANALI_CORRELATION_ID, strip_hop_by_hop};
-use crate::listener::Watchdog;
-use crate::metrics::Metrics;
-use crate::path::upstream_path;
-use crate::pool::Sent;
+use crate::listen::listener::Watchdog;
+use crate::observe::metrics::Metrics;
 use crate::request::Refusal;
-use crate::table::{Action, RouteTable};
+use crate::route::path::upstream_path;
+use crate::route::table::{Action, RouteTable};
+use crate::upstream::dynamic::X_KANALI_SERVICE_CARDINALITY;
+use crate::upstream::pool::Sent;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Listener limits, and the optional HTTPS listener.
@@ -49,7 +49,7 @@ pub struct ServerConfig {
     /// A ping not acknowledged within this closes the HTTP/2 connection.
     pub http2_keep_alive_timeout: Duration,
     /// The HTTPS listener, if any (the cleartext one always runs).
-    pub tls: Option<crate::server_tls::TlsConfig>,
+    pub tls: Option<crate::listen::tls::TlsConfig>,
     /// Request bodies are read up to this many bytes before anything is sent upstream, so a
     /// malformed one is refused (400) instead of reaching the upstream half sent; the rest of
     /// a longer body streams. 0: stream from the first byte.
@@ -58,7 +58,7 @@ pub struct ServerConfig {
     /// [`crate::h1::server::Settings::half_close`]). Off: the request is cancelled, upstream
     /// included, as soon as the client's stream ends.
     pub http1_half_close: bool,
-    /// Log a line for every request (see [`crate::access_log`]).
+    /// Log a line for every request (the access log: `observe::access_log`).
     pub access_log: bool,
 }
 
@@ -230,7 +230,7 @@ impl Proxy {
                 host: &host,
                 peer: peer.addr,
                 version: parts.version,
-                https: crate::listener::forwarded_proto(&parts.extensions) == "https",
+                https: crate::listen::listener::forwarded_proto(&parts.extensions) == "https",
                 correlation_id,
                 end_of_stream: body.is_end_stream(),
             };
@@ -650,7 +650,7 @@ fn rewrite_head(
         &mut parts.headers,
         stripped.proxy_set,
         &peer.forwarded_for,
-        crate::listener::forwarded_proto(&parts.extensions),
+        crate::listen::listener::forwarded_proto(&parts.extensions),
         host,
         correlation_id.clone(),
     )
@@ -769,19 +769,19 @@ fn correlation_id() -> HeaderValue {
 /// Accepts connections until `shutdown` turns true, then lets open connections finish their
 /// current requests. With `tls`, every connection is a TLS handshake first (with the
 /// certificate current when it was accepted), and its requests carry a
-/// [`crate::listener::TlsConnection`] extension. Once `drain` fires, connections are asked
+/// [`crate::listen::listener::TlsConnection`] extension. Once `drain` fires, connections are asked
 /// to close (see [`crate::shutdown`]) while new ones are still accepted. `worker`: which
 /// worker serves it, whose shard of the metrics its connections count in.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<crate::server_tls::ServerTls>,
+    tls: Option<crate::listen::tls::ServerTls>,
     proxy: Arc<Proxy>,
     worker: usize,
     drain: crate::shutdown::DrainSignal,
     shutdown: watch::Receiver<bool>,
 ) {
     let config = proxy.config.clone();
-    crate::listener::serve(listener, tls, proxy, worker, &config, drain, shutdown).await;
+    crate::listen::listener::serve(listener, tls, proxy, worker, &config, drain, shutdown).await;
 }
 
 #[cfg(test)]

@@ -40,14 +40,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::access_log::Access;
 use crate::body::{ClientBody, ProxyBody};
 use crate::errors::ErrorCode;
 use crate::h1::RawFields;
 use crate::h1::server::{Ended, ResponseBody};
-use crate::metrics::{Answered, Metrics, Shard};
-use crate::server::{Proxy, ServerConfig};
-use crate::server_tls::ServerTls;
+use crate::listen::server::{Proxy, ServerConfig};
+use crate::listen::tls::ServerTls;
+use crate::observe::access_log::Access;
+use crate::observe::metrics::{Answered, Metrics, Shard};
 use crate::shutdown::DrainSignal;
 
 /// Marks a request that arrived over TLS: present in the extensions of every request the
@@ -214,7 +214,7 @@ impl Conn {
         let proxy_logs = proxy.access_log();
         let handler = Handler {
             proxy,
-            client: Arc::new(crate::server::Peer::new(peer)),
+            client: Arc::new(crate::listen::server::Peer::new(peer)),
             activity: activity.clone(),
             tls,
         };
@@ -247,7 +247,7 @@ impl Conn {
             Some(Ok(Ended::Refused(status, reason))) => {
                 activity.shard().refuse(status);
                 if proxy_logs {
-                    crate::access_log::refused(peer, status, reason);
+                    crate::observe::access_log::refused(peer, status, reason);
                 }
                 return;
             }
@@ -301,7 +301,7 @@ async fn serve_h2<I>(
 #[derive(Clone)]
 struct Handler {
     proxy: Arc<Proxy>,
-    client: Arc<crate::server::Peer>,
+    client: Arc<crate::listen::server::Peer>,
     activity: Arc<Activity>,
     tls: Option<TlsConnection>,
 }
@@ -321,7 +321,7 @@ impl Handler {
             .then(|| Access::of(&req, self.client.addr));
         let mut in_flight = self.activity.begin_at(started, access);
         let version = req.version();
-        let method = crate::metrics::method_index(req.method());
+        let method = crate::observe::metrics::method_index(req.method());
         // An HTTP/1.x request runs in the connection's task, whose timer can watch its
         // deadline; an HTTP/2 stream runs in a task of its own.
         let watchdog = (version != Version::HTTP_2).then(|| self.activity.watchdog.clone());
@@ -339,7 +339,8 @@ impl Handler {
                     error: resp.extensions().get::<ErrorCode>().copied(),
                 });
                 if let Some(access) = &mut in_flight.access {
-                    access.correlation_id = crate::server::correlation_id_of(&resp).cloned();
+                    access.correlation_id =
+                        crate::listen::server::correlation_id_of(&resp).cloned();
                 }
                 // The request stays in flight until its response body is sent (or dropped), so a
                 // long download or stream is not "idle".
@@ -566,7 +567,7 @@ async fn idle(activity: &Activity, limits: Limits) -> &'static str {
 /// exchange is due before it fires, which a stream of requests with the same timeout never
 /// is: it fires at the first one's deadline, and is set then for the one in flight, if any.
 /// The exchange notices it is past due itself, when the wake-up polls it
-/// ([`crate::server`]'s `Due`). HTTP/2 streams run in tasks of their own and keep their own
+/// ([`crate::listen::server`]'s `Due`). HTTP/2 streams run in tasks of their own and keep their own
 /// timers.
 #[derive(Debug)]
 pub(crate) struct Watchdog {

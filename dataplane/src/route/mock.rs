@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use kanali_proto::v1 as pb;
 
 use crate::body::ProxyBody;
-use crate::path::segments;
+use crate::route::path::segments;
 
 /// The responses of one MockTarget, ready to serve.
 #[derive(Debug)]

@@ -437,9 +437,9 @@ mod tests {
     /// usable listener certificate, and a v1 CA a usable client CA; the pair is still checked.
     #[test]
     fn openssl_v1_certificates_load_and_their_pair_is_checked() {
-        let cert = include_str!("../../proto/testdata/v1-client.pem");
-        let key = include_str!("../../proto/testdata/v1-client.key");
-        let ca = include_str!("../../proto/testdata/v1-ca.pem");
+        let cert = include_str!("../../../proto/testdata/v1-client.pem");
+        let key = include_str!("../../../proto/testdata/v1-client.key");
+        let ca = include_str!("../../../proto/testdata/v1-ca.pem");
         build_pem(cert, key, Some(ca)).unwrap();
         let err = build_pem(cert, &leaf().key, None).unwrap_err();
         assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::filter::credentials::UsageLog;
 use crate::filter::rate_limit::RateLimits;
 use crate::filter::wasm::Plugins;
-use crate::table::RouteTable;
+use crate::route::table::RouteTable;
 use crate::upstream::Upstreams;
 
 /// How often, by default, the keys used meanwhile are reported to the controller.

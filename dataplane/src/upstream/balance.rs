@@ -17,8 +17,8 @@ use rustls::ClientConfig;
 
 use crate::body::RequestBody;
 use crate::headers::Added;
-use crate::pool::{HostPool, InFlight, Sent, now_millis};
 use crate::upstream::UpstreamError;
+use crate::upstream::pool::{HostPool, InFlight, Sent, now_millis};
 
 /// How long an address that failed to connect is skipped.
 pub const FAILURE_SKIP_MS: u64 = 5_000;

@@ -1,0 +1,4 @@
+//! The proxy's side of the control plane: the snapshot subscription to the controller
+//! ([`client`]).
+
+pub mod client;
