@@ -152,4 +152,15 @@ for name, n in (("small", sys.argv[2]), ("large", sys.argv[3])):
     errs = ",".join(sorted({r[5] for r in sel}))
     ratio = cpu[name] / cpu["small"]
     print(f"| {n} | {rps:.0f} | {p99:.2f} ms | {u:.2f} | {s:.2f} | {cpu[name]:.2f} | {ratio:.3f} | {errs} |")
+# Each round loads the two proxies back to back: their ratio in a round is a paired measurement,
+# steadier than the ratio of medians when the machine's load drifts between rounds.
+by_round = {}
+for r in rows:
+    by_round.setdefault(r[6], {})[r[0]] = float(r[3]) + float(r[4])
+pairs = [v["large"] / v["small"] for _, v in sorted(by_round.items(), key=lambda kv: int(kv[0])) if len(v) == 2]
+if pairs:
+    print()
+    print(f"{sys.argv[3]} vs {sys.argv[2]} routes, CPU per request round by round: "
+          + " ".join(f"{x:.3f}" for x in pairs)
+          + f" (median {st.median(pairs):.3f}; within 5 % in {sum(x <= 1.05 for x in pairs)} of {len(pairs)})")
 PY
