@@ -14,6 +14,13 @@ use crate::route::path::{normalize, segments};
 /// segments is cheaper than hashing one, and most trie nodes have a single child.
 const MAX_SCANNED_CHILDREN: usize = 8;
 
+/// The hasher of a wide node's children. The keys are the operator's route segments; a request
+/// only looks up, so it cannot lengthen a probe sequence, and the seed is random per process.
+/// With SipHash (the std default), lookups in a 10 000-route table took 3–18 ns more
+/// (`cargo bench --bench router`, 10 000 routes: 98.4 → 94.9 ns to a virtual host's route,
+/// 74.2 → 56.1 ns backtracking past one, 13.0 → 10.3 ns for a miss).
+type SegmentHash = foldhash::fast::RandomState;
+
 /// An immutable route table: maps a request's host and raw path to the route that serves it.
 #[derive(Debug)]
 pub struct Router<T> {
@@ -84,7 +91,7 @@ struct Node<T> {
 #[derive(Debug)]
 enum Children<T> {
     Scanned(Box<[(Box<str>, Node<T>)]>),
-    Hashed(HashMap<Box<str>, Node<T>>),
+    Hashed(HashMap<Box<str>, Node<T>, SegmentHash>),
 }
 
 impl<T> Children<T> {
