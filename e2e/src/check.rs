@@ -142,3 +142,70 @@ impl Answer {
         assert_eq!(String::from_utf8_lossy(&self.body), expected);
     }
 }
+
+/// A Prometheus text exposition as a map from each sample's name and labels, as written (e.g.
+/// `kanali_errors_total{code="00"}`), to its value.
+///
+/// # Errors
+/// A sample line without a value, or with one that is not a number.
+pub fn samples(text: &str) -> Result<std::collections::HashMap<String, f64>, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .ok_or_else(|| format!("a sample line without a value: {l:?}"))?;
+            let value = value
+                .parse()
+                .map_err(|e| format!("{l:?}: the value is not a number: {e}"))?;
+            Ok((series.to_owned(), value))
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` (any labels) whose labels include every `label="value"`
+/// pair of `with`.
+pub fn sum_of(samples: &std::collections::HashMap<String, f64>, name: &str, with: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            let labels = match series.strip_prefix(name) {
+                Some("") => "",
+                Some(rest) if rest.starts_with('{') => rest,
+                _ => return false,
+            };
+            with.iter().all(|pair| labels.contains(pair))
+        })
+        .map(|(_, value)| value)
+        .sum()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# HELP a_total A.\n# TYPE a_total counter\na_total 3\n\
+        lat_count{code=\"200\",method=\"GET\"} 5\nlat_count{code=\"200\",method=\"POST\"} 2\n\
+        lat_count{code=\"502\",method=\"GET\"} 1\nlat_count_other 7\n";
+
+    #[test]
+    fn samples_are_summed_by_name_and_labels() {
+        let s = samples(TEXT).unwrap();
+        assert_eq!(s.len(), 5);
+        assert_eq!(sum_of(&s, "a_total", &[]), 3.0);
+        assert_eq!(sum_of(&s, "lat_count", &[]), 8.0);
+        assert_eq!(sum_of(&s, "lat_count", &["code=\"200\""]), 7.0);
+        assert_eq!(
+            sum_of(&s, "lat_count", &["code=\"200\"", "method=\"GET\""]),
+            5.0
+        );
+        assert_eq!(sum_of(&s, "missing", &[]), 0.0);
+    }
+
+    #[test]
+    fn a_broken_sample_is_an_error() {
+        assert!(samples("a_total\n").is_err());
+        assert!(samples("a_total x\n").is_err());
+    }
+}

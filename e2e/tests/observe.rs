@@ -58,15 +58,7 @@ async fn get_text(http: &HttpClient, url: String) -> String {
 
 /// `/metrics` as a map from each sample's name and labels, as written, to its value.
 async fn scrape(http: &HttpClient, admin: SocketAddr) -> HashMap<String, f64> {
-    get_text(http, format!("http://{admin}/metrics"))
-        .await
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            (series.to_owned(), value.parse().unwrap())
-        })
-        .collect()
+    kanali_e2e::check::samples(&get_text(http, format!("http://{admin}/metrics")).await).unwrap()
 }
 
 fn latency_count(code: u16, method: &str) -> String {

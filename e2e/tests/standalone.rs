@@ -264,13 +264,7 @@ async fn both_proxies_serve_endpoints_mocks_and_errors() {
 /// The controller's `/metrics`, by sample (name and labels as written).
 async fn controller_metrics(addr: SocketAddr) -> std::collections::HashMap<String, f64> {
     let text = String::from_utf8(get_admin(addr, "/metrics").await.to_vec()).unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            (series.to_owned(), value.parse().unwrap())
-        })
-        .collect()
+    kanali_e2e::check::samples(&text).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

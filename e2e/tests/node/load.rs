@@ -200,3 +200,44 @@ async fn one(target: SocketAddr, path: &str) -> Outcome {
         Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}")),
     }
 }
+
+/// GET `path` from `target` on a new connection: the body of a 200, as text.
+pub async fn get_text(target: SocketAddr, path: &str) -> Result<String, String> {
+    let exchange = async {
+        let stream = TcpStream::connect(target)
+            .await
+            .map_err(|e| format!("connect {target}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", target.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if status == 200 {
+            Ok(text)
+        } else {
+            Err(format!("{target}{path}: status {status}: {text}"))
+        }
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{target}{path}: no answer within {REQUEST_TIMEOUT:?}"
+            ))
+        })
+}

@@ -20,15 +20,18 @@ mod cluster;
 mod install;
 mod load;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use cluster::{
     CONTROLLERS, NS, PROXIES, condition_messages, kubeconfig, kubectl, lease_holder, names, pods,
-    settled, wait_for,
+    serving, settled, wait_for,
 };
+use kanali_e2e::check::{samples, sum_of};
 use kanali_e2e::kubectl::Kubectl;
 use load::{Figures, Load};
+use serde_json::Value;
 use tokio::time::Instant;
 
 /// Limit for a rollout or replacement to finish (debug binaries on 2 busy cores).
@@ -58,9 +61,14 @@ async fn kanali_runs_as_pods_and_loses_no_request_when_pods_come_and_go() {
     let gateway = install::examples(&k).await;
     eprintln!("== examples answer through {gateway} at {:?}", t0.elapsed());
 
-    scale_to_four(&k, gateway).await;
+    let spread = scale_to_four(&k, gateway).await;
     eprintln!(
         "== 4 proxies, all counted and all serving at {:?}",
+        t0.elapsed()
+    );
+    metrics_where_annotated(&k, &spread).await;
+    eprintln!(
+        "== every pod's /metrics answers where its annotations say, at {:?}",
         t0.elapsed()
     );
 
@@ -115,8 +123,9 @@ async fn kanali_runs_as_pods_and_loses_no_request_when_pods_come_and_go() {
 }
 
 /// `kubectl scale` to four proxies: all four connected and counted by every ApiProxy's
-/// `Programmed`, and traffic through the ClusterIP reaches each of them.
-async fn scale_to_four(k: &Kubectl, gateway: SocketAddr) {
+/// `Programmed`, and traffic through the ClusterIP reaches each of them. Returns the load run
+/// that showed it.
+async fn scale_to_four(k: &Kubectl, gateway: SocketAddr) -> Figures {
     kubectl(
         k,
         &["scale", "deploy/kanali-proxy", "-n", NS, "--replicas=4"],
@@ -159,7 +168,7 @@ async fn scale_to_four(k: &Kubectl, gateway: SocketAddr) {
                 .collect();
             if figures.failed == 0 && missing.is_empty() {
                 eprintln!("spread over the 4 proxies: {:?}", figures.by_proxy);
-                Ok(())
+                Ok(figures)
             } else {
                 Err(format!(
                     "by proxy {:?}, none for {missing:?}, errors {:?}",
@@ -168,7 +177,79 @@ async fn scale_to_four(k: &Kubectl, gateway: SocketAddr) {
             }
         },
     )
-    .await;
+    .await
+}
+
+/// Scrapes every proxy and controller pod where its `prometheus.io/*` annotations point, as
+/// Prometheus's pod discovery would: a wrong port or path there loses the metrics silently.
+/// Each proxy counted at least the 200s the spread run got from it, and exactly one
+/// controller, the Lease holder, reports itself leader.
+async fn metrics_where_annotated(k: &Kubectl, spread: &Figures) {
+    let holder = wait_for("the Lease has a holder", ROLLOUT, || lease_holder(k)).await;
+    let mut leaders = Vec::new();
+    for selector in [PROXIES, CONTROLLERS] {
+        for pod in pods(k, NS, selector).await.iter().filter(|p| serving(p)) {
+            let name = pod["metadata"]["name"].as_str().unwrap_or("?");
+            let ip = pod["status"]["podIP"].as_str().unwrap_or_default();
+            let samples = wait_for(
+                &format!("{name}: /metrics where its annotations say"),
+                Duration::from_secs(30),
+                || scrape_annotated(pod),
+            )
+            .await;
+            if selector == PROXIES {
+                let counted = sum_of(
+                    &samples,
+                    "kanali_http_request_latency_milliseconds_count",
+                    &["code=\"200\""],
+                );
+                let served = spread.by_proxy.get(ip).copied().unwrap_or(0);
+                assert!(
+                    counted >= served as f64,
+                    "{name} counted {counted} requests answered 200, the spread run got {served} from it"
+                );
+                eprintln!(
+                    "{name}: {counted} requests answered 200 counted (the spread run: {served})"
+                );
+            } else if sum_of(&samples, "kanali_controller_leader", &[]) == 1.0 {
+                leaders.push(name.to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        leaders,
+        [holder],
+        "controllers reporting kanali_controller_leader 1"
+    );
+}
+
+/// GET `prometheus.io/path` on `prometheus.io/port` at the pod's IP, parsed.
+async fn scrape_annotated(pod: &Value) -> Result<HashMap<String, f64>, String> {
+    let annotations = &pod["metadata"]["annotations"];
+    if annotations["prometheus.io/scrape"] != "true" {
+        return Err(format!(
+            "prometheus.io/scrape is {}",
+            annotations["prometheus.io/scrape"]
+        ));
+    }
+    let port: u16 = annotations["prometheus.io/port"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "prometheus.io/port is {}",
+                annotations["prometheus.io/port"]
+            )
+        })?;
+    let path = annotations["prometheus.io/path"]
+        .as_str()
+        .unwrap_or("/metrics");
+    let ip: std::net::IpAddr = pod["status"]["podIP"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .ok_or("no pod IP")?;
+    let text = load::get_text(SocketAddr::new(ip, port), path).await?;
+    samples(&text)
 }
 
 /// Runs `event` under steady load (2 s of load before and after it) and returns its figures.
