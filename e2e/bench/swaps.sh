@@ -12,7 +12,8 @@
 # the load side too; `control` shows how much, and swaps vs control is what applying costs the
 # proxy. Goal: no failed or reset request, and p99 within 1.1x of the run without swaps.
 # Usage: e2e/bench/swaps.sh   (env: SWAPS=100 INTERVAL_MS=50 EXTRA=1000 PER_FILE=500
-#        DURATION=8s CONNS=64 ROUNDS=3 PROXY_CPU=0 LOAD_CPU=1)
+#        DURATION=8s CONNS=64 ROUNDS=3 PROXY_CPU=0 LOAD_CPU=1; MOVE=0 keeps /api/ on one
+#        upstream, so that only the other routes change: the applies' cost without the move)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH_DIR=${BENCH_DIR:-$root/../shared/bench}
@@ -57,7 +58,8 @@ def extra_file(k, changed=None, step=0):  # PER_FILE documents a file (the contr
         route(f"r{i}", f"/r{i}-{step}" if i == changed else f"/r{i}", 18080)
         for i in range(k * per, min(extra, (k + 1) * per))))
 def write(step):
-    put("api.yaml", route("api", "/api", 18080 if step % 2 == 0 else 18090))
+    moves = os.environ.get("MOVE", "1") != "0"
+    put("api.yaml", route("api", "/api", 18080 if step % 2 == 0 or not moves else 18090))
     changed = step % extra
     extra_file(changed // per, changed, step)
 if sys.argv[3] == "once":
