@@ -187,8 +187,14 @@ async fn scale_to_four(k: &Kubectl, gateway: SocketAddr) -> Figures {
 async fn metrics_where_annotated(k: &Kubectl, spread: &Figures) {
     let holder = wait_for("the Lease has a holder", ROLLOUT, || lease_holder(k)).await;
     let mut leaders = Vec::new();
-    for selector in [PROXIES, CONTROLLERS] {
-        for pod in pods(k, NS, selector).await.iter().filter(|p| serving(p)) {
+    for (selector, n) in [(PROXIES, 4), (CONTROLLERS, 2)] {
+        let ready: Vec<Value> = pods(k, NS, selector)
+            .await
+            .into_iter()
+            .filter(serving)
+            .collect();
+        assert_eq!(ready.len(), n, "{selector}: {:?}", names(&ready));
+        for pod in &ready {
             let name = pod["metadata"]["name"].as_str().unwrap_or("?");
             let ip = pod["status"]["podIP"].as_str().unwrap_or_default();
             let samples = wait_for(
