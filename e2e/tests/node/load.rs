@@ -157,45 +157,15 @@ fn fail(figures: &mut Figures, error: String) {
 /// One request on a new connection: its latency and the proxy that forwarded it.
 async fn one(target: SocketAddr, path: &str) -> Outcome {
     let start = Instant::now();
-    let exchange = async {
-        let stream = TcpStream::connect(target)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header("host", "gateway.e2e")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        let status = resp.status();
-        let proxy = resp
-            .headers()
-            .get("x-echo-peer")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|peer| peer.rsplit_once(':'))
-            .map(|(ip, _)| ip.to_owned());
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
-        if status != 200 {
-            return Err(format!(
-                "status {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            ));
+    match tokio::time::timeout(REQUEST_TIMEOUT, get(target, path, "gateway.e2e")).await {
+        Ok(Ok((headers, _))) => {
+            let proxy = headers
+                .get("x-echo-peer")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|peer| peer.rsplit_once(':'))
+                .map(|(ip, _)| ip.to_owned());
+            Ok((start.elapsed(), proxy))
         }
-        Ok(proxy)
-    };
-    match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-        Ok(Ok(proxy)) => Ok((start.elapsed(), proxy)),
         Ok(Err(e)) => Err(format!("after {:?}: {e}", start.elapsed())),
         Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}")),
     }
@@ -203,41 +173,49 @@ async fn one(target: SocketAddr, path: &str) -> Outcome {
 
 /// GET `path` from `target` on a new connection: the body of a 200, as text.
 pub async fn get_text(target: SocketAddr, path: &str) -> Result<String, String> {
-    let exchange = async {
-        let stream = TcpStream::connect(target)
-            .await
-            .map_err(|e| format!("connect {target}: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header("host", target.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
-        let text = String::from_utf8_lossy(&body).into_owned();
-        if status == 200 {
-            Ok(text)
-        } else {
-            Err(format!("{target}{path}: status {status}: {text}"))
-        }
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    match tokio::time::timeout(REQUEST_TIMEOUT, get(target, path, &target.to_string())).await {
+        Ok(Ok((_, body))) => Ok(String::from_utf8_lossy(&body).into_owned()),
+        Ok(Err(e)) => Err(format!("{target}{path}: {e}")),
+        Err(_) => Err(format!(
+            "{target}{path}: no answer within {REQUEST_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// GET `path` with `host` from `target` on a new connection: the headers and body of a 200;
+/// any other status is an error that quotes the start of the body.
+async fn get(
+    target: SocketAddr,
+    path: &str,
+    host: &str,
+) -> Result<(http::HeaderMap, Bytes), String> {
+    let stream = TcpStream::connect(target)
         .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "{target}{path}: no answer within {REQUEST_TIMEOUT:?}"
-            ))
-        })
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    if parts.status != 200 {
+        return Err(format!(
+            "status {}: {}",
+            parts.status,
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ));
+    }
+    Ok((parts.headers, body))
 }
