@@ -20,7 +20,7 @@ use kanali_controller::keys::KeySource;
 use kanali_controller::{Controller, StandaloneConfig};
 use kanali_dataplane::filter::rate_limit::{RateLimitConfig, RedisConfig};
 use kanali_dataplane::{ProxyConfig, RunningProxy};
-use kanali_e2e::check::{Answer, eventually};
+use kanali_e2e::check::{Answer, eventually, samples};
 use kanali_e2e::setup;
 use kanali_e2e::{Echo, start_echo};
 
@@ -539,11 +539,11 @@ impl Env {
                 .await
                 .body;
             let text = String::from_utf8(text.to_vec()).unwrap();
-            let value = text
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            let value = *samples(&text)
+                .unwrap()
+                .get(name)
                 .unwrap_or_else(|| panic!("no {name} in\n{text}"));
-            values.push(value.parse().unwrap());
+            values.push(value as u64);
         }
         values
     }

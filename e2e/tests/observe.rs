@@ -200,7 +200,6 @@ async fn requests_are_counted_by_method_and_status_and_prometheus_reads_them() {
     let now = scrape(&http, admin).await;
     assert_eq!(now["kanali_errors_total{code=\"00\"}"], 2.0, "{now:?}");
     assert_eq!(now["kanali_errors_total{code=\"14\"}"], 0.0, "{now:?}");
-    let now = scrape(&http, admin).await;
     let bucket = |le: &str| {
         now[&format!(
             "kanali_http_request_latency_milliseconds_bucket{{code=\"200\",method=\"GET\",le=\"{le}\"}}"

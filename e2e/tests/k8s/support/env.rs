@@ -381,12 +381,10 @@ impl Env {
     /// An unlabelled sample of controller `i`'s `/metrics`.
     pub async fn controller_metric(&self, i: usize, name: &str) -> Result<f64, String> {
         let a = http_get(&self.http, self.controllers[i].admin, "/metrics").await?;
-        let text = String::from_utf8_lossy(&a.body).into_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .ok_or_else(|| format!("no {name} in /metrics"))?
-            .parse()
-            .map_err(|e| format!("{name}: {e}"))
+        kanali_e2e::check::samples(&String::from_utf8_lossy(&a.body))?
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("no {name} in /metrics"))
     }
 
     async fn proxy_connected(&self, controller: usize, id: &str) -> Result<bool, String> {
