@@ -109,14 +109,26 @@ impl<T> Children<T> {
 #[derive(Debug)]
 struct BuildNode<T> {
     routes: Routes<T>,
-    children: HashMap<Box<str>, BuildNode<T>>,
+    children: HashMap<Box<str>, BuildNode<T>, SegmentHash>,
 }
 
 impl<T> BuildNode<T> {
     fn new() -> Self {
         BuildNode {
             routes: Routes::new(),
-            children: HashMap::new(),
+            children: HashMap::default(),
+        }
+    }
+
+    /// The child for `segment`, added if missing. Routes share their first segments, so most
+    /// calls find it: the key is allocated only when it is new.
+    fn child(&mut self, segment: &str) -> &mut BuildNode<T> {
+        if !self.children.contains_key(segment) {
+            self.children.insert(Box::from(segment), BuildNode::new());
+        }
+        match self.children.get_mut(segment) {
+            Some(child) => child,
+            None => unreachable!("inserted above"),
         }
     }
 
@@ -161,10 +173,7 @@ impl<T> RouterBuilder<T> {
     ) -> Result<(), RouterError> {
         let mut node = &mut self.root;
         for segment in segments(path) {
-            node = node
-                .children
-                .entry(Box::from(segment))
-                .or_insert_with(BuildNode::new);
+            node = node.child(segment);
         }
         let routes = &mut node.routes;
         let taken = match virtual_host {
