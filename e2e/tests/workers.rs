@@ -47,8 +47,12 @@ async fn start(workers: usize) -> Env {
     // Pools as the proxy's own registry makes them: one idle queue per worker.
     let upstreams = Upstreams::for_workers(Default::default(), workers).unwrap();
     let routes = vec![route("/api", endpoint("http", &echo.addr.to_string(), ""))];
-    let table =
-        RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
+    let table = RouteTable::apply(
+        &(&snapshot("v1", routes, vec![], vec![])).into(),
+        &upstreams,
+        None,
+    )
+    .unwrap();
     proxy.tables.store(Some(Arc::new(table)));
     Env {
         proxy,
@@ -107,8 +111,12 @@ async fn each_worker_multiplexes_over_an_http2_connection_of_its_own() {
         endpoint("https", &h2.addr.to_string(), "shop/ca#1"),
     )];
     let materials = vec![material("shop/ca#1", Some(&ca), None)];
-    let table =
-        RouteTable::apply(&snapshot("v2", routes, materials, vec![]), &upstreams, None).unwrap();
+    let table = RouteTable::apply(
+        &(&snapshot("v2", routes, materials, vec![])).into(),
+        &upstreams,
+        None,
+    )
+    .unwrap();
     env.proxy.tables.store(Some(Arc::new(table)));
     for i in 0..32 {
         let answer = get(env.proxy.addr, format!("/h2/{i}"), "").await;

@@ -3,11 +3,13 @@
 //! The controller serves `SnapshotService`; every proxy opens one `Stream`, sends `Subscribe`,
 //! then receives full snapshots and answers each with `Ack` or `Nack`. The `.proto` file is the
 //! contract: `proto/kanali/snapshot/v1/snapshot.proto`. [`certs`] reads certificates the same
-//! way on both sides of the stream.
+//! way on both sides of the stream. Proxies read the stream through [`view`], which leaves each
+//! route encoded until it is known to be new.
 
 pub mod certs;
 pub mod exposition;
 pub mod version;
+pub mod view;
 
 /// `kanali.snapshot.v1`: snapshot messages and the `SnapshotService` client and server.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

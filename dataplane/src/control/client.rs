@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use kanali_proto::v1 as pb;
-use kanali_proto::v1::snapshot_service_client::SnapshotServiceClient;
+use kanali_proto::view;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -194,8 +194,9 @@ async fn subscribe(
         endpoint = endpoint.tls_config(tls)?;
     }
     let channel = endpoint.connect().await?;
-    let mut client =
-        SnapshotServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    // The generated client, but reading each route as it came (`kanali_proto::view`): an
+    // update decodes only the routes that changed.
+    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(256 * 1024 * 1024);
 
     let (tx, rx) = mpsc::channel(4);
     // What this proxy holds, so the controller (any replica: versions are content hashes)
@@ -229,7 +230,9 @@ async fn subscribe(
         }
     };
     send(pb::proxy_message::Message::Subscribe(subscribe)).await?;
-    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound = view::stream(&mut client, ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     tracing::info!(controller = %url, "subscribed to controller");
 
     let mut pending = Pending::default();
@@ -264,12 +267,6 @@ async fn subscribe(
         };
         *received = true;
         let update = std::mem::take(&mut pending);
-        // Module files are loaded and plugins started off the runtime's threads; the slots
-        // stay alive until the new table holds them.
-        let _staged = match &update.snapshot {
-            Some(snapshot) => ctx.plugins.prepare(snapshot).await,
-            None => Vec::new(),
-        };
         // Building a table of thousands of routes takes milliseconds; on a worker thread that
         // would stall every request it serves. A blocking thread builds it; the swap is atomic.
         let (answer, in_sync) = {
@@ -291,14 +288,14 @@ async fn subscribe(
 #[derive(Debug, Default)]
 pub struct Pending {
     /// The routing snapshot, if it changed.
-    pub snapshot: Option<pb::Snapshot>,
+    pub snapshot: Option<view::Snapshot>,
     /// The credential shards that changed.
     pub shards: Vec<pb::CredentialShard>,
 }
 
 impl Pending {
     /// Adds a message; returns its commit when it completes an update.
-    pub fn add(&mut self, msg: pb::ControllerMessage) -> Option<pb::Commit> {
+    pub fn add(&mut self, msg: view::ControllerMessage) -> Option<pb::Commit> {
         if msg.snapshot.is_some() {
             self.snapshot = msg.snapshot;
         }
@@ -347,6 +344,7 @@ pub fn apply(
             router: current.router.clone(),
             credentials: current.credentials.clone(),
             plugins: current.plugins.clone(),
+            built: current.built.clone(),
         }),
         (None, None) => {
             return (
@@ -511,7 +509,7 @@ mod tests {
         let empty = Credentials::default();
         let c1 = commit("v1", &empty);
         let update = Pending {
-            snapshot: Some(good),
+            snapshot: Some((&good).into()),
             shards: Vec::new(),
         };
         assert!(matches!(
@@ -525,7 +523,7 @@ mod tests {
         };
         let c2 = commit("v2", &empty);
         let update = Pending {
-            snapshot: Some(bad),
+            snapshot: Some((&bad).into()),
             shards: Vec::new(),
         };
         match apply(update, &c2, &ctx) {
@@ -549,7 +547,7 @@ mod tests {
         let empty = Credentials::default();
         let first = apply(
             Pending {
-                snapshot: Some(snapshot),
+                snapshot: Some((&snapshot).into()),
                 shards: Vec::new(),
             },
             &commit("v1", &empty),

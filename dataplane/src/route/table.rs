@@ -3,11 +3,19 @@
 //!
 //! A snapshot whose `routes_version` equals the served table's changed only endpoints: the
 //! table keeps its router (the same `Arc`) and only the Service backends' address sets move.
+//! Otherwise the router is built again, but a route whose snapshot entry is unchanged keeps
+//! what was built for it: a one-route edit among thousands resolves one upstream, not all.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+
 use kanali_proto::v1 as pb;
+use kanali_proto::view;
+use prost::Message as _;
 
 use crate::errors::ErrorCode;
 use crate::filter::Filter;
@@ -73,12 +81,82 @@ pub struct RouteTable {
     /// The snapshot's `routes_version`: while it stays the same, so does `router`.
     pub routes_version: String,
     /// Routes by path and host; shared with the previous table when only endpoints changed.
-    pub router: Arc<Router<Route>>,
+    pub router: Arc<Router<Arc<Route>>>,
     /// The API key credentials; shared with the previous table when only routes changed.
     pub credentials: Arc<Credentials>,
     /// The Wasm plugins the routes run, by route: what the proxy reports when they do not
     /// load.
     pub plugins: Arc<[WasmUse]>,
+    /// What the router's routes were built from, for the next snapshot to reuse.
+    pub(crate) built: Arc<Built>,
+}
+
+/// The routes of a table by the snapshot entry each was built from, and what else their build
+/// read: the next snapshot reuses a route whose entry comes again byte for byte, as long as the
+/// rest stays the same too.
+#[derive(Debug, Default)]
+pub(crate) struct Built {
+    routes: HashSet<ByEntry, SegmentHash>,
+    /// The TLS material ids the routes could name, in snapshot order. An id names its content
+    /// (the controller puts a content hash in it, and [`Upstreams::tls_set`] caches by it).
+    tls: Box<[String]>,
+    /// The Service ports the routes could name, in snapshot order; their addresses are not
+    /// part of a route (the backends are refreshed in place).
+    services: Box<[(String, String, u32)]>,
+}
+
+/// The hasher of the encoded routes: they come from the controller, not from requests.
+type SegmentHash = foldhash::fast::RandomState;
+
+/// A route with what the router and the Ack need besides it, and the encoded snapshot entry
+/// it was built from.
+#[derive(Debug)]
+struct BuiltRoute {
+    /// A copy, not a slice of the message: a slice would keep the whole message it came in
+    /// alive for as long as this route lives.
+    entry: Box<[u8]>,
+    source: Option<pb::ResourceRef>,
+    virtual_host: Box<str>,
+    route: Arc<Route>,
+}
+
+/// A [`BuiltRoute`] found by its encoded entry.
+#[derive(Debug, Clone)]
+struct ByEntry(Arc<BuiltRoute>);
+
+impl Borrow<[u8]> for ByEntry {
+    fn borrow(&self) -> &[u8] {
+        &self.0.entry
+    }
+}
+
+impl Hash for ByEntry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.entry.hash(state);
+    }
+}
+
+impl PartialEq for ByEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.entry == other.0.entry
+    }
+}
+
+impl Eq for ByEntry {}
+
+impl Built {
+    /// Whether a route built against this table's context builds the same in `snapshot`'s.
+    fn same_context(&self, snapshot: &view::Snapshot) -> bool {
+        self.tls.iter().eq(snapshot.tls.iter().map(|t| &t.id))
+            && self.services.len() == snapshot.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&snapshot.services)
+                .all(|((namespace, name, port), s)| {
+                    *namespace == s.namespace && *name == s.name && *port == s.port
+                })
+    }
 }
 
 /// A part of a snapshot this proxy cannot apply.
@@ -95,7 +173,7 @@ impl RouteTable {
     /// (same non-empty `routes_version`), the current router with the new addresses; otherwise
     /// a new build. On error nothing changes (the proxy NACKs and keeps serving `current`).
     pub fn apply(
-        snapshot: &pb::Snapshot,
+        snapshot: &view::Snapshot,
         upstreams: &Upstreams,
         current: Option<&RouteTable>,
     ) -> Result<RouteTable, Vec<ApplyError>> {
@@ -105,7 +183,7 @@ impl RouteTable {
     /// [`RouteTable::apply`] with a plugin runtime for the routes' Wasm plugins (without
     /// one, they answer error 03).
     pub fn apply_with_plugins(
-        snapshot: &pb::Snapshot,
+        snapshot: &view::Snapshot,
         upstreams: &Upstreams,
         plugins: Option<&Plugins>,
         current: Option<&RouteTable>,
@@ -124,10 +202,14 @@ impl RouteTable {
                 router: current.router.clone(),
                 credentials: current.credentials.clone(),
                 plugins: current.plugins.clone(),
+                built: current.built.clone(),
             });
         }
         let tls = upstreams.tls_set(&snapshot.tls);
-        let table = Self::build_with(snapshot, upstreams, plugins, &tls)?;
+        let reuse = current
+            .map(|c| &*c.built)
+            .filter(|b| b.same_context(snapshot));
+        let table = Self::build_with(snapshot, upstreams, plugins, &tls, reuse)?;
         upstreams.keep_tls(&tls);
         // Backends the new table shares with the old one still hold the old addresses.
         upstreams.refresh_services(&snapshot.services);
@@ -137,10 +219,16 @@ impl RouteTable {
 
     /// Builds a table from scratch, or every reason it cannot be built.
     pub fn build(
-        snapshot: &pb::Snapshot,
+        snapshot: &view::Snapshot,
         upstreams: &Upstreams,
     ) -> Result<RouteTable, Vec<ApplyError>> {
-        Self::build_with(snapshot, upstreams, None, &upstreams.tls_set(&snapshot.tls))
+        Self::build_with(
+            snapshot,
+            upstreams,
+            None,
+            &upstreams.tls_set(&snapshot.tls),
+            None,
+        )
     }
 
     /// What the proxy reports about this table besides applying it: its plugins that do
@@ -149,72 +237,88 @@ impl RouteTable {
         crate::filter::wasm::problems(&self.plugins)
     }
 
+    /// Builds a table, taking from `reuse` the routes whose snapshot entry did not change.
+    // A route's pools and backends change inside, but its key is only its entry's bytes.
+    #[allow(clippy::mutable_key_type)]
     fn build_with(
-        snapshot: &pb::Snapshot,
+        snapshot: &view::Snapshot,
         upstreams: &Upstreams,
         plugins: Option<&Plugins>,
         tls: &TlsSet,
+        reuse: Option<&Built>,
     ) -> Result<RouteTable, Vec<ApplyError>> {
-        let mut builder = RouterBuilder::new();
         let mut errors = Vec::new();
-        let mut uses = Vec::new();
+        // First what is new, decoded, so that the modules its plugins name load in one go.
+        let staged: Vec<Staged> = snapshot
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, entry)| {
+                if let Some(same) = reuse.and_then(|b| b.routes.get(&entry[..])) {
+                    return Some(Staged::Same(same.0.clone()));
+                }
+                match pb::Route::decode(&entry[..]) {
+                    Ok(route) => Some(Staged::New(&entry[..], Box::new(route))),
+                    Err(e) => {
+                        errors.push(ApplyError {
+                            resource: None,
+                            message: format!("route {i} of the snapshot does not decode: {e}"),
+                        });
+                        None
+                    }
+                }
+            })
+            .collect();
+        let _loaded = plugins.map(|p| {
+            p.prepare(staged.iter().flat_map(|s| match s {
+                Staged::New(_, route) => &route.plugins[..],
+                Staged::Same(_) => &[],
+            }))
+        });
         let build = Build {
             snapshot,
             upstreams,
             plugins,
             tls,
         };
-        for route in &snapshot.routes {
-            let fail = |message: String| ApplyError {
-                resource: route.source.clone(),
-                message,
+        let mut builder = RouterBuilder::new();
+        let mut uses = Vec::new();
+        let mut built = HashSet::with_capacity_and_hasher(staged.len(), SegmentHash::default());
+        for staged in staged {
+            let entry = match staged {
+                Staged::Same(same) => same,
+                Staged::New(entry, route) => match build.route(&route) {
+                    Ok(value) => Arc::new(BuiltRoute {
+                        entry: Box::from(entry),
+                        source: route.source.clone(),
+                        virtual_host: route.virtual_host.as_str().into(),
+                        route: Arc::new(value),
+                    }),
+                    Err(message) => {
+                        errors.push(ApplyError {
+                            resource: route.source,
+                            message,
+                        });
+                        continue;
+                    }
+                },
             };
-            let action = match build.action(route) {
-                Ok(a) => a,
-                Err(message) => {
-                    errors.push(fail(message));
-                    continue;
-                }
-            };
-            let filters = match build.filters(route) {
-                Ok(f) => f,
-                Err(message) => {
-                    errors.push(fail(message));
-                    continue;
-                }
-            };
-            let source = route
-                .source
-                .as_ref()
-                .map(|s| Source {
-                    kind: s.kind.clone(),
-                    namespace: s.namespace.clone(),
-                    name: s.name.clone(),
-                })
-                .unwrap_or_else(|| Source {
-                    kind: String::new(),
-                    namespace: String::new(),
-                    name: String::new(),
-                });
-            uses.extend(filters.iter().filter_map(|f| match f {
+            uses.extend(entry.route.filters.iter().filter_map(|f| match f {
                 Filter::Wasm(w) => Some(WasmUse {
-                    source: route.source.clone(),
+                    source: entry.source.clone(),
                     slot: w.slot.clone(),
                 }),
                 Filter::ApiKey(_) => None,
             }));
-            let host = Some(route.virtual_host.as_str()).filter(|h| !h.is_empty());
-            let value = Route {
-                source,
-                path: route.path.clone().into_boxed_str(),
-                target_path: route.target_path.clone().into_boxed_str(),
-                action,
-                timeout: (route.timeout_ms > 0).then(|| Duration::from_millis(route.timeout_ms)),
-                filters,
-            };
-            if let Err(e) = builder.insert(&route.path, host, value) {
-                errors.push(fail(e.to_string()));
+            let host = Some(&*entry.virtual_host).filter(|h| !h.is_empty());
+            if let Err(e) = builder.insert(&entry.route.path, host, entry.route.clone()) {
+                errors.push(ApplyError {
+                    resource: entry.source.clone(),
+                    message: e.to_string(),
+                });
+                continue;
             }
+            built.insert(ByEntry(entry));
         }
         if errors.is_empty() {
             Ok(RouteTable {
@@ -224,6 +328,15 @@ impl RouteTable {
                 router: Arc::new(builder.build()),
                 credentials: Arc::default(),
                 plugins: uses.into(),
+                built: Arc::new(Built {
+                    routes: built,
+                    tls: snapshot.tls.iter().map(|t| t.id.clone()).collect(),
+                    services: snapshot
+                        .services
+                        .iter()
+                        .map(|s| (s.namespace.clone(), s.name.clone(), s.port))
+                        .collect(),
+                }),
             })
         } else {
             Err(errors)
@@ -231,9 +344,17 @@ impl RouteTable {
     }
 }
 
+/// A snapshot entry on its way into a table.
+enum Staged<'a> {
+    /// Equal to one the current table built.
+    Same(Arc<BuiltRoute>),
+    /// New or changed, decoded.
+    New(&'a [u8], Box<pb::Route>),
+}
+
 /// What one table build needs to turn a route's backend into an [`Action`].
 struct Build<'a> {
-    snapshot: &'a pb::Snapshot,
+    snapshot: &'a view::Snapshot,
     upstreams: &'a Upstreams,
     plugins: Option<&'a Plugins>,
     tls: &'a TlsSet,
@@ -248,6 +369,32 @@ fn is_https(scheme: &str) -> Result<bool, String> {
 }
 
 impl Build<'_> {
+    /// Builds one route from its snapshot entry.
+    fn route(&self, route: &pb::Route) -> Result<Route, String> {
+        let action = self.action(route)?;
+        let filters = self.filters(route)?;
+        let source = route.source.as_ref().map_or_else(
+            || Source {
+                kind: String::new(),
+                namespace: String::new(),
+                name: String::new(),
+            },
+            |s| Source {
+                kind: s.kind.clone(),
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+            },
+        );
+        Ok(Route {
+            source,
+            path: route.path.clone().into_boxed_str(),
+            target_path: route.target_path.clone().into_boxed_str(),
+            action,
+            timeout: (route.timeout_ms > 0).then(|| Duration::from_millis(route.timeout_ms)),
+            filters,
+        })
+    }
+
     fn filters(&self, route: &pb::Route) -> Result<Box<[Filter]>, String> {
         use pb::plugin::Kind;
         let namespace = route.source.as_ref().map_or("", |s| s.namespace.as_str());
@@ -430,6 +577,15 @@ mod tests {
         }
     }
 
+    /// [`RouteTable::apply`] as the proxy gets `snapshot` from the controller.
+    fn apply(
+        snapshot: &pb::Snapshot,
+        upstreams: &Upstreams,
+        current: Option<&RouteTable>,
+    ) -> Result<RouteTable, Vec<ApplyError>> {
+        RouteTable::apply(&snapshot.into(), upstreams, current)
+    }
+
     fn upstreams(mode: AddressMode) -> Upstreams {
         Upstreams::new(UpstreamConfig {
             mode,
@@ -456,14 +612,14 @@ mod tests {
     #[test]
     fn unchanged_routes_version_keeps_the_router_and_moves_the_addresses() {
         let up = upstreams(AddressMode::Endpoints);
-        let t1 = RouteTable::apply(&snapshot("v1", "r1", &["10.0.0.1:8080"]), &up, None).unwrap();
+        let t1 = apply(&snapshot("v1", "r1", &["10.0.0.1:8080"]), &up, None).unwrap();
         let b1 = backend(&t1, "/orders");
         assert_eq!(dials(&b1), ["10.0.0.1:8080"]);
         assert_eq!(b1.authority().as_str(), "orders.shop.svc.cluster.local:80");
         let kept = b1.addresses()[0].clone();
 
         let s2 = snapshot("v2", "r1", &["10.0.0.1:8080", "10.0.0.2:8080"]);
-        let t2 = RouteTable::apply(&s2, &up, Some(&t1)).unwrap();
+        let t2 = apply(&s2, &up, Some(&t1)).unwrap();
         assert!(Arc::ptr_eq(&t1.router, &t2.router));
         assert_eq!(t2.version, "v2");
         // The same backend object now balances over both, and the address that stayed kept
@@ -472,15 +628,14 @@ mod tests {
         assert!(Arc::ptr_eq(&kept, &b1.addresses()[0]));
 
         // New routes: a new router, but the backend and its pools carry over.
-        let t3 =
-            RouteTable::apply(&snapshot("v3", "r2", &["10.0.0.2:8080"]), &up, Some(&t2)).unwrap();
+        let t3 = apply(&snapshot("v3", "r2", &["10.0.0.2:8080"]), &up, Some(&t2)).unwrap();
         assert!(!Arc::ptr_eq(&t2.router, &t3.router));
         assert!(Arc::ptr_eq(&b1, &backend(&t3, "/orders")));
         assert_eq!(dials(&b1), ["10.0.0.2:8080"]);
 
         // No routes_version (an older controller): always a full build.
-        let t4 = RouteTable::apply(&snapshot("v4", "", &[]), &up, Some(&t3)).unwrap();
-        let t5 = RouteTable::apply(&snapshot("v5", "", &[]), &up, Some(&t4)).unwrap();
+        let t4 = apply(&snapshot("v4", "", &[]), &up, Some(&t3)).unwrap();
+        let t5 = apply(&snapshot("v5", "", &[]), &up, Some(&t4)).unwrap();
         assert!(!Arc::ptr_eq(&t4.router, &t5.router));
         assert!(dials(&b1).is_empty());
     }
@@ -488,14 +643,14 @@ mod tests {
     #[test]
     fn a_rejected_snapshot_leaves_the_addresses_alone() {
         let up = upstreams(AddressMode::Endpoints);
-        let t1 = RouteTable::apply(&snapshot("v1", "r1", &["10.0.0.1:8080"]), &up, None).unwrap();
+        let t1 = apply(&snapshot("v1", "r1", &["10.0.0.1:8080"]), &up, None).unwrap();
         let mut bad = snapshot("v2", "r2", &["10.0.0.9:8080"]);
         bad.routes.push(route(
             "broken",
             "/broken",
             Backend::Failure(pb::Failure { code: 99 }),
         ));
-        assert!(RouteTable::apply(&bad, &up, Some(&t1)).is_err());
+        assert!(apply(&bad, &up, Some(&t1)).is_err());
         assert_eq!(dials(&backend(&t1, "/orders")), ["10.0.0.1:8080"]);
     }
 
@@ -506,14 +661,14 @@ mod tests {
             "r1",
             &["10.0.0.1:8080", "[fd00::1]:8080", "not-an-address"],
         );
-        let t = RouteTable::apply(&s, &upstreams(AddressMode::Endpoints), None).unwrap();
+        let t = apply(&s, &upstreams(AddressMode::Endpoints), None).unwrap();
         assert_eq!(
             dials(&backend(&t, "/orders")),
             ["10.0.0.1:8080", "[fd00::1]:8080"]
         );
-        let t = RouteTable::apply(&s, &upstreams(AddressMode::ClusterIp), None).unwrap();
+        let t = apply(&s, &upstreams(AddressMode::ClusterIp), None).unwrap();
         assert_eq!(dials(&backend(&t, "/orders")), ["10.96.0.10:80"]);
-        let t = RouteTable::apply(&s, &upstreams(AddressMode::Dns), None).unwrap();
+        let t = apply(&s, &upstreams(AddressMode::Dns), None).unwrap();
         assert_eq!(
             dials(&backend(&t, "/orders")),
             ["orders.shop.svc.cluster.local:80"]
@@ -521,7 +676,7 @@ mod tests {
         // Headless: cluster-ip mode falls back to the endpoints.
         let mut headless = s.clone();
         headless.services[0].cluster_ip = String::new();
-        let t = RouteTable::apply(&headless, &upstreams(AddressMode::ClusterIp), None).unwrap();
+        let t = apply(&headless, &upstreams(AddressMode::ClusterIp), None).unwrap();
         assert_eq!(dials(&backend(&t, "/orders")).len(), 2);
         let domain = Upstreams::new(UpstreamConfig {
             mode: AddressMode::Dns,
@@ -529,7 +684,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let t = RouteTable::apply(&s, &domain, None).unwrap();
+        let t = apply(&s, &domain, None).unwrap();
         assert_eq!(
             dials(&backend(&t, "/orders")),
             ["orders.shop.svc.corp.example:80"]
@@ -590,7 +745,7 @@ mod tests {
             services: vec![endpoints("orders", "", &[])],
             routes_version: "r1".into(),
         };
-        let errors = RouteTable::apply(&s, &up, None).unwrap_err();
+        let errors = apply(&s, &up, None).unwrap_err();
         let names: Vec<_> = errors
             .iter()
             .map(|e| e.resource.as_ref().unwrap().name.as_str())
@@ -617,10 +772,10 @@ mod tests {
             Action::Proxy(Upstream::Host(p)) => p.clone(),
             other => panic!("{other:?}"),
         };
-        let t1 = RouteTable::apply(&mk("v1", "shop/tls#1"), &up, None).unwrap();
-        let t2 = RouteTable::apply(&mk("v2", "shop/tls#1"), &up, Some(&t1)).unwrap();
+        let t1 = apply(&mk("v1", "shop/tls#1"), &up, None).unwrap();
+        let t2 = apply(&mk("v2", "shop/tls#1"), &up, Some(&t1)).unwrap();
         assert!(Arc::ptr_eq(&pool(&t1), &pool(&t2)));
-        let t3 = RouteTable::apply(&mk("v3", "shop/tls#2"), &up, Some(&t2)).unwrap();
+        let t3 = apply(&mk("v3", "shop/tls#2"), &up, Some(&t2)).unwrap();
         assert!(!Arc::ptr_eq(&pool(&t2), &pool(&t3)));
         assert_eq!(&*pool(&t3).key().tls, "shop/tls#2");
         assert_eq!(&*pool(&t3).key().dial, "api.example:443");
@@ -631,7 +786,7 @@ mod tests {
         let up = upstreams(AddressMode::Endpoints);
         let mut s = snapshot("v1", "r1", &[]);
         s.services.clear();
-        let errors = RouteTable::apply(&s, &up, None).unwrap_err();
+        let errors = apply(&s, &up, None).unwrap_err();
         assert!(
             errors[0].message.contains("not in the snapshot"),
             "{errors:?}"
@@ -640,7 +795,7 @@ mod tests {
         if let Some(Backend::Service(t)) = &mut s.routes[0].backend {
             t.port = 70_000;
         }
-        assert!(RouteTable::apply(&s, &up, None).is_err());
+        assert!(apply(&s, &up, None).is_err());
     }
 
     #[test]
@@ -670,7 +825,7 @@ mod tests {
                 }],
             }),
         ));
-        let t = RouteTable::apply(&s, &up, None).unwrap();
+        let t = apply(&s, &up, None).unwrap();
         let orders = t.router.lookup(None, "/orders").unwrap();
         assert_eq!(orders.timeout, Some(Duration::from_millis(250)));
         let catalog = t.router.lookup(None, "/catalog").unwrap();
@@ -681,5 +836,110 @@ mod tests {
         // The candidate shares the static route's backend.
         let chosen = d.targets().next().unwrap();
         assert!(Arc::ptr_eq(chosen, &backend(&t, "/orders")));
+    }
+
+    /// Two Service routes and an endpoint route, as a controller would sort them.
+    fn three_routes(version: &str, orders_target: &str) -> pb::Snapshot {
+        let mut orders = route("orders", "/orders", service("orders", "http", ""));
+        orders.target_path = orders_target.into();
+        pb::Snapshot {
+            version: version.into(),
+            routes: vec![
+                route("catalog", "/catalog", service("catalog", "http", "")),
+                route(
+                    "edge",
+                    "/edge",
+                    Backend::Endpoint(pb::Endpoint {
+                        scheme: "http".into(),
+                        authority: "127.0.0.1:9".into(),
+                        tls: String::new(),
+                    }),
+                ),
+                orders,
+            ],
+            tls: vec![],
+            services: vec![
+                endpoints("catalog", "10.96.0.11", &["10.0.0.3:8080"]),
+                endpoints("orders", "10.96.0.10", &["10.0.0.1:8080"]),
+            ],
+            routes_version: format!("r-{version}"),
+        }
+    }
+
+    fn same_route(a: &RouteTable, b: &RouteTable, path: &str) -> bool {
+        Arc::ptr_eq(
+            a.router.lookup(None, path).unwrap(),
+            b.router.lookup(None, path).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_new_snapshot_reuses_the_routes_whose_entry_did_not_change() {
+        let up = upstreams(AddressMode::Endpoints);
+        let t1 = apply(&three_routes("v1", "/"), &up, None).unwrap();
+        let t2 = apply(&three_routes("v2", "/v2"), &up, Some(&t1)).unwrap();
+        assert!(!Arc::ptr_eq(&t1.router, &t2.router));
+        assert!(same_route(&t1, &t2, "/catalog"));
+        assert!(same_route(&t1, &t2, "/edge"));
+        assert!(!same_route(&t1, &t2, "/orders"));
+        assert_eq!(
+            &*t2.router.lookup(None, "/orders").unwrap().target_path,
+            "/v2"
+        );
+        // Rebuilt or not, a route to the same Service shares its backend.
+        assert!(Arc::ptr_eq(
+            &backend(&t1, "/orders"),
+            &backend(&t2, "/orders")
+        ));
+
+        // A removed route goes; an added one is built; the rest stay.
+        let mut s3 = three_routes("v3", "/v2");
+        s3.routes.remove(1);
+        s3.routes
+            .push(route("zz", "/zz", service("orders", "http", "")));
+        let t3 = apply(&s3, &up, Some(&t2)).unwrap();
+        assert!(t3.router.lookup(None, "/edge").is_none());
+        assert!(same_route(&t2, &t3, "/catalog"));
+        assert!(same_route(&t2, &t3, "/orders"));
+        assert_eq!(t3.router.len(), 3);
+
+        // The same route from a newer generation of its ApiProxy is built again.
+        let mut s4 = three_routes("v4", "/v2");
+        s4.routes[0].source.as_mut().unwrap().generation = 2;
+        let t4 = apply(&s4, &up, Some(&t3)).unwrap();
+        assert!(!same_route(&t3, &t4, "/catalog"));
+    }
+
+    #[test]
+    fn nothing_is_reused_when_what_routes_may_name_changed() {
+        let up = upstreams(AddressMode::Endpoints);
+        let t1 = apply(&three_routes("v1", "/"), &up, None).unwrap();
+
+        // Another Service port listed: a full build, which still serves the same.
+        let mut s2 = three_routes("v2", "/");
+        s2.services.push(endpoints("zz", "10.96.0.12", &[]));
+        let t2 = apply(&s2, &up, Some(&t1)).unwrap();
+        assert!(!same_route(&t1, &t2, "/catalog"));
+        assert!(Arc::ptr_eq(
+            &backend(&t1, "/catalog"),
+            &backend(&t2, "/catalog")
+        ));
+
+        // A Service a kept route names is gone from the list: the snapshot is rejected as a
+        // full build would reject it, not served from the routes built before.
+        let mut s3 = three_routes("v3", "/");
+        s3.services.remove(0);
+        let errors = apply(&s3, &up, Some(&t1)).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("catalog"), "{errors:?}");
+
+        // TLS material added: a full build too.
+        let mut s4 = three_routes("v4", "/");
+        s4.tls.push(pb::TlsMaterial {
+            id: "shop/ca#1".into(),
+            ..Default::default()
+        });
+        let t4 = apply(&s4, &up, Some(&t1)).unwrap();
+        assert!(!same_route(&t1, &t4, "/edge"));
     }
 }

@@ -76,8 +76,12 @@ pub fn detached_proxy_config(id: &str) -> kanali_dataplane::ProxyConfig {
 #[allow(dead_code)] // proxy_upstreams.rs serves through `Proxy::handle` instead
 pub fn install(proxy: &kanali_dataplane::RunningProxy, routes: Vec<pb::Route>) -> Upstreams {
     let upstreams = Upstreams::new(Default::default()).unwrap();
-    let table =
-        RouteTable::apply(&snapshot("v1", routes, vec![], vec![]), &upstreams, None).unwrap();
+    let table = RouteTable::apply(
+        &(&snapshot("v1", routes, vec![], vec![])).into(),
+        &upstreams,
+        None,
+    )
+    .unwrap();
     proxy.tables.store(Some(Arc::new(table)));
     upstreams
 }
@@ -123,7 +127,7 @@ impl Harness {
 
     pub fn apply(&self, snapshot: &pb::Snapshot) {
         let current = self.tables.load_full();
-        let table = RouteTable::apply(snapshot, &self.upstreams, current.as_deref())
+        let table = RouteTable::apply(&snapshot.into(), &self.upstreams, current.as_deref())
             .unwrap_or_else(|e| panic!("snapshot rejected: {e:?}"));
         self.tables.store(Some(Arc::new(table)));
     }

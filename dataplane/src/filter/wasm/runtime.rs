@@ -150,8 +150,7 @@ impl Plugins {
     }
 
     /// The slot for `plugin`: the one routes already share, or a new one. A new slot's file
-    /// is loaded and its VMs started now when [`Plugins::prepare`] did not already, so call
-    /// that first from async code.
+    /// is loaded and its VMs started now when [`Plugins::prepare`] did not already.
     pub fn slot(&self, plugin: &pb::WasmPlugin) -> Arc<Slot> {
         self.slot_in(&mut lock(&self.files), plugin)
     }
@@ -189,39 +188,32 @@ impl Plugins {
         slot
     }
 
-    /// Loads (off the async threads) the module files `snapshot` names and starts the slots
-    /// it needs, so building its routing table does no file I/O and runs no plugin code. The
-    /// slots are returned to keep them alive until the table holds them.
-    pub async fn prepare(self: &Arc<Self>, snapshot: &pb::Snapshot) -> Vec<Arc<Slot>> {
-        let plugins: Vec<pb::WasmPlugin> = snapshot
-            .routes
-            .iter()
-            .flat_map(|r| &r.plugins)
+    /// Loads the module files `plugins` name and starts the slots they need, so building a
+    /// routing table runs no plugin code per route. The slots are returned to keep them alive
+    /// until the table holds them. Blocks on file I/O and compiling: call it from a blocking
+    /// thread, as the snapshot's apply is.
+    pub fn prepare<'a>(&self, plugins: impl Iterator<Item = &'a pb::Plugin>) -> Vec<Arc<Slot>> {
+        let plugins: Vec<&pb::WasmPlugin> = plugins
             .filter_map(|p| match &p.kind {
-                Some(pb::plugin::Kind::Wasm(w)) => Some(w.clone()),
+                Some(pb::plugin::Kind::Wasm(w)) => Some(w),
                 _ => None,
             })
             .collect();
         if plugins.is_empty() {
             return Vec::new();
         }
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let files: BTreeSet<String> = plugins
-                .iter()
-                .filter_map(|p| file_name(&p.name, &p.version))
-                .collect();
-            // One hold of the lock for both: a directory poll in between would drop the
-            // entries no slot holds yet, and every module would compile twice.
-            let mut locked = lock(&this.files);
-            this.scan_in(&mut locked, &files);
-            plugins
-                .iter()
-                .map(|p| this.slot_in(&mut locked, p))
-                .collect()
-        })
-        .await
-        .unwrap_or_default()
+        let files: BTreeSet<String> = plugins
+            .iter()
+            .filter_map(|p| file_name(&p.name, &p.version))
+            .collect();
+        // One hold of the lock for both: a directory poll in between would drop the entries no
+        // slot holds yet, and every module would compile twice.
+        let mut locked = lock(&self.files);
+        self.scan_in(&mut locked, &files);
+        plugins
+            .iter()
+            .map(|p| self.slot_in(&mut locked, p))
+            .collect()
     }
 
     /// Polls the plugins directory until `shutdown` turns true: a file a route runs that
