@@ -171,7 +171,8 @@ pub struct ApplyError {
 impl RouteTable {
     /// The table for `snapshot`, given the one being served: when only endpoints changed
     /// (same non-empty `routes_version`), the current router with the new addresses; otherwise
-    /// a new build. On error nothing changes (the proxy NACKs and keeps serving `current`).
+    /// a new router, with the routes of `current` whose entries came again unchanged. On error
+    /// nothing changes (the proxy NACKs and keeps serving `current`).
     pub fn apply(
         snapshot: &view::Snapshot,
         upstreams: &Upstreams,
