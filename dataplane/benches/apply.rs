@@ -74,6 +74,10 @@ fn bench_apply(c: &mut Criterion) {
     group.bench_function("decode_every_route", |b| {
         b.iter(|| pb::Snapshot::decode(black_box(&encoded[1][..])).map(|s| s.routes.len()))
     });
+    // A proxy's first snapshot: nothing to reuse.
+    group.bench_function("apply_first", |b| {
+        b.iter(|| RouteTable::apply(&snapshots[0], &upstreams, None).map(|t| t.router.len()))
+    });
     let mut step = 0;
     group.bench_function("apply_one_route_changed", |b| {
         b.iter(|| {

@@ -115,9 +115,23 @@ struct BuiltRoute {
     /// A copy, not a slice of the message: a slice would keep the whole message it came in
     /// alive for as long as this route lives.
     entry: Box<[u8]>,
-    source: Option<pb::ResourceRef>,
+    /// The source's `metadata.generation`, `None` without a source: with `route.source`,
+    /// the resource an Ack's problems and a NACK name.
+    generation: Option<i64>,
     virtual_host: Box<str>,
     route: Arc<Route>,
+}
+
+impl BuiltRoute {
+    fn resource(&self) -> Option<pb::ResourceRef> {
+        let source = &self.route.source;
+        self.generation.map(|generation| pb::ResourceRef {
+            kind: source.kind.clone(),
+            namespace: source.namespace.clone(),
+            name: source.name.clone(),
+            generation,
+        })
+    }
 }
 
 /// A [`BuiltRoute`] found by its encoded entry.
@@ -291,8 +305,8 @@ impl RouteTable {
                 Staged::New(entry, route) => match build.route(&route) {
                     Ok(value) => Arc::new(BuiltRoute {
                         entry: Box::from(entry),
-                        source: route.source.clone(),
-                        virtual_host: route.virtual_host.as_str().into(),
+                        generation: route.source.as_ref().map(|s| s.generation),
+                        virtual_host: route.virtual_host.into_boxed_str(),
                         route: Arc::new(value),
                     }),
                     Err(message) => {
@@ -306,7 +320,7 @@ impl RouteTable {
             };
             uses.extend(entry.route.filters.iter().filter_map(|f| match f {
                 Filter::Wasm(w) => Some(WasmUse {
-                    source: entry.source.clone(),
+                    source: entry.resource(),
                     slot: w.slot.clone(),
                 }),
                 Filter::ApiKey(_) => None,
@@ -314,7 +328,7 @@ impl RouteTable {
             let host = Some(&*entry.virtual_host).filter(|h| !h.is_empty());
             if let Err(e) = builder.insert(&entry.route.path, host, entry.route.clone()) {
                 errors.push(ApplyError {
-                    resource: entry.source.clone(),
+                    resource: entry.resource(),
                     message: e.to_string(),
                 });
                 continue;
