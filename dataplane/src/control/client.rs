@@ -337,15 +337,7 @@ pub fn apply(
             Some(&ctx.plugins),
             current.as_deref(),
         ),
-        (None, Some(current)) => Ok(RouteTable {
-            version: current.version.clone(),
-            snapshot_version: current.snapshot_version.clone(),
-            routes_version: current.routes_version.clone(),
-            router: current.router.clone(),
-            credentials: current.credentials.clone(),
-            plugins: current.plugins.clone(),
-            built: current.built.clone(),
-        }),
+        (None, Some(current)) => Ok(RouteTable::clone(current)),
         (None, None) => {
             return (
                 nack(vec![pb::ResourceError {

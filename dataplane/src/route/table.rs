@@ -6,12 +6,11 @@
 //! Otherwise the router is built again, but a route whose snapshot entry is unchanged keeps
 //! what was built for it: a one-route edit among thousands resolves one upstream, not all.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
 
 use kanali_proto::v1 as pb;
 use kanali_proto::view;
@@ -71,8 +70,8 @@ pub enum Action {
 }
 
 /// What the request path serves from: the routing table of one snapshot and the credentials
-/// of one update.
-#[derive(Debug)]
+/// of one update. A clone shares every part (they are behind `Arc`s) but the versions.
+#[derive(Debug, Clone)]
 pub struct RouteTable {
     /// The configuration's version (what the proxy Acked).
     pub version: String,
@@ -96,7 +95,7 @@ pub struct RouteTable {
 /// rest stays the same too.
 #[derive(Debug, Default)]
 pub(crate) struct Built {
-    routes: HashSet<ByEntry, SegmentHash>,
+    routes: HashSet<ByEntry, EntryHash>,
     /// The TLS material ids the routes could name, in snapshot order. An id names its content
     /// (the controller puts a content hash in it, and [`Upstreams::tls_set`] caches by it).
     tls: Box<[String]>,
@@ -106,7 +105,7 @@ pub(crate) struct Built {
 }
 
 /// The hasher of the encoded routes: they come from the controller, not from requests.
-type SegmentHash = foldhash::fast::RandomState;
+type EntryHash = foldhash::fast::RandomState;
 
 /// A route with what the router and the Ack need besides it, and the encoded snapshot entry
 /// it was built from.
@@ -213,11 +212,7 @@ impl RouteTable {
             return Ok(RouteTable {
                 version: snapshot.version.clone(),
                 snapshot_version: snapshot.version.clone(),
-                routes_version: current.routes_version.clone(),
-                router: current.router.clone(),
-                credentials: current.credentials.clone(),
-                plugins: current.plugins.clone(),
-                built: current.built.clone(),
+                ..current.clone()
             });
         }
         let tls = upstreams.tls_set(&snapshot.tls);
@@ -298,7 +293,7 @@ impl RouteTable {
         };
         let mut builder = RouterBuilder::new();
         let mut uses = Vec::new();
-        let mut built = HashSet::with_capacity_and_hasher(staged.len(), SegmentHash::default());
+        let mut built = HashSet::with_capacity_and_hasher(staged.len(), EntryHash::default());
         for staged in staged {
             let entry = match staged {
                 Staged::Same(same) => same,
