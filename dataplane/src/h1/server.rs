@@ -115,6 +115,13 @@ impl Peek for tokio::net::TcpStream {
 /// TLS may hold decrypted bytes the socket's readiness does not show.
 impl<IO> Peek for tokio_rustls::server::TlsStream<IO> {}
 
+/// A boxed stream peeks as the stream does.
+impl<T: Peek + ?Sized> Peek for Box<T> {
+    fn nothing_to_read(&self) -> bool {
+        (**self).nothing_to_read()
+    }
+}
+
 /// The tests' in-memory streams.
 #[cfg(test)]
 impl Peek for tokio::io::DuplexStream {}
