@@ -8,7 +8,14 @@
 #
 # Usage: e2e/bench/cpu-split.sh            kanali (this tree, release) vs nginx
 #        OTHER=path/to/kanali-proxy e2e/bench/cpu-split.sh   this build vs another build
-# Env: DURATION=8s CONNS=64 ROUNDS=3 CASES="small big" PROXY_CPU=0 LOAD_CPU=1
+#        RATE=40000 e2e/bench/cpu-split.sh   both at the same offered load (h2load --h1 --rps,
+#                                             from nghttp2-client), below either's saturation
+# Env: DURATION=8s CONNS=64 ROUNDS=3 CASES="small big" PROXY_CPU=0 LOAD_CPU=1 RATE=
+#
+# Why RATE: with wrk, a proxy that answers in bigger batches lets wrk (which shares its core
+# with the upstream) spend less per request, so it gets more req/s, and more requests per
+# epoll_wait, than the other proxy in the same round: the two are not measured at the same
+# load. At a fixed rate both serve the same req/s, and CPU per request compares directly.
 source "$(dirname "$0")/common.sh"
 DURATION=${DURATION:-8s} CONNS=${CONNS:-64} ROUNDS=${ROUNDS:-3} CASES=${CASES:-small big}
 PROXY_CPU=${PROXY_CPU:-0} LOAD_CPU=${LOAD_CPU:-1}
@@ -39,6 +46,21 @@ done
 # nginx's CPU is its worker's, not its master's.
 [ -n "${master:-}" ] && other=$(pgrep -P "$master" | head -1)
 
+# load DURATION URL: runs the load, prints how many requests were answered.
+load() {
+  if [ -z "${RATE:-}" ]; then
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$1" "$2" | awk '/requests in/ {print $1}'
+    return
+  fi
+  local out
+  out=$(taskset -c "$LOAD_CPU" h2load --h1 -c"$CONNS" -m1 --rps=$((RATE / CONNS)) -D "${1%s}" "$2")
+  # Every request answered with a 2xx, or the run does not count.
+  awk '/^requests:/ && ($10 + $12 + $14 != 0) { exit 1 } /^status codes:/ && $5 + $7 + $9 != 0 { exit 1 }' <<<"$out" ||
+    { echo "$out" >&2; exit 1; }
+  awk '/^requests:/ {print $8}' <<<"$out"
+}
+command -v h2load >/dev/null || [ -z "${RATE:-}" ] ||
+  { echo "RATE= needs h2load: apt-get install nghttp2-client" >&2; exit 1; }
 hz=$(getconf CLK_TCK)
 printf 'case\ttarget\tround\treq/s\tuser_us\tsys_us\ttotal_us\n'
 for case in $CASES; do
@@ -47,11 +69,10 @@ for case in $CASES; do
     for t in kanali:$kanali:18083 "$other_name:$other:$other_port"; do
       IFS=: read -r name pid port <<<"$t"
       url="http://127.0.0.1:$port/api/$suffix"
-      taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d1s "$url" >/dev/null
+      load 1s "$url" >/dev/null
       read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-      out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" "$url")
+      n=$(load "$DURATION" "$url")
       read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-      n=$(awk '/requests in/ {print $1}' <<<"$out")
       secs=${DURATION%s}
       awk -v c="$case" -v t="$name" -v r="$r" -v n="$n" -v s="$secs" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$hz" \
         'BEGIN { printf "%s\t%s\t%d\t%.0f\t%.2f\t%.2f\t%.2f\n", c, t, r, n / s, du / hz * 1e6 / n, ds / hz * 1e6 / n, (du + ds) / hz * 1e6 / n }'
