@@ -19,6 +19,8 @@
 source "$(dirname "$0")/common.sh"
 DURATION=${DURATION:-8s} CONNS=${CONNS:-64} ROUNDS=${ROUNDS:-3} CASES=${CASES:-small big}
 PROXY_CPU=${PROXY_CPU:-0} LOAD_CPU=${LOAD_CPU:-1}
+# RATE= loads with h2load; installed as h2.sh does, before anything is started.
+[ -z "${RATE:-}" ] || command -v h2load >/dev/null || apt-get install -y -qq nghttp2-client >/dev/null
 tmp=$(mktemp -d); chmod 755 "$tmp"; mkdir -p "$tmp/www"
 head -c 16384 /dev/zero | tr '\0' x > "$tmp/www/big"
 pids=()
@@ -59,8 +61,6 @@ load() {
     { echo "$out" >&2; exit 1; }
   awk '/^requests:/ {print $8}' <<<"$out"
 }
-command -v h2load >/dev/null || [ -z "${RATE:-}" ] ||
-  { echo "RATE= needs h2load: apt-get install nghttp2-client" >&2; exit 1; }
 hz=$(getconf CLK_TCK)
 printf 'case\ttarget\tround\treq/s\tuser_us\tsys_us\ttotal_us\n'
 for case in $CASES; do
